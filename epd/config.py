@@ -1,0 +1,263 @@
+"""Typed configuration: frozen dataclasses that Hydra validates at compose time.
+
+Everything below `epd/run.py` receives these objects, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+ROLES = ("encode", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    image_size: int = 56
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    norm_type: str = "layer_norm"  # InternViT: layer_norm | rms_norm
+    use_qk_norm: bool = False
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny-llava"
+    family: str = "llava"  # the HF model_type: llava | internvl
+    load_format: str = "dummy"  # dummy (random, seeded) | hf (local checkpoint dir)
+    path: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | auto
+    seed: int = 0
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextModelConfig = field(default_factory=TextModelConfig)
+    image_token_id: int = 3
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -2
+    downsample_ratio: float = 0.5  # internvl pixel shuffle
+    max_tiles: int = 12  # internvl dynamic tiling
+    use_thumbnail: bool = True
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical workers. Its roles come from its name in DeploymentConfig."""
+
+    instances: int = 1
+    tp: int = 1
+    max_images_per_batch: int = 8
+    max_prefill_tokens: int = 8192
+    max_decode_seqs: int = 64
+    kv_blocks: int = 1024
+    kv_block_size: int = 16
+    mm_blocks: int = 256
+    mm_block_tokens: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+# Pool field name -> the roles its workers hold.
+POOL_ROLES: dict[str, tuple[str, ...]] = {
+    "encode": ("encode",),
+    "prefill": ("prefill",),
+    "decode": ("decode",),
+    "encode_prefill": ("encode", "prefill"),
+    "prefill_decode": ("prefill", "decode"),
+    "aggregated": ("encode", "prefill", "decode"),
+}
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    name: str = "epd"
+    encode: Optional[PoolConfig] = None
+    prefill: Optional[PoolConfig] = None
+    decode: Optional[PoolConfig] = None
+    encode_prefill: Optional[PoolConfig] = None
+    prefill_decode: Optional[PoolConfig] = None
+    aggregated: Optional[PoolConfig] = None
+    irp: bool = False  # intra-request parallelism: spread one request's images over E instances
+    routing: str = "round_robin"  # round_robin | least_loaded
+    transfer: str = "object_store"
+    max_pending_transfers: int = 64  # per sender; back-pressure beyond this
+
+    def pools(self) -> dict[str, PoolConfig]:
+        return {n: getattr(self, n) for n in POOL_ROLES if getattr(self, n) is not None}
+
+    def pool_for(self, role: str) -> str:
+        owners = [n for n in self.pools() if role in POOL_ROLES[n]]
+        if len(owners) != 1:
+            raise ValueError(f"deployment {self.name!r}: role {role!r} is held by pools {owners}; need one")
+        return owners[0]
+
+    def describe(self) -> str:
+        """Deployment in words, e.g. '2E1P1D', '3EP1D', '4EPD'."""
+        letters = {"encode": "E", "prefill": "P", "decode": "D"}
+        return "".join(f"{p.instances}{''.join(letters[r] for r in POOL_ROLES[n])}" for n, p in self.pools().items())
+
+    def validate(self) -> None:
+        for role in ROLES:
+            self.pool_for(role)
+        for n, p in self.pools().items():
+            if p.instances < 1:
+                raise ValueError(f"deployment.{n}.instances must be >= 1, got {p.instances}")
+            if p.tp != 1:
+                raise ValueError(f"deployment.{n}.tp={p.tp}: tensor parallelism > 1 is not supported yet")
+        if self.irp and self.pool_for("encode") != "encode":
+            raise ValueError("deployment.irp needs a separate encode pool (encode images apart from prefill)")
+        if self.routing not in ("round_robin", "least_loaded"):
+            raise ValueError(f"deployment.routing must be round_robin or least_loaded, got {self.routing!r}")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str = "tiny"
+    kind: str = "synthetic"  # synthetic | dataset
+    arrival: str = "poisson"  # poisson | gamma | constant | trace | offline
+    rate: float = 2.0  # requests per second
+    cv: float = 1.0  # gamma coefficient of variation
+    num_requests: int = 16
+    seed: int = 0
+    images_per_request: int = 1
+    images_per_request_max: Optional[int] = None  # uniform in [images_per_request, max] when set
+    image_width: int = 640
+    image_height: int = 480
+    prompt_tokens: int = 16
+    prompt_tokens_max: Optional[int] = None
+    output_tokens: int = 8
+    output_tokens_max: Optional[int] = None
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    dataset_path: Optional[str] = None
+    trace_path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    name: str = "cpu"
+    ttft: float = 2.0  # seconds
+    tpot: float = 0.2  # seconds per output token
+    attainment_target: float = 0.9
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    policy: str = "static"
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    name: str = "cpu"
+    peak_flops: float = 2e11  # dense bf16 (fp32 on CPU) FLOP/s
+    memory_bandwidth: float = 2e10  # bytes/s
+    link_bandwidth: float = 5e9  # bytes/s between workers
+    link_latency: float = 1e-4  # seconds per transfer
+    compute_efficiency: float = 0.5
+    memory_efficiency: float = 0.7
+    step_overhead: float = 1e-3  # seconds of fixed cost per batch (launch, scheduling)
+    memory_bytes: float = 2.4e10
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "ray"  # ray (real engine on Ray) | local (real engine, one process) | sim (SimPy)
+    address: Optional[str] = None  # existing Ray cluster; None starts a local one
+    num_cpus: Optional[int] = None
+    latency_model: str = "roofline"  # sim: roofline | profiled
+    profile_path: Optional[str] = None
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "epd"
+    mode: str = "offline"  # offline unless the user configured W&B
+    group: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    output_dir: str = "outputs"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    experiment: str = "default"
+    seed: int = 0
+
+
+def _schema(node_type: type) -> DictConfig:
+    """A structured node Hydra can merge into: frozen dataclasses make read-only nodes."""
+    node = OmegaConf.structured(node_type)
+
+    def unlock(n: DictConfig) -> None:
+        n._set_flag("readonly", None)
+        for key in n.keys():
+            child = n._get_node(key)
+            if isinstance(child, DictConfig):
+                unlock(child)
+
+    unlock(node)
+    return node
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=_schema(RunConfig))
+    for group, node_type in [
+        ("model", ModelConfig),
+        ("deployment", DeploymentConfig),
+        ("workload", WorkloadConfig),
+        ("slo", SLOConfig),
+        ("allocation", AllocationConfig),
+        ("hardware", HardwareConfig),
+        ("backend", BackendConfig),
+        ("logger", LoggerConfig),
+        ("paths", PathsConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=_schema(node_type))
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    run_cfg = OmegaConf.to_object(cfg)
+    assert isinstance(run_cfg, RunConfig), type(run_cfg)
+    run_cfg.deployment.validate()
+    return run_cfg

@@ -1,0 +1,83 @@
+"""The one event vocabulary of a request's life, shared by the real engine and the simulator.
+
+Times are seconds on one clock: the engine uses wall time relative to the run's start, the
+simulator its virtual time. `epd.metrics` scores either stream unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+
+class LifetimeEvent(str, enum.Enum):
+    ISSUED = "issued"
+    ENCODE_BEGIN = "encode_begin"
+    ENCODE_END = "encode_end"
+    MM_TRANSFER_BEGIN = "mm_transfer_begin"
+    MM_TRANSFER_END = "mm_transfer_end"
+    PREFILL_BEGIN = "prefill_begin"
+    PREFILL_END = "prefill_end"
+    FIRST_TOKEN = "first_token"
+    KV_TRANSFER_BEGIN = "kv_transfer_begin"
+    KV_TRANSFER_END = "kv_transfer_end"
+    DECODE_BEGIN = "decode_begin"
+    TOKEN = "token"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    request_id: str
+    kind: LifetimeEvent
+    instance: Optional[str] = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["kind"] = self.kind.value
+        return row
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> "Event":
+        return Event(row["time"], row["request_id"], LifetimeEvent(row["kind"]), row.get("instance"), row.get("data") or {})
+
+
+class EventLog:
+    """Append-only list of events; `shift` moves a wall-clock log onto run-relative time."""
+
+    def __init__(self, events: Iterable[Event] = ()):
+        self._events: list[Event] = list(events)
+
+    def emit(self, time: float, request_id: str, kind: LifetimeEvent, instance: Optional[str] = None, **data: Any) -> None:
+        self._events.append(Event(time, request_id, kind, instance, data))
+
+    def extend(self, events: Iterable[Event]) -> None:
+        self._events.extend(events)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._events)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def by_request(self) -> dict[str, list[Event]]:
+        out: dict[str, list[Event]] = {}
+        for ev in sorted(self._events, key=lambda e: e.time):
+            out.setdefault(ev.request_id, []).append(ev)
+        return out
+
+    def write_jsonl(self, path: Path) -> None:
+        with open(path, "w") as f:
+            for ev in sorted(self._events, key=lambda e: e.time):
+                f.write(json.dumps(ev.to_row()) + "\n")
+
+    @staticmethod
+    def read_jsonl(path: Path) -> "EventLog":
+        with open(path) as f:
+            return EventLog(Event.from_row(json.loads(line)) for line in f if line.strip())

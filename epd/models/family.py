@@ -1,0 +1,91 @@
+"""What a model family provides: its HF config, vision encoder, preprocessing and token counts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from PIL import Image
+from transformers import PretrainedConfig
+
+from epd.config import ModelConfig, TextModelConfig
+from epd.registry import Registry
+
+
+class ModelFamily(ABC):
+    model_type: str
+
+    def __init__(self, cfg: ModelConfig, hf_config: PretrainedConfig):
+        self.cfg = cfg
+        self.hf = hf_config
+
+    @staticmethod
+    @abstractmethod
+    def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:
+        """The transformers config for a dummy model of the configured shape."""
+
+    @abstractmethod
+    def build_vision(self) -> torch.nn.Module:
+        """Vision tower + projector with HF parameter names; `encode(pixels) -> [n, tokens, hidden]`."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """[tiles, 3, S, S] pixel values for one image."""
+
+    @abstractmethod
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens one image of this size takes in the prompt."""
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.hf.image_token_id)
+
+    def text_config(self) -> TextModelConfig:
+        t = self.hf.text_config
+        rope = getattr(t, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        eos = t.eos_token_id if t.eos_token_id is not None else self.cfg.text.eos_token_id
+        return TextModelConfig(
+            arch=t.model_type,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_layers=t.num_hidden_layers,
+            num_heads=t.num_attention_heads,
+            num_kv_heads=t.num_key_value_heads,
+            vocab_size=t.vocab_size,
+            max_position_embeddings=t.max_position_embeddings,
+            rope_theta=float(rope.get("rope_theta", getattr(t, "rope_theta", 10000.0))),
+            rms_norm_eps=t.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(self.hf, "tie_word_embeddings", False) or t.tie_word_embeddings),
+            bos_token_id=t.bos_token_id if t.bos_token_id is not None else self.cfg.text.bos_token_id,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
+        """BOS, each image's placeholders, then the text."""
+        ids = [self.text_config().bos_token_id]
+        for w, h in image_sizes:
+            ids += [self.image_token_id] * self.num_image_tokens(w, h)
+        return ids + list(text_ids)
+
+
+FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
+
+
+def text_hf_kwargs(t: TextModelConfig) -> dict:
+    return dict(
+        model_type=t.arch,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        vocab_size=t.vocab_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        rms_norm_eps=t.rms_norm_eps,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+    )

@@ -1,0 +1,75 @@
+"""Single-process batched generation over the paged runtime: the reference the engine must match."""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+
+from epd.kernels.attention import AttentionMetadata
+from epd.models.runtime import ModelRuntime
+from epd.models.sampling import sample
+from epd.request import SamplingParams
+
+
+@torch.inference_mode()
+def lm_step(
+    rt: ModelRuntime,
+    kv: torch.Tensor,
+    tokens: list[list[int]],
+    starts: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    mm: Optional[list[Optional[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits."""
+    assert rt.lm is not None
+    flat = [t for seq in tokens for t in seq]
+    ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
+    pos = torch.tensor([s + i for seq, s in zip(tokens, starts) for i in range(len(seq))], device=rt.device)
+    qlens = [len(seq) for seq in tokens]
+    meta = AttentionMetadata.build(tables, qlens, [s + q for s, q in zip(starts, qlens)], block_size, rt.device)
+    mm_embeds = mm_mask = None
+    if mm is not None and any(m is not None and m.shape[0] for m in mm):
+        mm_embeds = torch.cat([m for m in mm if m is not None and m.shape[0]]).to(rt.device)
+        mm_mask = ids == rt.family.image_token_id
+    return rt.lm(ids, pos, kv, meta, mm_embeds, mm_mask)
+
+
+def generate(
+    rt: ModelRuntime,
+    prompts: list[list[int]],
+    mm_embeds: list[Optional[torch.Tensor]],
+    params: list[SamplingParams],
+    block_size: int = 16,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Greedy/sampled generation for a batch; KV blocks are handed out in a shuffled order."""
+    eos = rt.text_cfg.eos_token_id
+    need = [-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, params)]
+    pool = list(range(sum(need) + 1))
+    random.Random(seed).shuffle(pool)
+    kv = rt.allocate_kv_cache(len(pool), block_size)
+    tables, i = [], 0
+    for n in need:
+        tables.append(pool[i : i + n])
+        i += n
+    logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds)
+    outs = [[t] for t in sample(logits, params, [0] * len(prompts))]
+    live = [i for i in range(len(prompts)) if not _done(outs[i], params[i], eos)]
+    while live:
+        logits = lm_step(
+            rt, kv, [[outs[i][-1]] for i in live], [len(prompts[i]) + len(outs[i]) - 1 for i in live],
+            [tables[i] for i in live], block_size,
+        )
+        for i, tok in zip(live, sample(logits, [params[i] for i in live], [len(outs[i]) for i in live])):
+            outs[i].append(tok)
+        live = [i for i in live if not _done(outs[i], params[i], eos)]
+    return outs
+
+
+def _done(out: list[int], p: SamplingParams, eos: int) -> bool:
+    if len(out) >= p.max_tokens:
+        return True
+    return not p.ignore_eos and (out[-1] == eos or out[-1] in p.stop_token_ids)

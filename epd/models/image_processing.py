@@ -1,0 +1,120 @@
+"""Images -> pixel tensors, following each family's own processor (no files downloaded).
+
+LLaVA-1.5 (CLIP): shortest edge to S, centre crop SxS, CLIP mean/std.
+InternVL: dynamic tiling into up to `max_tiles` SxS tiles by closest aspect ratio, plus a
+thumbnail when there is more than one tile; ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epd.request import ImageInput
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used."""
+
+
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(width, height) without decoding the pixels."""
+    if image.is_procedural:
+        if not image.width or not image.height or image.width < 1 or image.height < 1:
+            raise ImageError(f"procedural image needs a positive width and height, got {image.width}x{image.height}")
+        return image.width, image.height
+    try:
+        with _open(image) as im:
+            return im.size
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files
+        raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    if image.is_procedural:
+        return _procedural(image.width or 1, image.height or 1, image.seed)
+    try:
+        with _open(image) as im:
+            return im.convert("RGB")
+    except Exception as exc:
+        raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
+
+
+def _name(image: ImageInput) -> str:
+    return repr(image.path) if image.path else f"<{len(image.data or b'')} bytes>"
+
+
+def _open(image: ImageInput) -> Image.Image:
+    if image.path is not None:
+        try:
+            return Image.open(image.path)
+        except FileNotFoundError as exc:
+            raise ImageError(f"image file not found: {image.path}") from exc
+    return Image.open(io.BytesIO(image.data or b""))
+
+
+def _procedural(width: int, height: int, seed: int) -> Image.Image:
+    """A seeded, textured image: coarse random colour cells upscaled, cheap at 4032x3024."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, size=(max(1, height // 32), max(1, width // 32), 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize((width, height), Image.NEAREST)
+
+
+def _normalize(im: Image.Image, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def clip_preprocess(im: Image.Image, size: int) -> torch.Tensor:
+    """[1, 3, size, size]: shortest edge to size (bicubic), centre crop."""
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return _normalize(im, CLIP_MEAN, CLIP_STD)[None]
+
+
+def tile_grid(width: int, height: int, max_tiles: int, tile: int, min_tiles: int = 1) -> tuple[int, int]:
+    """InternVL's choice of (columns, rows): the ratio closest to the image's aspect ratio."""
+    aspect = width / height
+    ratios = sorted(
+        {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles},
+        key=lambda r: r[0] * r[1],
+    )
+    best, best_diff = (1, 1), float("inf")
+    area = width * height
+    for cols, rows in ratios:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(width: int, height: int, max_tiles: int, tile: int, use_thumbnail: bool) -> int:
+    cols, rows = tile_grid(width, height, max_tiles, tile)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def internvl_preprocess(im: Image.Image, tile: int, max_tiles: int, use_thumbnail: bool) -> torch.Tensor:
+    """[tiles, 3, tile, tile]."""
+    cols, rows = tile_grid(*im.size, max_tiles, tile)
+    resized = im.resize((tile * cols, tile * rows), Image.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(im.resize((tile, tile), Image.BICUBIC))
+    return torch.stack([_normalize(t, IMAGENET_MEAN, IMAGENET_STD) for t in tiles])

@@ -1,0 +1,118 @@
+"""The model a worker holds: only the parts its roles need (vision for E, LM + KV cache for P/D)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from epd.config import ModelConfig
+from epd.models import internvl, llava  # noqa: F401  (registers the families)
+from epd.models.family import FAMILIES, ModelFamily
+from epd.models.lm import DecoderLM
+from epd.models.weights import CheckpointError, init_dummy, load_part, param_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_family(cfg: ModelConfig) -> ModelFamily:
+    """The family with its HF config: from the checkpoint dir (hf) or built from the shape (dummy)."""
+    if cfg.load_format == "hf":
+        if not cfg.path:
+            raise CheckpointError("model.load_format=hf needs model.path (a local checkpoint directory)")
+        try:
+            hf: PretrainedConfig = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read config.json of checkpoint {cfg.path}: {exc}") from exc
+        family_cls = FAMILIES.get(hf.model_type)
+    elif cfg.load_format == "dummy":
+        family_cls = FAMILIES.get(cfg.family)
+        hf = family_cls.build_hf_config(cfg)
+    else:
+        raise ValueError(f"model.load_format must be dummy or hf, got {cfg.load_format!r}")
+    family = family_cls(cfg, hf)
+    arch = family.text_config().arch
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"language model type {arch!r} is not supported (llama, qwen2)")
+    return family
+
+
+@contextlib.contextmanager
+def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRuntime:
+    def __init__(self, cfg: ModelConfig, parts: set[str], device: Optional[str] = None):
+        self.cfg = cfg
+        self.family = load_family(cfg)
+        self.text_cfg = self.family.text_config()
+        self.device = resolve_device(device or cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        self.vision = None
+        self.lm: Optional[DecoderLM] = None
+        if "vision" in parts:
+            self.vision = self._build(self.family.build_vision, "vision")
+        if "lm" in parts:
+            self.lm = self._build(lambda: DecoderLM(self.text_cfg), "lm")
+
+    def _build(self, make, part: str):
+        with _building(self.device, self.dtype):
+            module = make()
+        if self.cfg.load_format == "hf":
+            load_part(module, self.cfg.path, part)
+        else:
+            init_dummy(module, self.cfg.seed + (0 if part == "vision" else 1))
+        return module.eval()
+
+    # ---- sizes -------------------------------------------------------------------------
+    def weight_bytes(self) -> dict[str, int]:
+        return {
+            "vision": param_bytes(self.vision) if self.vision is not None else 0,
+            "lm": param_bytes(self.lm) if self.lm is not None else 0,
+        }
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_cfg.hidden_size
+
+    def kv_bytes_per_token(self) -> int:
+        t = self.text_cfg
+        return 2 * t.num_layers * t.num_kv_heads * (t.hidden_size // t.num_heads) * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
+        t = self.text_cfg
+        shape = (t.num_layers, 2, num_blocks, block_size, t.num_kv_heads, t.hidden_size // t.num_heads)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def allocate_mm_cache(self, num_blocks: int, block_tokens: int) -> torch.Tensor:
+        return torch.zeros((num_blocks, block_tokens, self.hidden_size), dtype=self.dtype, device=self.device)
+
+    # ---- compute -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """pixels: per image [tiles, 3, S, S] -> per image [tokens, hidden] (tiles flattened)."""
+        assert self.vision is not None, "this runtime holds no vision part"
+        if not pixels:
+            return []
+        batch = torch.cat(pixels).to(self.device, self.dtype)
+        feats = self.vision.encode(batch)
+        out, start = [], 0
+        for p in pixels:
+            out.append(feats[start : start + p.shape[0]].reshape(-1, feats.shape[-1]))
+            start += p.shape[0]
+        return out
