@@ -80,14 +80,14 @@ class PoolConfig:
     num_gpus: float = 0.0
 
 
-# Pool field name -> the roles its workers hold.
+# Pool field name -> the roles its workers hold, in pipeline order.
 POOL_ROLES: dict[str, tuple[str, ...]] = {
     "encode": ("encode",),
-    "prefill": ("prefill",),
-    "decode": ("decode",),
     "encode_prefill": ("encode", "prefill"),
-    "prefill_decode": ("prefill", "decode"),
     "aggregated": ("encode", "prefill", "decode"),
+    "prefill": ("prefill",),
+    "prefill_decode": ("prefill", "decode"),
+    "decode": ("decode",),
 }
 
 

@@ -1,0 +1,1 @@
+"""Block managers (driver side: who owns which block) and paged tensor helpers (worker side)."""

@@ -1,0 +1,90 @@
+"""The engine core: the driver loop that feeds idle workers batches and collects their results."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Optional
+
+from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.models.runtime import load_family
+from epd.models.tokenizer import load_tokenizer
+from epd.request import Request
+from epd.stages.executor import make_executor
+from epd.stages.pipeline import OutputCallback, Pipeline
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: ModelConfig,
+        deployment: DeploymentConfig,
+        executor: str = "ray",
+        backend: Optional[BackendConfig] = None,
+        on_output: Optional[OutputCallback] = None,
+    ):
+        deployment.validate()
+        family = load_family(model)
+        tokenizer = load_tokenizer(model, {family.image_token_id, *range(4)})
+        self.executor = make_executor(executor, deployment, model, backend)
+        from epd.transfer import make_transfer
+
+        frees = True if executor == "local" else make_transfer(deployment.transfer).frees_on_send
+        self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
+        self._incoming: "queue.Queue[Request]" = queue.Queue()
+
+    @property
+    def origin(self) -> float:
+        return self.pipeline.origin
+
+    def reset_clock(self) -> None:
+        """Start the run's clock now (after workers have loaded)."""
+        self.pipeline.origin = time.time()
+
+    def add_request(self, req: Request) -> None:
+        """Thread-safe: the request is admitted at the next step."""
+        self._incoming.put(req)
+
+    def has_work(self) -> bool:
+        return not self._incoming.empty() or not self.pipeline.idle()
+
+    def step(self, timeout: float = 0.02) -> None:
+        while True:
+            try:
+                req = self._incoming.get_nowait()
+            except queue.Empty:
+                break
+            self.pipeline.add_request(req, time.time())
+        for inst in self.pipeline.instances.values():
+            if not inst.busy:
+                batch = self.pipeline.next_batch(inst)
+                if batch is not None:
+                    inst.busy = True
+                    self.executor.submit(inst.id, batch)
+        for iid, batch, result in self.executor.wait(timeout):
+            inst = self.pipeline.instances[iid]
+            inst.busy = False
+            self.pipeline.complete(inst, batch, result)
+
+    def run_until_idle(self, timeout_s: float = 600.0) -> None:
+        deadline = time.time() + timeout_s
+        while self.has_work() or any(i.busy for i in self.pipeline.instances.values()):
+            if time.time() > deadline:
+                raise TimeoutError(f"engine did not drain within {timeout_s}s: {self.pipeline.num_active} requests active")
+            self.step()
+
+    def drain_check(self) -> dict[str, int]:
+        """Every block free on the driver, every sequence forgotten on the workers."""
+        self.pipeline.assert_drained()
+        releases = {iid: inst.take_releases() for iid, inst in self.pipeline.instances.items()}
+        held = {iid: self.executor.call_one(iid, "release", ids) for iid, ids in releases.items()}
+        left = {iid: n for iid, n in held.items() if n}
+        if left:
+            raise AssertionError(f"workers still hold sequences after the run: {left}")
+        return held
+
+    def worker_info(self) -> list[dict]:
+        return list(self.executor.call("info").values())
+
+    def close(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,49 @@
+"""One stage instance (one worker) as the driver sees it: queues, block pools, busy flag."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from epd.cache.block_manager import KVBlockManager, MMBlockManager
+from epd.config import PoolConfig
+from epd.stages.state import RequestState
+
+
+@dataclass
+class EncodeWork:
+    state: RequestState
+    image_index: int
+
+
+class Instance:
+    def __init__(self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig):
+        self.id, self.pool, self.roles, self.cfg = instance_id, pool, roles, cfg
+        holds_lm = "prefill" in roles or "decode" in roles
+        self.kv = KVBlockManager(instance_id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
+        self.mm = MMBlockManager(instance_id, cfg.mm_blocks, cfg.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+        self.encode_queue: deque[EncodeWork] = deque()
+        self.prefill_queue: deque[RequestState] = deque()
+        self.decode_queue: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.pending_release: list[str] = []
+        self.outgoing = 0  # outputs sent and not yet pulled by the next stage
+        self.busy = False
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def load(self) -> int:
+        return len(self.encode_queue) + len(self.prefill_queue) + len(self.decode_queue) + len(self.running)
+
+    def take_releases(self) -> list[str]:
+        out, self.pending_release = self.pending_release, []
+        return out
+
+    def assert_drained(self) -> None:
+        for pool in (self.kv, self.mm):
+            if pool is not None:
+                pool.assert_all_free()
+        leftovers = [s.rid for s in self.running] + [s.rid for s in self.prefill_queue if not s.done]
+        if leftovers:
+            raise AssertionError(f"instance {self.id} still holds requests {leftovers[:8]}")

@@ -1,0 +1,345 @@
+"""The request flow E -> P -> D over stage instances, independent of what runs the batches.
+
+The real engine feeds it results from workers; the simulator feeds it results from latency
+models. Either way the same admission checks, routing, schedulers and block accounting run,
+and the same lifetime events come out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from epd.config import POOL_ROLES, DeploymentConfig
+from epd.lifetime import EventLog
+from epd.lifetime import LifetimeEvent as E
+from epd.models.family import ModelFamily
+from epd.models.image_processing import ImageError, image_size
+from epd.request import Request, RequestOutput
+from epd.stages.instance import EncodeWork, Instance
+from epd.stages.router import Router
+from epd.stages.schedulers import select_decode, select_encode, select_prefill
+from epd.stages.state import RequestState
+from epd.stages.work import (
+    Batch,
+    BatchFailure,
+    DecodeBatch,
+    DecodeResult,
+    EncodeBatch,
+    EncodeResult,
+    MMSource,
+    PrefillBatch,
+    PrefillResult,
+    Result,
+)
+
+OutputCallback = Callable[[str, list[int], Optional[str]], None]
+
+
+class AdmissionError(ValueError):
+    pass
+
+
+class Pipeline:
+    def __init__(
+        self,
+        deployment: DeploymentConfig,
+        family: ModelFamily,
+        frees_on_send: bool = True,
+        time_origin: float = 0.0,
+        on_output: Optional[OutputCallback] = None,
+        tokenizer=None,
+    ):
+        deployment.validate()
+        self.deployment = deployment
+        self.family = family
+        self.text = family.text_config()
+        self.frees_on_send = frees_on_send
+        self.max_pending = deployment.max_pending_transfers
+        self.origin = time_origin
+        self.on_output = on_output
+        self.tokenizer = tokenizer
+        self.router = Router(deployment.routing)
+        self.instances: dict[str, Instance] = {}
+        self.by_role: dict[str, list[Instance]] = {r: [] for r in ("encode", "prefill", "decode")}
+        for pool_name, pool in deployment.pools().items():
+            roles = POOL_ROLES[pool_name]
+            for k in range(pool.instances):
+                inst = Instance(f"{pool_name}-{k}", pool_name, roles, pool)
+                self.instances[inst.id] = inst
+                for r in roles:
+                    self.by_role[r].append(inst)
+        self.events = EventLog()
+        self.states: dict[str, RequestState] = {}
+        self.outputs: dict[str, RequestOutput] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def _t(self, t: float) -> float:
+        return t - self.origin
+
+    def emit(self, t: float, state: RequestState, kind: E, instance: Optional[str] = None, **data) -> None:
+        self.events.emit(self._t(t), state.rid, kind, instance, **data)
+
+    @property
+    def num_active(self) -> int:
+        return sum(1 for s in self.states.values() if not s.done)
+
+    def idle(self) -> bool:
+        return self.num_active == 0
+
+    def assert_drained(self) -> None:
+        for inst in self.instances.values():
+            inst.assert_drained()
+
+    # ---- admission ---------------------------------------------------------------------
+    def add_request(self, req: Request, now: float) -> None:
+        if req.request_id in self.states:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        state = RequestState(req, [], [])
+        self.states[req.request_id] = state
+        self.emit(now, state, E.ISSUED, num_images=len(req.images))
+        try:
+            self._prepare(state)
+        except (AdmissionError, ImageError, ValueError) as exc:
+            self.abort(state, str(exc), now)
+            return
+        if req.images:
+            self._route_encode(state)
+        else:
+            self._route_prefill(state)
+
+    def _prepare(self, state: RequestState) -> None:
+        req = state.req
+        req.sampling.validate()
+        if req.prompt_token_ids is not None:
+            text_ids = list(req.prompt_token_ids)
+        elif req.prompt is not None:
+            if self.tokenizer is None:
+                raise AdmissionError("request has a text prompt but the pipeline has no tokenizer")
+            text_ids = self.tokenizer.encode(req.prompt)
+        else:
+            text_ids = []
+        if any(t < 0 or t >= self.text.vocab_size for t in text_ids):
+            raise AdmissionError(f"prompt token ids must be in [0, {self.text.vocab_size})")
+        if self.family.image_token_id in text_ids:
+            raise AdmissionError(
+                f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
+                "placeholders are inserted for each image, leave them out of the prompt"
+            )
+        sizes = [image_size(im) for im in req.images]
+        state.image_tokens = [self.family.num_image_tokens(w, h) for w, h in sizes]
+        state.prompt_ids = self.family.build_prompt(text_ids, sizes)
+        total = state.prompt_len + req.sampling.max_tokens
+        if total > self.text.max_position_embeddings:
+            raise AdmissionError(
+                f"prompt of {state.prompt_len} tokens + max_tokens {req.sampling.max_tokens} exceeds the model's "
+                f"context of {self.text.max_position_embeddings}"
+            )
+        self._check_fits(state)
+
+    def _check_fits(self, state: RequestState) -> None:
+        """Reject what no instance could ever hold, instead of letting it wait forever."""
+        max_tokens = state.req.sampling.max_tokens
+        for inst in self.by_role["encode"] if state.image_tokens else []:
+            need = max(inst.mm.blocks_for(n) for n in state.image_tokens)
+            if need > inst.mm.num_blocks:
+                raise AdmissionError(f"an image needs {need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
+        for inst in self.by_role["prefill"][:1]:
+            if state.prompt_len > inst.cfg.max_prefill_tokens:
+                raise AdmissionError(
+                    f"prompt of {state.prompt_len} tokens exceeds {inst.pool}.max_prefill_tokens={inst.cfg.max_prefill_tokens}"
+                )
+            mm_need = sum(inst.mm.blocks_for(n) for n in state.image_tokens)
+            if mm_need > inst.mm.num_blocks:
+                raise AdmissionError(f"the request's images need {mm_need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
+            kv_tokens = state.prompt_len + (max_tokens if inst.has("decode") else 0)
+            if inst.kv.blocks_for(kv_tokens) > inst.kv.num_blocks:
+                raise AdmissionError(f"{kv_tokens} tokens of KV exceed the {inst.pool} KV cache ({inst.kv.num_blocks} blocks)")
+        for inst in self.by_role["decode"][:1]:
+            need = inst.kv.blocks_for(state.prompt_len + max_tokens)
+            if need > inst.kv.num_blocks:
+                raise AdmissionError(
+                    f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}"
+                )
+
+    # ---- routing -----------------------------------------------------------------------
+    def _route_encode(self, state: RequestState) -> None:
+        encoders = self.by_role["encode"]
+        n = len(state.req.images)
+        targets = self.router.spread("encode", encoders, n) if self.deployment.irp else [self.router.choose("encode", encoders)] * n
+        state.images_pending = n
+        for i, inst in enumerate(targets):
+            inst.encode_queue.append(EncodeWork(state, i))
+        if targets[0].has("prefill"):
+            state.prefill_instance = targets[0].id
+
+    def _route_prefill(self, state: RequestState) -> None:
+        if state.prefill_instance is None:
+            state.prefill_instance = self.router.choose("prefill", self.by_role["prefill"]).id
+        self.instances[state.prefill_instance].prefill_queue.append(state)
+
+    def _route_decode(self, state: RequestState, prefill_inst: Instance) -> None:
+        if prefill_inst.has("decode"):
+            state.kv_local = True
+            inst = prefill_inst
+        else:
+            inst = self.router.choose("decode", self.by_role["decode"])
+        state.decode_instance = inst.id
+        inst.decode_queue.append(state)
+
+    def pulled(self, state: RequestState) -> None:
+        """The receiving stage took what the senders hold for `state`: free their side."""
+        for sender in state.senders:
+            inst = self.instances[sender]
+            inst.outgoing -= 1
+            if not self.frees_on_send:
+                for key in [k for k in state.holds if k.startswith(("mm:" + sender + ":", "kv:" + sender))]:
+                    state.release(key)
+        state.senders = []
+
+    # ---- scheduling --------------------------------------------------------------------
+    def next_batch(self, inst: Instance) -> Optional[Batch]:
+        """Encode first, then prefill, then decode: the order an aggregated worker serves them."""
+        if inst.has("encode"):
+            batch = select_encode(inst, self)
+            if batch:
+                return batch
+        if inst.has("prefill"):
+            batch = select_prefill(inst, self)
+            if batch:
+                return batch
+        if inst.has("decode"):
+            return select_decode(inst, self)
+        return None
+
+    def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
+        if isinstance(result, BatchFailure):
+            self._fail_batch(inst, batch, result)
+        elif isinstance(result, EncodeResult):
+            self._encoded(inst, result)
+        elif isinstance(result, PrefillResult):
+            self._prefilled(inst, result)
+        elif isinstance(result, DecodeResult):
+            self._decoded(inst, batch, result)
+
+    def _encoded(self, inst: Instance, result: EncodeResult) -> None:
+        b, e = result.span
+        for item in result.items:
+            state = self.states[item.request_id]
+            if state.done:
+                continue
+            if item.error:
+                self.abort(state, item.error, e)
+                continue
+            self.emit(b, state, E.ENCODE_BEGIN, inst.id, image=item.image_index)
+            self.emit(e, state, E.ENCODE_END, inst.id, image=item.image_index)
+            key = f"mm:{inst.id}:{item.image_index}"
+            blocks = state.holds[key][1]
+            state.mm[item.image_index] = MMSource(state.image_tokens[item.image_index], blocks, item.handle)
+            if item.handle is not None:
+                if inst.id not in state.senders:
+                    state.senders.append(inst.id)
+                    inst.outgoing += 1
+                if self.frees_on_send:
+                    state.release(key)
+            state.images_pending -= 1
+            if state.images_pending == 0:
+                self._route_prefill(state)
+
+    def _prefilled(self, inst: Instance, result: PrefillResult) -> None:
+        b, e = result.span
+        for item in result.items:
+            state = self.states[item.request_id]
+            if state.done:
+                continue
+            if item.mm_transfer:
+                self.emit(item.mm_transfer[0], state, E.MM_TRANSFER_BEGIN, inst.id)
+                self.emit(item.mm_transfer[1], state, E.MM_TRANSFER_END, inst.id)
+            self.emit(b, state, E.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
+            self.emit(e, state, E.PREFILL_END, inst.id)
+            self.emit(e, state, E.FIRST_TOKEN, inst.id)
+            for i in range(len(state.image_tokens)):  # embeddings consumed
+                state.release(f"mm:{inst.id}:{i}")
+            if self._append_token(state, item.first_token, e, inst):
+                continue
+            if not inst.has("decode"):
+                state.kv_handle = item.kv_handle
+                state.senders = [inst.id]
+                inst.outgoing += 1
+                if self.frees_on_send:
+                    state.release(f"kv:{inst.id}")
+            self._route_decode(state, inst)
+
+    def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
+        b, e = result.span
+        for rid, (tb, te) in result.kv_transfers.items():
+            state = self.states[rid]
+            if not state.done:
+                self.emit(tb, state, E.KV_TRANSFER_BEGIN, inst.id)
+                self.emit(te, state, E.KV_TRANSFER_END, inst.id)
+        for rid, tok in result.tokens.items():
+            state = self.states[rid]
+            if state.done:
+                continue
+            if not state.decode_started:
+                state.decode_started = True
+                self.emit(b, state, E.DECODE_BEGIN, inst.id)
+            self._append_token(state, tok, e, inst)
+
+    def _append_token(self, state: RequestState, tok: int, t: float, inst: Instance) -> bool:
+        """Record a token; finish the request if it is done. Returns True when finished."""
+        state.output.append(tok)
+        if len(state.output) > 1:
+            self.emit(t, state, E.TOKEN, inst.id, index=len(state.output) - 1)
+        sp = state.req.sampling
+        reason = None
+        if not sp.ignore_eos and (tok == self.text.eos_token_id or tok in sp.stop_token_ids):
+            reason = "stop"
+        elif len(state.output) >= sp.max_tokens:
+            reason = "length"
+        if self.on_output:
+            self.on_output(state.rid, [tok], reason)
+        if reason:
+            self._finish(state, reason, t, inst)
+            return True
+        return False
+
+    # ---- endings -----------------------------------------------------------------------
+    def _finish(self, state: RequestState, reason: str, t: float, inst: Instance) -> None:
+        state.done = True
+        self.emit(t, state, E.FINISHED, inst.id, num_output_tokens=len(state.output), finish_reason=reason)
+        self._cleanup(state)
+        text = self.tokenizer.decode(state.output) if self.tokenizer is not None else None
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), text, reason, None, state.prompt_len)
+
+    def abort(self, state: RequestState, reason: str, t: float) -> None:
+        if state.done:
+            return
+        state.done = True
+        self.emit(t, state, E.ABORTED, None, reason=reason)
+        self._cleanup(state)
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), None, "abort", reason, state.prompt_len)
+        if self.on_output:
+            self.on_output(state.rid, [], "abort")
+
+    def _cleanup(self, state: RequestState) -> None:
+        state.release_all()
+        for sender in state.senders:
+            self.instances[sender].outgoing -= 1
+        state.senders = []
+        for inst in self.instances.values():
+            if state in inst.running:
+                inst.running.remove(state)
+        # A worker that may hold this sequence's decode state forgets it before its next batch.
+        for iid in {state.prefill_instance, state.decode_instance} - {None}:
+            if self.instances[iid].has("decode"):
+                self.instances[iid].pending_release.append(state.rid)
+
+    def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
+        if isinstance(batch, EncodeBatch):
+            ids = [i.request_id for i in batch.items]
+        elif isinstance(batch, PrefillBatch):
+            ids = [i.request_id for i in batch.items]
+        else:
+            ids = list(batch.step)
+        for rid in ids:
+            self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time)

@@ -1,0 +1,49 @@
+"""Driver-side state of one request as it moves through the pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from epd.cache.block_manager import BlockPool
+from epd.request import Request
+from epd.stages.work import MMSource
+
+
+@dataclass
+class RequestState:
+    req: Request
+    prompt_ids: list[int]
+    image_tokens: list[int]
+    images_pending: int = 0
+    mm: dict[int, MMSource] = field(default_factory=dict)  # image index -> where its embeddings are
+    prefill_instance: Optional[str] = None
+    decode_instance: Optional[str] = None
+    kv_handle: Any = None
+    kv_local: bool = False  # decode runs where prefill ran: the KV is already in place
+    senders: list[str] = field(default_factory=list)  # instances whose output awaits our pull
+    output: list[int] = field(default_factory=list)
+    decode_started: bool = False
+    done: bool = False
+    holds: dict[str, tuple[BlockPool, list[int]]] = field(default_factory=dict)
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def hold(self, key: str, pool: BlockPool, blocks: list[int]) -> None:
+        assert key not in self.holds, key
+        self.holds[key] = (pool, blocks)
+
+    def release(self, key: str) -> None:
+        if key in self.holds:
+            pool, blocks = self.holds.pop(key)
+            pool.free(blocks)
+
+    def release_all(self) -> None:
+        for key in list(self.holds):
+            self.release(key)

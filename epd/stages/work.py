@@ -1,0 +1,120 @@
+"""What the driver sends a worker (batches) and what comes back (results, with worker-clock times).
+
+The simulator produces the same result types, so the pipeline logic that consumes them is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from epd.request import ImageInput, SamplingParams
+
+Span = tuple[float, float]
+
+
+@dataclass
+class EncodeItem:
+    request_id: str
+    image_index: int
+    image: ImageInput
+    num_tokens: int
+    mm_blocks: list[int]  # where the embeddings go on this worker
+    send: bool  # prefill runs elsewhere: hand the embeddings to the transfer backend
+
+
+@dataclass
+class EncodeBatch:
+    items: list[EncodeItem]
+
+
+@dataclass
+class MMSource:
+    """One image's embeddings for prefill: already in local blocks, or a handle to pull into them."""
+
+    num_tokens: int
+    blocks: list[int]
+    handle: Any = None  # None: local
+
+
+@dataclass
+class PrefillItem:
+    request_id: str
+    prompt_ids: list[int]
+    images: list[MMSource]
+    kv_blocks: list[int]
+    sampling: SamplingParams
+    send_kv: bool  # decode runs elsewhere
+    keep_for_decode: bool  # decode runs here: remember the sequence
+
+
+@dataclass
+class PrefillBatch:
+    items: list[PrefillItem]
+    release: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NewDecodeSeq:
+    request_id: str
+    kv_handle: Any
+    kv_blocks: list[int]
+    context_len: int  # tokens already in the KV cache (the prompt)
+    last_token: int  # the first token, sampled by prefill
+    sampling: SamplingParams
+
+
+@dataclass
+class DecodeBatch:
+    step: list[str]  # sequences that take one step
+    new: list[NewDecodeSeq] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)  # finished or aborted: forget them first
+
+
+Batch = Union[EncodeBatch, PrefillBatch, DecodeBatch]
+
+
+@dataclass
+class EncodedItem:
+    request_id: str
+    image_index: int
+    handle: Any = None
+    error: Optional[str] = None
+
+
+@dataclass
+class EncodeResult:
+    span: Span
+    items: list[EncodedItem]
+
+
+@dataclass
+class PrefilledItem:
+    request_id: str
+    first_token: int
+    mm_transfer: Optional[Span] = None
+    kv_handle: Any = None
+
+
+@dataclass
+class PrefillResult:
+    span: Span
+    items: list[PrefilledItem]
+
+
+@dataclass
+class DecodeResult:
+    span: Span
+    tokens: dict[str, int]
+    kv_transfers: dict[str, Span] = field(default_factory=dict)
+
+
+Result = Union[EncodeResult, PrefillResult, DecodeResult]
+
+
+@dataclass
+class BatchFailure:
+    """A worker raised while running a batch: every request in it is aborted with this reason."""
+
+    reason: str
+    time: float

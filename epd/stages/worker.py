@@ -1,0 +1,168 @@
+"""A worker: one process (a Ray actor, or in-process) holding the model parts its roles need.
+
+E: vision tower + projector and an MM cache. P: LM, KV cache, MM cache. D: LM, KV cache.
+It runs the batches the driver sends and reports times on its own clock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from epd.cache.paged import gather_kv, read_rows, scatter_kv, write_rows
+from epd.config import ModelConfig, PoolConfig
+from epd.models.generate import lm_step
+from epd.models.image_processing import ImageError, load_image
+from epd.models.runtime import ModelRuntime
+from epd.models.sampling import sample
+from epd.request import SamplingParams
+from epd.stages.work import (
+    Batch,
+    DecodeBatch,
+    DecodeResult,
+    EncodeBatch,
+    EncodedItem,
+    EncodeResult,
+    PrefillBatch,
+    PrefilledItem,
+    PrefillResult,
+    Result,
+)
+from epd.transfer import make_transfer
+
+
+@dataclass
+class _Seq:
+    blocks: list[int]
+    context_len: int
+    last_token: int
+    generated: int
+    sampling: SamplingParams
+
+
+class Worker:
+    def __init__(self, worker_id: str, roles: tuple[str, ...], model: ModelConfig, pool: PoolConfig, transfer: str, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.worker_id, self.roles, self.pool = worker_id, roles, pool
+        parts = ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
+        self.rt = ModelRuntime(model, parts)
+        self.kv = self.rt.allocate_kv_cache(pool.kv_blocks, pool.kv_block_size) if self.rt.lm is not None else None
+        self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+        self.transfer = make_transfer(transfer)
+        self.seqs: dict[str, _Seq] = {}
+
+    def info(self) -> dict:
+        weights = self.rt.weight_bytes()
+        return {
+            "worker": self.worker_id,
+            "roles": list(self.roles),
+            "device": str(self.rt.device),
+            "vision_weight_bytes": weights["vision"],
+            "lm_weight_bytes": weights["lm"],
+            "kv_cache_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
+            "mm_cache_bytes": 0 if self.mm is None else self.mm.numel() * self.mm.element_size(),
+        }
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def live_sequences(self) -> int:
+        return len(self.seqs)
+
+    def execute(self, batch: Batch) -> Result:
+        if isinstance(batch, EncodeBatch):
+            return self._encode(batch)
+        if isinstance(batch, PrefillBatch):
+            return self._prefill(batch)
+        return self._decode(batch)
+
+    def _sync(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+
+    # ---- E -----------------------------------------------------------------------------
+    def _encode(self, batch: EncodeBatch) -> EncodeResult:
+        begin = time.time()
+        ok, results, pixels = [], [], []
+        for item in batch.items:
+            try:
+                pixels.append(self.rt.family.preprocess(load_image(item.image)))
+                ok.append(item)
+            except ImageError as exc:
+                results.append(EncodedItem(item.request_id, item.image_index, error=str(exc)))
+        for item, emb in zip(ok, self.rt.encode(pixels)):
+            if emb.shape[0] != item.num_tokens:
+                results.append(EncodedItem(item.request_id, item.image_index, error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}"))
+                continue
+            write_rows(self.mm, item.mm_blocks, emb)
+            handle = self.transfer.send(emb) if item.send else None
+            results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
+        self._sync()
+        return EncodeResult((begin, time.time()), results)
+
+    # ---- P -----------------------------------------------------------------------------
+    def _prefill(self, batch: PrefillBatch) -> PrefillResult:
+        self._release(batch.release)
+        transfers = {}
+        for item in batch.items:
+            remote = [m for m in item.images if m.handle is not None]
+            if remote:
+                t0 = time.time()
+                for m in remote:
+                    write_rows(self.mm, m.blocks, self.transfer.recv(m.handle, self.rt.device))
+                self._sync()
+                transfers[item.request_id] = (t0, time.time())
+        begin = time.time()
+        mm = [torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images]) if it.images else None for it in batch.items]
+        logits = lm_step(
+            self.rt, self.kv, [it.prompt_ids for it in batch.items], [0] * len(batch.items),
+            [it.kv_blocks for it in batch.items], self.pool.kv_block_size, mm,
+        )
+        firsts = sample(logits, [it.sampling for it in batch.items], [0] * len(batch.items))
+        out = []
+        for it, tok in zip(batch.items, firsts):
+            done = PrefilledItem(it.request_id, tok, mm_transfer=transfers.get(it.request_id))
+            if it.send_kv:
+                n = -(-len(it.prompt_ids) // self.pool.kv_block_size)
+                done.kv_handle = self.transfer.send(gather_kv(self.kv, it.kv_blocks[:n]))
+            if it.keep_for_decode:
+                self.seqs[it.request_id] = _Seq(it.kv_blocks, len(it.prompt_ids), tok, 1, it.sampling)
+            out.append(done)
+        self._sync()
+        return PrefillResult((begin, time.time()), out)
+
+    # ---- D -----------------------------------------------------------------------------
+    def _decode(self, batch: DecodeBatch) -> DecodeResult:
+        self._release(batch.release)
+        transfers = {}
+        for new in batch.new:
+            t0 = time.time()
+            if new.kv_handle is not None:
+                scatter_kv(self.kv, new.kv_blocks, self.transfer.recv(new.kv_handle, self.rt.device))
+                self._sync()
+            transfers[new.request_id] = (t0, time.time())
+            self.seqs[new.request_id] = _Seq(new.kv_blocks, new.context_len, new.last_token, 1, new.sampling)
+        begin = time.time()
+        seqs = [self.seqs[r] for r in batch.step]
+        logits = lm_step(
+            self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs],
+            [s.blocks for s in seqs], self.pool.kv_block_size,
+        )
+        tokens = sample(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+        for s, tok in zip(seqs, tokens):
+            s.context_len += 1
+            s.last_token = tok
+            s.generated += 1
+        return DecodeResult((begin, time.time()), dict(zip(batch.step, tokens)), transfers)
+
+    def _release(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.seqs.pop(rid, None)
+
+    def release(self, ids: list[str]) -> int:
+        """Forget finished sequences; returns how many the worker still holds."""
+        self._release(ids)
+        return len(self.seqs)
