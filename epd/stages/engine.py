@@ -31,7 +31,10 @@ class EngineCore:
 
         frees = True if executor == "local" else make_transfer(deployment.transfer).frees_on_send
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
-        self._incoming: "queue.Queue[Request]" = queue.Queue()
+        self._incoming: "queue.Queue[tuple[Request, float]]" = queue.Queue()
+        self.timeseries: list[dict] = []
+        self.sample_interval = 0.25
+        self._next_sample = 0.0
 
     @property
     def origin(self) -> float:
@@ -40,10 +43,11 @@ class EngineCore:
     def reset_clock(self) -> None:
         """Start the run's clock now (after workers have loaded)."""
         self.pipeline.origin = time.time()
+        self.timeseries.clear()
 
     def add_request(self, req: Request) -> None:
         """Thread-safe: the request is admitted at the next step."""
-        self._incoming.put(req)
+        self._incoming.put((req, time.time()))
 
     def has_work(self) -> bool:
         return not self._incoming.empty() or not self.pipeline.idle()
@@ -51,10 +55,10 @@ class EngineCore:
     def step(self, timeout: float = 0.02) -> None:
         while True:
             try:
-                req = self._incoming.get_nowait()
+                req, submitted = self._incoming.get_nowait()
             except queue.Empty:
                 break
-            self.pipeline.add_request(req, time.time())
+            self.pipeline.add_request(req, submitted)
         for inst in self.pipeline.instances.values():
             if not inst.busy:
                 batch = self.pipeline.next_batch(inst)
@@ -65,6 +69,10 @@ class EngineCore:
             inst = self.pipeline.instances[iid]
             inst.busy = False
             self.pipeline.complete(inst, batch, result)
+        now = time.time()
+        if now >= self._next_sample:
+            self._next_sample = now + self.sample_interval
+            self.timeseries.extend(self.pipeline.load_snapshot(now))
 
     def run_until_idle(self, timeout_s: float = 600.0) -> None:
         deadline = time.time() + timeout_s

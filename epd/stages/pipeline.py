@@ -86,6 +86,24 @@ class Pipeline:
     def idle(self) -> bool:
         return self.num_active == 0
 
+    def load_snapshot(self, now: float) -> list[dict]:
+        """Per-instance load signals at `now`: queue lengths, running sequences, block usage, busy."""
+        rows = []
+        for inst in self.instances.values():
+            rows.append({
+                "time": self._t(now),
+                "instance": inst.id,
+                "encode_queue": len(inst.encode_queue),
+                "prefill_queue": len(inst.prefill_queue),
+                "decode_queue": len(inst.decode_queue),
+                "running": len(inst.running),
+                "outgoing": inst.outgoing,
+                "kv_usage": inst.kv.usage if inst.kv else 0.0,
+                "mm_usage": inst.mm.usage if inst.mm else 0.0,
+                "busy": int(inst.busy),
+            })
+        return rows
+
     def assert_drained(self) -> None:
         for inst in self.instances.values():
             inst.assert_drained()

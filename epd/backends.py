@@ -1,0 +1,92 @@
+"""Backends run a workload and return its events: the real engine (Ray or in-process) or the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from epd.config import RunConfig
+from epd.lifetime import EventLog
+from epd.request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    events: EventLog
+    outputs: dict[str, RequestOutput]
+    workers: list[dict] = field(default_factory=list)
+    timeseries: list[dict] = field(default_factory=list)
+
+
+class EngineBackend:
+    """The real engine. Offline workloads go through the offline API, timed ones through the async API."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.executor = "local" if cfg.backend.kind == "local" else "ray"
+
+    def run(self, requests: list[Request]) -> RunResult:
+        if all(r.arrival_time == 0 for r in requests):
+            return self._run_offline(requests)
+        return self._run_online(requests)
+
+    def _run_offline(self, requests: list[Request]) -> RunResult:
+        from epd.serve.offline import OfflineLLM
+
+        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend) as llm:
+            workers = llm.core.worker_info()
+            llm.core.reset_clock()
+            llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)
+            return self._result(llm.core, workers)
+
+    def _run_online(self, requests: list[Request]) -> RunResult:
+        from epd.serve.async_llm import AsyncLLM
+
+        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
+        try:
+            workers = llm.core.worker_info()
+            llm.core.reset_clock()
+            asyncio.run(self._drive(llm, requests))
+            llm.wait_idle(timeout_s=self.cfg.backend.timeout_s)
+            llm.stop_loop()
+            return self._result(llm.core, workers)
+        finally:
+            llm.close()
+
+    @staticmethod
+    def _result(core, workers: list[dict]) -> RunResult:
+        core.drain_check()
+        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, core.timeseries)
+
+    async def _drive(self, llm, requests: list[Request]) -> None:
+        start = time.time()
+        done = 0
+        last_report = start
+
+        async def one(req: Request) -> None:
+            nonlocal done, last_report
+            delay = start + req.arrival_time - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async for _ in llm.generate(req):
+                pass
+            done += 1
+            if time.time() - last_report > 5.0:
+                last_report = time.time()
+                log.info("progress: %d/%d requests done after %.1fs", done, len(requests), last_report - start)
+
+        await asyncio.wait_for(asyncio.gather(*(one(r) for r in requests)), timeout=self.cfg.backend.timeout_s)
+
+
+def make_backend(cfg: RunConfig):
+    if cfg.backend.kind in ("ray", "local"):
+        return EngineBackend(cfg)
+    if cfg.backend.kind == "sim":
+        from simulator.backend import SimBackend
+
+        return SimBackend(cfg)
+    raise ValueError(f"unknown backend.kind {cfg.backend.kind!r} (ray, local, sim)")

@@ -1,0 +1,55 @@
+"""One experiment run: workload -> backend -> events -> summary, record and W&B."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from epd.backends import make_backend
+from epd.config import RunConfig
+from epd.metrics import summarize
+from epd.models.runtime import load_family
+from epd.tracking import make_logger, write_record
+from epd.workload import build_workload
+
+log = logging.getLogger(__name__)
+
+
+def make_requests(cfg: RunConfig):
+    family = load_family(cfg.model)
+    text = family.text_config()
+    reserved = {family.image_token_id, text.bos_token_id, text.eos_token_id}
+    return build_workload(cfg.workload, text.vocab_size, reserved)
+
+
+def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
+    requests = make_requests(cfg)
+    desc = cfg.deployment.describe()
+    logger = make_logger(cfg.logger, out_dir, f"{cfg.experiment}-{desc}-{out_dir.name}", cfg.experiment, [desc, cfg.backend.kind], resolved)
+    exit_code = 1
+    try:
+        result = make_backend(cfg).run(requests)
+        summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc)
+        summary.update(backend=cfg.backend.kind, model=cfg.model.name, workload=cfg.workload.name, rate=cfg.workload.rate)
+        write_record(out_dir, resolved, result, summary)
+        logger.log_run(summary, result)
+        exit_code = 0
+        return summary
+    finally:
+        logger.finish(exit_code)
+
+
+def format_summary(s: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.1f} ms"
+
+    lines = [
+        f"EPD run: {s['model']} | {s['deployment']} | backend={s['backend']} | workload={s['workload']}",
+        f"  requests   {s['num_finished']}/{s['num_requests']} finished, {s['num_aborted']} aborted, {s['duration']:.2f} s",
+        f"  TTFT       mean {ms(s['ttft_mean'])}  p50 {ms(s['ttft_p50'])}  p90 {ms(s['ttft_p90'])}  p99 {ms(s['ttft_p99'])}",
+        f"  TPOT       mean {ms(s['tpot_mean'])}  p50 {ms(s['tpot_p50'])}  p90 {ms(s['tpot_p90'])}  p99 {ms(s['tpot_p99'])}",
+        f"  E2E        p50 {ms(s['e2e_p50'])}  p90 {ms(s['e2e_p90'])}",
+        f"  SLO        {s['slo_attainment'] * 100:.1f}% within TTFT {s['slo_ttft']} s and TPOT {s['slo_tpot']} s",
+        f"  throughput {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Scores from lifetime events alone (pure functions): latency, stage times, SLO attainment, goodput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+from epd.lifetime import Event
+from epd.lifetime import LifetimeEvent as E
+
+
+@dataclass
+class Timeline:
+    request_id: str
+    first: dict[E, float] = field(default_factory=dict)  # first time of each event kind
+    last: dict[E, float] = field(default_factory=dict)
+    num_output_tokens: int = 0
+    abort_reason: Optional[str] = None
+
+    def at(self, kind: E) -> Optional[float]:
+        return self.first.get(kind)
+
+    @property
+    def finished(self) -> bool:
+        return E.FINISHED in self.first
+
+    @property
+    def ttft(self) -> Optional[float]:
+        if E.FIRST_TOKEN not in self.first:
+            return None
+        return self.first[E.FIRST_TOKEN] - self.first[E.ISSUED]
+
+    @property
+    def tpot(self) -> Optional[float]:
+        """(finish - first token) / (n_out - 1); None for one-token outputs."""
+        if not self.finished or self.num_output_tokens < 2:
+            return None
+        return (self.first[E.FINISHED] - self.first[E.FIRST_TOKEN]) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e(self) -> Optional[float]:
+        return self.first[E.FINISHED] - self.first[E.ISSUED] if self.finished else None
+
+
+def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
+    out: dict[str, Timeline] = {}
+    for ev in sorted(events, key=lambda e: e.time):
+        tl = out.setdefault(ev.request_id, Timeline(ev.request_id))
+        tl.first.setdefault(ev.kind, ev.time)
+        tl.last[ev.kind] = ev.time
+        if ev.kind == E.FINISHED:
+            tl.num_output_tokens = int(ev.data.get("num_output_tokens", 0))
+        elif ev.kind == E.ABORTED:
+            tl.abort_reason = ev.data.get("reason")
+    return out
+
+
+def stage_times(tl: Timeline) -> dict[str, float]:
+    """Queueing (waiting for a stage) and service (in it) per stage; transfers separately."""
+    f, la = tl.first, tl.last
+    out: dict[str, float] = {}
+    ready = f.get(E.ISSUED)
+    if E.ENCODE_BEGIN in f:
+        out["encode_queue"] = f[E.ENCODE_BEGIN] - ready
+        out["encode_service"] = la[E.ENCODE_END] - f[E.ENCODE_BEGIN]
+        ready = la[E.ENCODE_END]
+    if E.MM_TRANSFER_BEGIN in f:
+        out["mm_transfer"] = la[E.MM_TRANSFER_END] - f[E.MM_TRANSFER_BEGIN]
+        ready = la[E.MM_TRANSFER_END]
+    if E.PREFILL_BEGIN in f:
+        out["prefill_queue"] = f[E.PREFILL_BEGIN] - ready - out.get("mm_transfer", 0.0)
+        out["prefill_service"] = f[E.PREFILL_END] - f[E.PREFILL_BEGIN]
+        ready = f[E.PREFILL_END]
+    if E.KV_TRANSFER_BEGIN in f:
+        out["kv_transfer"] = f[E.KV_TRANSFER_END] - f[E.KV_TRANSFER_BEGIN]
+    if E.DECODE_BEGIN in f:
+        out["decode_queue"] = f[E.DECODE_BEGIN] - ready - out.get("kv_transfer", 0.0)
+        if E.FINISHED in f:
+            out["decode_service"] = f[E.FINISHED] - f[E.DECODE_BEGIN]
+    return out
+
+
+def meets_slo(tl: Timeline, ttft: float, tpot: float) -> bool:
+    if not tl.finished or tl.ttft is None or tl.ttft > ttft:
+        return False
+    return tl.tpot is None or tl.tpot <= tpot
+
+
+def slo_attainment(tls: dict[str, Timeline], ttft: float, tpot: float) -> float:
+    """Share of all issued requests (aborted ones count as misses) that meet both targets."""
+    if not tls:
+        return 0.0
+    return sum(meets_slo(tl, ttft, tpot) for tl in tls.values()) / len(tls)
+
+
+def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float:
+    """The highest rate whose attainment reaches `target` (0 when none does)."""
+    ok = [rate for rate, att in attainment_by_rate.items() if att >= target]
+    return max(ok) if ok else 0.0
+
+
+def _pct(values: list[float], q: float) -> Optional[float]:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deployment: str) -> dict:
+    tls = timelines(events)
+    done = [tl for tl in tls.values() if tl.finished]
+    ttfts = [tl.ttft for tl in done if tl.ttft is not None]
+    tpots = [tl.tpot for tl in done if tl.tpot is not None]
+    e2es = [tl.e2e for tl in done if tl.e2e is not None]
+    start = min((tl.first[E.ISSUED] for tl in tls.values()), default=0.0)
+    end = max((tl.first[E.FINISHED] for tl in done), default=start)
+    span = max(end - start, 1e-9)
+    out_tokens = sum(tl.num_output_tokens for tl in done)
+    summary = {
+        "deployment": deployment,
+        "num_requests": len(tls),
+        "num_finished": len(done),
+        "num_aborted": sum(1 for tl in tls.values() if E.ABORTED in tl.first),
+        "duration": span if done else 0.0,
+        "ttft_mean": _mean(ttfts),
+        "tpot_mean": _mean(tpots),
+        "slo_ttft": ttft_slo,
+        "slo_tpot": tpot_slo,
+        "slo_attainment": slo_attainment(tls, ttft_slo, tpot_slo),
+        "request_throughput": len(done) / span if done else 0.0,
+        "output_throughput": out_tokens / span if done else 0.0,
+        "output_tokens": out_tokens,
+    }
+    for name, vals, qs in (("ttft", ttfts, (50, 90, 99)), ("tpot", tpots, (50, 90, 99)), ("e2e", e2es, (50, 90))):
+        for q in qs:
+            summary[f"{name}_p{q}"] = _pct(vals, q)
+    stages: dict[str, list[float]] = {}
+    for tl in done:
+        for k, v in stage_times(tl).items():
+            stages.setdefault(k, []).append(v)
+    for k, vals in sorted(stages.items()):
+        summary[f"{k}_mean"] = _mean(vals)
+    return summary

@@ -1,0 +1,59 @@
+"""`python -m epd.run [+experiment=NAME] [overrides]`: compose the config, run, record, log.
+
+This is the only module that sees Hydra's DictConfig; everything below gets frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from epd.config import register_configs, to_run_config
+from epd.experiment import format_summary, run_experiment
+
+log = logging.getLogger("epd")
+register_configs()
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir).resolve()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        run_cfg = to_run_config(cfg)
+        summary = run_experiment(run_cfg, out_dir, OmegaConf.to_container(cfg, resolve=True))
+        print(format_summary(summary))
+        print(f"  record     {out_dir}")
+        return summary["slo_attainment"]
+    except Exception:
+        if not multirun:
+            raise
+        # In a sweep one failed job must not stop the others: record it and go on.
+        log.exception("job %s failed", hc.job.num)
+        (out_dir / "FAILED").write_text("see the job's log\n")
+        return None
+    finally:
+        _shutdown_ray()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""User-facing APIs over the engine: offline batch generation and async streaming."""

@@ -1,0 +1,84 @@
+"""Async streaming API: `async for delta in llm.generate(request)` yields tokens as they are made.
+
+The engine loop runs in a background thread; tokens cross to the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.request import Request
+from epd.stages.engine import EngineCore
+
+
+@dataclass
+class TokenDelta:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: Optional[str]  # stop | length | abort, on the last delta
+
+
+class AsyncLLM:
+    def __init__(self, model: ModelConfig, deployment: DeploymentConfig, executor: str = "ray", backend: Optional[BackendConfig] = None):
+        self.core = EngineCore(model, deployment, executor, backend, on_output=self._on_output)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="epd-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.core.step(timeout=0.005)
+        except BaseException as exc:  # surface engine crashes to every waiting stream
+            self._error = exc
+            with self._lock:
+                for rid, (loop, q) in self._streams.items():
+                    loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, [], "abort"))
+
+    def _on_output(self, rid: str, tokens: list[int], finish: Optional[str]) -> None:
+        with self._lock:
+            entry = self._streams.get(rid)
+        if entry:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, tokens, finish))
+
+    async def generate(self, req: Request) -> AsyncIterator[TokenDelta]:
+        if self._error is not None:
+            raise RuntimeError("engine loop crashed") from self._error
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[req.request_id] = (asyncio.get_running_loop(), q)
+        self.core.add_request(req)
+        try:
+            while True:
+                delta: TokenDelta = await q.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(req.request_id, None)
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        import time
+
+        deadline = time.time() + timeout_s
+        while self.core.has_work() or any(i.busy for i in self.core.pipeline.instances.values()):
+            if time.time() > deadline:
+                raise TimeoutError("engine did not go idle")
+            time.sleep(0.01)
+
+    def stop_loop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        self.stop_loop()
+        self.core.close()

@@ -1,0 +1,111 @@
+"""Workloads: seeded arrival processes and request generators (synthetic, JSONL dataset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from epd.config import WorkloadConfig
+from epd.request import ImageInput, Request, SamplingParams
+
+
+def arrival_times(cfg: WorkloadConfig, n: int, rng: np.random.Generator) -> list[float]:
+    if cfg.arrival == "offline":
+        return [0.0] * n
+    if cfg.arrival == "trace":
+        return _trace(cfg, n)
+    if cfg.rate <= 0:
+        raise ValueError(f"workload.rate must be > 0 for {cfg.arrival} arrivals, got {cfg.rate}")
+    if cfg.arrival == "poisson":
+        gaps = rng.exponential(1.0 / cfg.rate, n)
+    elif cfg.arrival == "gamma":
+        if cfg.cv <= 0:
+            raise ValueError(f"workload.cv must be > 0, got {cfg.cv}")
+        shape = 1.0 / cfg.cv**2
+        gaps = rng.gamma(shape, 1.0 / (cfg.rate * shape), n)
+    elif cfg.arrival == "constant":
+        gaps = np.full(n, 1.0 / cfg.rate)
+    else:
+        raise ValueError(f"unknown workload.arrival {cfg.arrival!r} (poisson, gamma, constant, trace, offline)")
+    times = np.cumsum(gaps) - gaps[0]  # the first request arrives at 0
+    return [float(t) for t in times]
+
+
+def _trace(cfg: WorkloadConfig, n: int) -> list[float]:
+    if not cfg.trace_path:
+        raise ValueError("workload.arrival=trace needs workload.trace_path (one arrival time in seconds per line)")
+    lines = [ln for ln in Path(cfg.trace_path).read_text().splitlines() if ln.strip()]
+    times = sorted(float(json.loads(ln)["arrival_time"]) if ln.lstrip().startswith("{") else float(ln) for ln in lines)
+    if len(times) < n:
+        raise ValueError(f"trace {cfg.trace_path} has {len(times)} arrivals, the workload asks for {n}")
+    return [t - times[0] for t in times[:n]]
+
+
+def _draw(rng: np.random.Generator, low: int, high: int | None) -> int:
+    return int(low if high is None or high <= low else rng.integers(low, high + 1))
+
+
+def _sampling(cfg: WorkloadConfig, max_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, ignore_eos=cfg.ignore_eos
+    )
+
+
+def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+    rng = np.random.default_rng(cfg.seed)
+    times = arrival_times(cfg, cfg.num_requests, rng)
+    text_ids = np.array([i for i in range(4, vocab_size) if i not in reserved_ids])
+    reqs = []
+    for i, t in enumerate(times):
+        n_img = _draw(rng, cfg.images_per_request, cfg.images_per_request_max)
+        n_prompt = _draw(rng, cfg.prompt_tokens, cfg.prompt_tokens_max)
+        n_out = _draw(rng, cfg.output_tokens, cfg.output_tokens_max)
+        images = tuple(ImageInput(width=cfg.image_width, height=cfg.image_height, seed=cfg.seed * 100_003 + i * 97 + k) for k in range(n_img))
+        reqs.append(
+            Request(
+                request_id=f"req-{i:05d}",
+                arrival_time=t,
+                prompt_token_ids=tuple(int(x) for x in rng.choice(text_ids, n_prompt)),
+                images=images,
+                sampling=_sampling(cfg, n_out, cfg.seed * 100_003 + i),
+            )
+        )
+    return reqs
+
+
+def dataset(cfg: WorkloadConfig) -> list[Request]:
+    """JSONL rows: {"prompt": str, "images": [path, ...], "max_tokens": int}; paths relative to the file."""
+    if not cfg.dataset_path:
+        raise ValueError("workload.kind=dataset needs workload.dataset_path")
+    path = Path(cfg.dataset_path)
+    if not path.exists():
+        raise FileNotFoundError(f"workload dataset not found: {path}")
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rng = np.random.default_rng(cfg.seed)
+    times = arrival_times(cfg, cfg.num_requests, rng)
+    reqs = []
+    for i, t in enumerate(times):
+        row = rows[i % len(rows)]
+        images = tuple(ImageInput(path=str((path.parent / p).resolve())) for p in row.get("images", []))
+        reqs.append(
+            Request(
+                request_id=f"req-{i:05d}",
+                arrival_time=t,
+                prompt=row["prompt"],
+                images=images,
+                sampling=_sampling(cfg, int(row.get("max_tokens", cfg.output_tokens)), cfg.seed * 100_003 + i),
+            )
+        )
+    return reqs
+
+
+def build_workload(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+    if cfg.num_requests < 1:
+        raise ValueError(f"workload.num_requests must be >= 1, got {cfg.num_requests}")
+    if cfg.kind == "synthetic":
+        return synthetic(cfg, vocab_size, reserved_ids)
+    if cfg.kind == "dataset":
+        return dataset(cfg)
+    raise ValueError(f"unknown workload.kind {cfg.kind!r} (synthetic, dataset)")
