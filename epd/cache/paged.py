@@ -20,11 +20,15 @@ def read_rows(cache: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
     return cache.view(-1, cache.shape[-1])[row_index(blocks, cache.shape[1], n, cache.device)]
 
 
-def gather_kv(kv: torch.Tensor, blocks: list[int]) -> torch.Tensor:
-    """kv [layers, 2, blocks, ...] -> the given blocks of every layer, [layers, 2, len(blocks), ...]."""
-    return kv[:, :, torch.tensor(blocks, dtype=torch.long, device=kv.device)]
+def gather_kv(kv: torch.Tensor, blocks: list[int], n_tokens: int) -> torch.Tensor:
+    """The first n_tokens of a sequence's KV in every layer, [layers, 2, n_tokens, kv_heads, head_dim].
+
+    Token rows, not blocks, so sender and receiver may use different block sizes.
+    """
+    flat = kv.view(kv.shape[0], 2, -1, *kv.shape[4:])
+    return flat[:, :, row_index(blocks, kv.shape[3], n_tokens, kv.device)]
 
 
 def scatter_kv(kv: torch.Tensor, blocks: list[int], data: torch.Tensor) -> None:
-    idx = torch.tensor(blocks[: data.shape[2]], dtype=torch.long, device=kv.device)
-    kv.index_copy_(2, idx, data.to(kv.device, kv.dtype))
+    flat = kv.view(kv.shape[0], 2, -1, *kv.shape[4:])
+    flat.index_copy_(2, row_index(blocks, kv.shape[3], data.shape[2], kv.device), data.to(kv.device, kv.dtype))

@@ -126,8 +126,7 @@ class Worker:
         for it, tok in zip(batch.items, firsts):
             done = PrefilledItem(it.request_id, tok, mm_transfer=transfers.get(it.request_id))
             if it.send_kv:
-                n = -(-len(it.prompt_ids) // self.pool.kv_block_size)
-                done.kv_handle = self.transfer.send(gather_kv(self.kv, it.kv_blocks[:n]))
+                done.kv_handle = self.transfer.send(gather_kv(self.kv, it.kv_blocks, len(it.prompt_ids)))
             if it.keep_for_decode:
                 self.seqs[it.request_id] = _Seq(it.kv_blocks, len(it.prompt_ids), tok, 1, it.sampling)
             out.append(done)

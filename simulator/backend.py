@@ -1,0 +1,33 @@
+"""`backend=sim`: the experiment's workload through the simulator instead of the real engine."""
+
+from __future__ import annotations
+
+from epd.backends import RunResult
+from epd.config import RunConfig
+from epd.models.runtime import load_family
+from epd.request import Request
+from simulator.latency import LatencyModel, ProfiledModel, RooflineModel
+from simulator.shapes import ModelShape
+from simulator.sim import Simulation
+
+
+def make_latency_model(cfg: RunConfig, shape: ModelShape) -> LatencyModel:
+    roofline = RooflineModel(shape, cfg.hardware)
+    if cfg.backend.latency_model == "roofline":
+        return roofline
+    if cfg.backend.latency_model == "profiled":
+        if not cfg.backend.profile_path:
+            raise ValueError("backend.latency_model=profiled needs backend.profile_path")
+        return ProfiledModel.load(cfg.backend.profile_path, fallback=roofline)
+    raise ValueError(f"unknown backend.latency_model {cfg.backend.latency_model!r} (roofline, profiled)")
+
+
+class SimBackend:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.family = load_family(cfg.model)
+        self.shape = ModelShape.of(self.family, cfg.model.dtype)
+        self.latency = make_latency_model(cfg, self.shape)
+
+    def run(self, requests: list[Request]) -> RunResult:
+        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency).run(requests)

@@ -1,0 +1,141 @@
+"""Stage latency models behind one interface: roofline (from FLOPs/bytes and a hardware spec) or
+profiled (fitted on measurements of the real engine)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from epd.config import HardwareConfig
+from simulator.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class EncodeShape:
+    tiles: int  # tower forwards in the batch (images, or tiles for tiling models)
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    lens: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lens)
+
+    @property
+    def square(self) -> int:
+        return sum(n * n for n in self.lens)
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    batch: int
+    context: int  # total tokens attended over by the batch
+
+
+class LatencyModel:
+    overhead: float = 0.0  # per batch, outside the measured compute (dispatch, RPC)
+
+    def encode(self, s: EncodeShape) -> float:
+        raise NotImplementedError
+
+    def prefill(self, s: PrefillShape) -> float:
+        raise NotImplementedError
+
+    def decode(self, s: DecodeShape) -> float:
+        raise NotImplementedError
+
+    def transfer(self, nbytes: float) -> float:
+        raise NotImplementedError
+
+
+class RooflineModel(LatencyModel):
+    def __init__(self, shape: ModelShape, hw: HardwareConfig):
+        self.m, self.hw = shape, hw
+        self.flops = hw.peak_flops * hw.compute_efficiency
+        self.bw = hw.memory_bandwidth * hw.memory_efficiency
+        self.overhead = hw.step_overhead
+
+    def _time(self, flops: float, nbytes: float) -> float:
+        return max(flops / self.flops, nbytes / self.bw)
+
+    def encode(self, s: EncodeShape) -> float:
+        act = s.tiles * (self.m.pixels_per_tile * 3 * 4 + self.m.tokens_per_tile * self.m.mm_bytes_per_token)
+        return self._time(s.tiles * self.m.vision_flops_per_tile, self.m.vision_params * self.m.dtype_bytes + act)
+
+    def prefill(self, s: PrefillShape) -> float:
+        flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops
+        nbytes = self.m.lm_params * self.m.dtype_bytes + s.tokens * self.m.kv_bytes_per_token
+        return self._time(flops, nbytes)
+
+    def decode(self, s: DecodeShape) -> float:
+        flops = s.batch * (self.m.lm_flops_per_token + self.m.head_flops) + s.context * self.m.attn_flops_coeff
+        nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token
+        return self._time(flops, nbytes)
+
+    def transfer(self, nbytes: float) -> float:
+        return self.hw.link_latency + nbytes / self.hw.link_bandwidth
+
+
+# Features of each stage's fitted model: encode a + b*tiles; prefill a + b*tokens + c*sum(len^2);
+# decode a + b*batch + c*context; transfer a + b*bytes.
+FEATURES = {
+    "encode": lambda r: [1.0, r["tiles"]],
+    "prefill": lambda r: [1.0, r["tokens"], r["square"]],
+    "decode": lambda r: [1.0, r["batch"], r["context"]],
+    "transfer": lambda r: [1.0, r["bytes"]],
+}
+
+
+def fit(rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Least squares per stage, coefficients clipped at 0; returns (coefficients, mean relative error)."""
+    coeffs, errors = {}, {}
+    for stage, feats in FEATURES.items():
+        data = [r for r in rows if r["stage"] == stage]
+        if not data:
+            continue
+        x = np.array([feats(r) for r in data], dtype=float)
+        y = np.array([r["seconds"] for r in data], dtype=float)
+        sol, *_ = np.linalg.lstsq(x, y, rcond=None)
+        sol = np.clip(sol, 0.0, None)
+        pred = x @ sol
+        coeffs[stage] = [float(c) for c in sol]
+        errors[stage] = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
+    return coeffs, errors
+
+
+class ProfiledModel(LatencyModel):
+    def __init__(self, coeffs: dict[str, list[float]], overhead: float = 0.0, fallback: LatencyModel | None = None):
+        self.c, self.overhead, self.fallback = coeffs, overhead, fallback
+
+    @staticmethod
+    def load(path: str, fallback: LatencyModel | None = None) -> "ProfiledModel":
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"latency profile not found: {p} (make one with +experiment=profile)")
+        data = json.loads(p.read_text())
+        coeffs, _ = fit(data["rows"])
+        return ProfiledModel(coeffs, data.get("overhead", 0.0), fallback)
+
+    def _eval(self, stage: str, row: dict, fallback) -> float:
+        if stage not in self.c:
+            if self.fallback is None:
+                raise KeyError(f"the profile has no {stage} measurements")
+            return fallback()
+        return float(np.dot(self.c[stage], FEATURES[stage](row)))
+
+    def encode(self, s: EncodeShape) -> float:
+        return self._eval("encode", {"tiles": s.tiles}, lambda: self.fallback.encode(s))
+
+    def prefill(self, s: PrefillShape) -> float:
+        return self._eval("prefill", {"tokens": s.tokens, "square": s.square}, lambda: self.fallback.prefill(s))
+
+    def decode(self, s: DecodeShape) -> float:
+        return self._eval("decode", {"batch": s.batch, "context": s.context}, lambda: self.fallback.decode(s))
+
+    def transfer(self, nbytes: float) -> float:
+        return self._eval("transfer", {"bytes": nbytes}, lambda: self.fallback.transfer(nbytes))

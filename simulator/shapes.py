@@ -1,0 +1,60 @@
+"""FLOPs and bytes of each stage, from the model's configuration alone (no weights built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from epd.models.family import ModelFamily
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _side(v) -> int:
+    return v[0] if isinstance(v, (list, tuple)) else v
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    dtype_bytes: int
+    # vision: per tile (one tower forward over one image or tile)
+    vision_params: int
+    vision_flops_per_tile: float
+    pixels_per_tile: int
+    tokens_per_tile: int
+    # language model
+    lm_params: int  # all, incl. embeddings and head
+    lm_flops_per_token: float  # 2 x matmul params (no embedding lookup, no head)
+    head_flops: float  # per sampled position
+    attn_flops_coeff: float  # x (query positions x key positions)
+    kv_bytes_per_token: int
+    mm_bytes_per_token: int
+
+    @staticmethod
+    def of(family: ModelFamily, dtype: str) -> "ModelShape":
+        nbytes = DTYPE_BYTES[dtype]
+        v = family.hf.vision_config
+        hv, iv, lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+        side = _side(v.image_size) // _side(v.patch_size)
+        n = side * side + 1
+        layer = 4 * hv * hv + 2 * hv * iv
+        vision_params = lv * layer + 3 * _side(v.patch_size) ** 2 * hv
+        t = family.text_config()
+        h, kvd = t.hidden_size, t.num_kv_heads * (t.hidden_size // t.num_heads)
+        proj_in = hv * (4 if family.model_type == "internvl" else 1)
+        proj_params = proj_in * h + h * h
+        tokens_per_tile = family.num_image_tokens(_side(v.image_size), _side(v.image_size))
+        vision_flops = 2 * lv * layer * n + 4 * lv * hv * n * n + 2 * proj_params * tokens_per_tile
+        body = t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size)
+        return ModelShape(
+            dtype_bytes=nbytes,
+            vision_params=vision_params + proj_params,
+            vision_flops_per_tile=float(vision_flops),
+            pixels_per_tile=_side(v.image_size) ** 2,
+            tokens_per_tile=tokens_per_tile,
+            lm_params=body + 2 * t.vocab_size * h,
+            lm_flops_per_token=2.0 * body,
+            head_flops=2.0 * t.vocab_size * h,
+            attn_flops_coeff=4.0 * t.num_layers * h,
+            kv_bytes_per_token=2 * t.num_layers * kvd * nbytes,
+            mm_bytes_per_token=h * nbytes,
+        )

@@ -1,0 +1,128 @@
+"""The simulation: SimPy processes drive the engine's own Pipeline (admission, routing, schedulers,
+block accounting) and a latency model stands in for the workers. Same events as the engine."""
+
+from __future__ import annotations
+
+import simpy
+
+from epd.backends import RunResult
+from epd.config import DeploymentConfig
+from epd.models.family import ModelFamily
+from epd.request import Request
+from epd.stages.instance import Instance
+from epd.stages.pipeline import Pipeline
+from epd.stages.work import (
+    Batch,
+    DecodeBatch,
+    DecodeResult,
+    EncodeBatch,
+    EncodedItem,
+    EncodeResult,
+    PrefillBatch,
+    PrefilledItem,
+    PrefillResult,
+    Result,
+)
+from simulator.latency import DecodeShape, EncodeShape, LatencyModel, PrefillShape
+from simulator.shapes import ModelShape
+
+SENT = "sim"  # stands for a transfer handle: the data is "elsewhere"
+
+
+class Simulation:
+    def __init__(self, deployment: DeploymentConfig, family: ModelFamily, shape: ModelShape, latency: LatencyModel,
+                 sample_interval: float = 0.25):
+        self.env = simpy.Environment()
+        self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0)
+        self.shape, self.lat = shape, latency
+        text = family.text_config()
+        self.token = (text.eos_token_id + 1) % text.vocab_size  # never EOS: outputs run to max_tokens
+        self.sample_interval = sample_interval
+        self.timeseries: list[dict] = []
+        self._waiting: dict[str, simpy.Event] = {}
+        self._arrivals_done = False
+
+    def run(self, requests: list[Request]) -> RunResult:
+        self.env.process(self._arrivals(sorted(requests, key=lambda r: r.arrival_time)))
+        for inst in self.pipe.instances.values():
+            self.env.process(self._serve(inst))
+        if self.sample_interval > 0:
+            self.env.process(self._sample())
+        self.env.run()
+        if not self.pipe.idle():
+            stuck = [s.rid for s in self.pipe.states.values() if not s.done][:8]
+            raise RuntimeError(f"simulation stalled with requests in flight: {stuck}")
+        self.pipe.assert_drained()
+        return RunResult(self.pipe.events, dict(self.pipe.outputs), [], self.timeseries)
+
+    # ---- processes ---------------------------------------------------------------------
+    def _finished(self) -> bool:
+        return self._arrivals_done and self.pipe.idle()
+
+    def _wake_all(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for ev in waiting.values():
+            ev.succeed()
+
+    def _arrivals(self, requests: list[Request]):
+        for req in requests:
+            if req.arrival_time > self.env.now:
+                yield self.env.timeout(req.arrival_time - self.env.now)
+            self.pipe.add_request(req, self.env.now)
+            self._wake_all()
+        self._arrivals_done = True
+        self._wake_all()
+
+    def _serve(self, inst: Instance):
+        while True:
+            batch = self.pipe.next_batch(inst)
+            if batch is None:
+                if self._finished():
+                    return
+                ev = self.env.event()
+                self._waiting[inst.id] = ev
+                yield ev
+                continue
+            inst.busy = True
+            result, busy_for = self._run_batch(batch)
+            yield self.env.timeout(busy_for + self.lat.overhead)
+            inst.busy = False
+            self.pipe.complete(inst, batch, result)
+            self._wake_all()
+
+    def _sample(self):
+        while not self._finished():
+            self.timeseries.extend(self.pipe.load_snapshot(self.env.now))
+            yield self.env.timeout(self.sample_interval)
+
+    # ---- one batch -------------------------------------------------------------------
+    def _run_batch(self, batch: Batch) -> tuple[Result, float]:
+        now, m = self.env.now, self.shape
+        if isinstance(batch, EncodeBatch):
+            tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
+            d = self.lat.encode(EncodeShape(tiles))
+            items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
+            return EncodeResult((now, now + d), items), d
+        if isinstance(batch, PrefillBatch):
+            t = now
+            spans = {}
+            for it in batch.items:
+                pulled = sum(mm.num_tokens for mm in it.images if mm.handle is not None)
+                if pulled:
+                    d = self.lat.transfer(pulled * m.mm_bytes_per_token)
+                    spans[it.request_id] = (t, t + d)
+                    t += d
+            d = self.lat.prefill(PrefillShape(tuple(len(it.prompt_ids) for it in batch.items)))
+            items = [PrefilledItem(it.request_id, self.token, spans.get(it.request_id), SENT if it.send_kv else None) for it in batch.items]
+            return PrefillResult((t, t + d), items), t + d - now
+        assert isinstance(batch, DecodeBatch)
+        t = now
+        spans = {}
+        for new in batch.new:
+            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) if new.kv_handle is not None else 0.0
+            spans[new.request_id] = (t, t + d)
+            t += d
+        states = [self.pipe.states[r] for r in batch.step]
+        context = sum(s.prompt_len + len(s.output) for s in states)
+        d = self.lat.decode(DecodeShape(len(states), context))
+        return DecodeResult((t, t + d), {r: self.token for r in batch.step}, spans), t + d - now
