@@ -238,7 +238,12 @@ def _schema(node_type: type) -> DictConfig:
 
 
 def register_configs() -> None:
+    from pathlib import Path
+
     from hydra.core.config_store import ConfigStore
+
+    if not OmegaConf.has_resolver("epd_root"):  # the project checkout, for files shipped with it
+        OmegaConf.register_new_resolver("epd_root", lambda: str(Path(__file__).resolve().parent.parent))
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=_schema(RunConfig))

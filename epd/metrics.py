@@ -58,7 +58,10 @@ def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
 
 
 def stage_times(tl: Timeline) -> dict[str, float]:
-    """Queueing (waiting for a stage) and service (in it) per stage; transfers separately."""
+    """Queueing (waiting for a stage) and service (in it) per stage; transfers separately.
+
+    A stage's queueing runs from the previous stage's end to its own begin, less the transfer.
+    """
     f, la = tl.first, tl.last
     out: dict[str, float] = {}
     ready = f.get(E.ISSUED)
@@ -68,7 +71,6 @@ def stage_times(tl: Timeline) -> dict[str, float]:
         ready = la[E.ENCODE_END]
     if E.MM_TRANSFER_BEGIN in f:
         out["mm_transfer"] = la[E.MM_TRANSFER_END] - f[E.MM_TRANSFER_BEGIN]
-        ready = la[E.MM_TRANSFER_END]
     if E.PREFILL_BEGIN in f:
         out["prefill_queue"] = f[E.PREFILL_BEGIN] - ready - out.get("mm_transfer", 0.0)
         out["prefill_service"] = f[E.PREFILL_END] - f[E.PREFILL_BEGIN]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from epd.backends import RunResult
 from epd.config import RunConfig
 from epd.models.runtime import load_family
+from epd.models.tokenizer import load_tokenizer
 from epd.request import Request
 from simulator.latency import LatencyModel, ProfiledModel, RooflineModel
 from simulator.shapes import ModelShape
@@ -30,4 +31,5 @@ class SimBackend:
         self.latency = make_latency_model(cfg, self.shape)
 
     def run(self, requests: list[Request]) -> RunResult:
-        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency).run(requests)
+        tokenizer = load_tokenizer(self.cfg.model, {self.family.image_token_id, *range(4)})
+        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency, tokenizer=tokenizer).run(requests)

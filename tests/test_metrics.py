@@ -1,0 +1,80 @@
+"""Metrics on hand-built event streams with hand-computed answers."""
+
+import pytest
+
+from epd.lifetime import EventLog
+from epd.lifetime import LifetimeEvent as E
+from epd.metrics import goodput, slo_attainment, stage_times, summarize, timelines
+
+
+def stream():
+    log = EventLog()
+    # a: issued 0, encode 0.1-0.3, mm 0.3-0.35, prefill 0.4-0.6 (first token), kv 0.6-0.7, decode from 0.7, 5 tokens, done 1.4
+    for t, k in [(0.0, E.ISSUED), (0.1, E.ENCODE_BEGIN), (0.3, E.ENCODE_END), (0.3, E.MM_TRANSFER_BEGIN), (0.35, E.MM_TRANSFER_END),
+                 (0.4, E.PREFILL_BEGIN), (0.6, E.PREFILL_END), (0.6, E.FIRST_TOKEN), (0.6, E.KV_TRANSFER_BEGIN),
+                 (0.7, E.KV_TRANSFER_END), (0.7, E.DECODE_BEGIN)]:
+        log.emit(t, "a", k)
+    log.emit(1.4, "a", E.FINISHED, num_output_tokens=5)
+    # b: issued 1.0, first token 3.0 (TTFT 2.0), 1 token only
+    log.emit(1.0, "b", E.ISSUED)
+    log.emit(1.5, "b", E.PREFILL_BEGIN)
+    log.emit(3.0, "b", E.PREFILL_END)
+    log.emit(3.0, "b", E.FIRST_TOKEN)
+    log.emit(3.0, "b", E.FINISHED, num_output_tokens=1)
+    # c: aborted
+    log.emit(2.0, "c", E.ISSUED)
+    log.emit(2.1, "c", E.ABORTED, reason="too long")
+    return log
+
+
+def test_latencies():
+    tl = timelines(stream())
+    assert tl["a"].ttft == pytest.approx(0.6)
+    assert tl["a"].tpot == pytest.approx((1.4 - 0.6) / 4)
+    assert tl["a"].e2e == pytest.approx(1.4)
+    assert tl["b"].ttft == pytest.approx(2.0) and tl["b"].tpot is None
+    assert tl["c"].abort_reason == "too long" and tl["c"].ttft is None
+
+
+def test_stage_times():
+    st = stage_times(timelines(stream())["a"])
+    assert st["encode_queue"] == pytest.approx(0.1)
+    assert st["encode_service"] == pytest.approx(0.2)
+    assert st["mm_transfer"] == pytest.approx(0.05)
+    assert st["prefill_queue"] == pytest.approx(0.05)  # 0.4 - 0.35
+    assert st["prefill_service"] == pytest.approx(0.2)
+    assert st["kv_transfer"] == pytest.approx(0.1)
+    assert st["decode_queue"] == pytest.approx(0.0)
+    assert st["decode_service"] == pytest.approx(0.7)
+
+
+def test_attainment_counts_aborts_as_misses():
+    tl = timelines(stream())
+    assert slo_attainment(tl, ttft=1.0, tpot=0.25) == pytest.approx(1 / 3)
+    assert slo_attainment(tl, ttft=2.0, tpot=0.25) == pytest.approx(2 / 3)
+    assert slo_attainment(tl, ttft=2.0, tpot=0.1) == pytest.approx(1 / 3)  # a misses TPOT 0.2 > 0.1
+
+
+def test_goodput():
+    assert goodput({0.5: 1.0, 1.0: 0.95, 2.0: 0.9, 4.0: 0.5}, 0.9) == 2.0
+    assert goodput({1.0: 0.5}, 0.9) == 0.0
+
+
+def test_summary_fields():
+    s = summarize(stream(), 2.0, 0.25, "1E1P1D")
+    for key in ("num_requests", "num_finished", "num_aborted", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean",
+                "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90", "slo_attainment", "request_throughput",
+                "output_throughput", "deployment"):
+        assert key in s
+    assert (s["num_requests"], s["num_finished"], s["num_aborted"]) == (3, 2, 1)
+    assert s["ttft_mean"] == pytest.approx(1.3)
+    assert s["output_throughput"] == pytest.approx(6 / 3.0)  # 6 tokens from t=0 to the last finish at 3.0
+    assert s["deployment"] == "1E1P1D"
+
+
+def test_event_log_roundtrip(tmp_path):
+    log = stream()
+    log.write_jsonl(tmp_path / "e.jsonl")
+    back = EventLog.read_jsonl(tmp_path / "e.jsonl")
+    assert sorted(e.to_row()["time"] for e in back) == sorted(e.time for e in log)
+    assert summarize(back, 2.0, 0.25, "x") == summarize(log, 2.0, 0.25, "x")

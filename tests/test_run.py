@@ -1,0 +1,126 @@
+"""`python -m epd.run`: Hydra composition, the CLI end to end, records, W&B offline runs, multirun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from epd.config import RunConfig, register_configs, to_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+SUMMARY_KEYS = {"num_requests", "num_finished", "num_aborted", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean",
+                "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90", "slo_attainment", "request_throughput",
+                "output_throughput", "deployment"}
+
+
+def _compose(overrides):
+    register_configs()
+    with initialize_config_dir(CONF, version_base="1.3"):
+        # outside a Hydra run there is no ${hydra:runtime.output_dir} to resolve
+        return compose("config", overrides=[*overrides, "paths.output_dir=unused"])
+
+
+def test_default_composes_into_frozen_dataclasses():
+    cfg = to_run_config(_compose([]))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.name == "tiny-llava" and cfg.deployment.describe() == "1E1P1D" and cfg.backend.kind == "ray"
+    with pytest.raises(Exception):
+        cfg.workload.rate = 3.0  # frozen
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name):
+    to_run_config(_compose([f"+experiment={name}"]))
+
+
+@pytest.mark.parametrize("group", ["model", "deployment", "workload", "slo", "hardware", "backend"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
+        to_run_config(_compose([f"{group}={option}"]))
+
+
+def test_pool_overrides_from_the_command_line():
+    cfg = to_run_config(_compose(["deployment.encode.instances=3", "deployment=epd"]))
+    assert cfg.deployment.describe() == "3E1P1D"
+    cfg = to_run_config(_compose(["deployment=pd", "deployment.encode_prefill.instances=2"]))
+    assert cfg.deployment.describe() == "2EP1D"
+
+
+def _compose_error(overrides) -> str:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
+        _compose(overrides)
+    return f"{info.value} {info.value.__cause__}"
+
+
+def test_bad_overrides_fail_at_compose_time():
+    assert "could not be converted to Float" in _compose_error(["workload.rate=abc"])
+    assert "ratee" in _compose_error(["workload.ratee=2"])
+    assert "nope" in _compose_error(["deployment=nope"])
+    assert "instancez" in _compose_error(["deployment.encode.instancez=2"])
+
+
+def _epd_run(args, tmp_path, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "epd.run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_record(run_dir: Path, n_requests: int) -> dict:
+    for name in ("config.yaml", "events.jsonl", "outputs.jsonl", "summary.json", "requests.jsonl", "workers.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["num_requests"] == n_requests
+    outputs = [json.loads(ln) for ln in (run_dir / "outputs.jsonl").read_text().splitlines()]
+    assert len(outputs) == n_requests and all(o["token_ids"] for o in outputs if o["finish_reason"] != "abort")
+    return summary
+
+
+def test_cli_real_engine_with_wandb_offline(tmp_path):
+    proc = _epd_run(["workload.num_requests=5", "workload.rate=4", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SLO" in proc.stdout and "1E1P1D" in proc.stdout
+    summary = _check_record(tmp_path / "run", 5)
+    assert summary["num_finished"] == 5 and summary["backend"] == "ray"
+    workers = json.loads((tmp_path / "run" / "workers.json").read_text())
+    assert {tuple(w["roles"]) for w in workers} == {("encode",), ("prefill",), ("decode",)}
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_cli_simulator_and_dataset(tmp_path):
+    proc = _epd_run(["backend=sim", "logger=none", "workload=sample_dataset", "deployment=pd", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _check_record(tmp_path / "run", 8)
+    assert summary["backend"] == "sim" and summary["deployment"] == "1EP1D" and summary["num_finished"] == 8
+
+
+def test_multirun_three_jobs_three_records_three_wandb_runs(tmp_path):
+    proc = _epd_run(["-m", "+experiment=smoke", "workload.num_requests=3", "workload.arrival=poisson", "workload.rate=1,2,4",
+                     f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert len(jobs) == 3
+    rates = [_check_record(j, 3)["rate"] for j in jobs]
+    assert rates == [1.0, 2.0, 4.0]
+    runs = [list((j / "wandb").glob("offline-run-*")) for j in jobs]
+    assert all(len(r) == 1 for r in runs) and len({r[0].name for r in runs}) == 3
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
+    proc = _epd_run(["-m", "backend=sim", "logger=none", "workload.num_requests=4,0,4", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert (jobs[1] / "FAILED").exists() and not (jobs[1] / "summary.json").exists()
+    assert _check_record(jobs[0], 4) and _check_record(jobs[2], 4)
+
+
+def test_cli_bad_override_exits_with_a_clear_message(tmp_path):
+    proc = _epd_run(["workload.rate=abc"], tmp_path, timeout=60)
+    assert proc.returncode != 0 and "could not be converted to Float" in proc.stderr

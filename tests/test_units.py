@@ -1,0 +1,77 @@
+"""Block managers, workloads, routing, tiling: small pieces with exact answers."""
+
+import numpy as np
+import pytest
+
+from epd.cache.block_manager import KVBlockManager
+from epd.config import DeploymentConfig, PoolConfig, WorkloadConfig
+from epd.models.image_processing import num_tiles, tile_grid
+from epd.workload import arrival_times, build_workload
+
+
+def test_block_pool_accounting():
+    kv = KVBlockManager("p0", 4, 16)
+    assert kv.blocks_for(1) == 1 and kv.blocks_for(16) == 1 and kv.blocks_for(17) == 2
+    a = kv.allocate(3)
+    assert kv.allocate(2) is None and kv.num_free == 1
+    kv.free(a)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        kv.free(a[:1])
+    kv.assert_all_free()
+    b = kv.allocate(1)
+    with pytest.raises(AssertionError, match="still held"):
+        kv.assert_all_free()
+    kv.free(b)
+
+
+def test_arrivals_are_seeded_and_have_the_right_rate():
+    cfg = WorkloadConfig(rate=4.0, num_requests=4000)
+    a = arrival_times(cfg, 4000, np.random.default_rng(1))
+    assert a == arrival_times(cfg, 4000, np.random.default_rng(1))
+    assert 4000 / a[-1] == pytest.approx(4.0, rel=0.05)
+    g = np.diff(arrival_times(WorkloadConfig(arrival="gamma", rate=2.0, cv=3.0), 4000, np.random.default_rng(2)))
+    assert g.mean() == pytest.approx(0.5, rel=0.1) and g.std() / g.mean() == pytest.approx(3.0, rel=0.15)
+    assert arrival_times(WorkloadConfig(arrival="constant", rate=2.0), 3, np.random.default_rng(0)) == [0.0, 0.5, 1.0]
+
+
+def test_trace_and_errors(tmp_path):
+    (tmp_path / "t.txt").write_text("5.0\n5.5\n7.0\n")
+    assert arrival_times(WorkloadConfig(arrival="trace", trace_path=str(tmp_path / "t.txt")), 3, None) == [0.0, 0.5, 2.0]
+    with pytest.raises(ValueError, match="rate"):
+        arrival_times(WorkloadConfig(rate=0), 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown workload.arrival"):
+        arrival_times(WorkloadConfig(arrival="burst"), 3, np.random.default_rng(0))
+
+
+def test_synthetic_workload_shapes():
+    cfg = WorkloadConfig(num_requests=50, images_per_request=2, images_per_request_max=8, prompt_tokens=22, output_tokens=10)
+    reqs = build_workload(cfg, vocab_size=512, reserved_ids={3})
+    assert len(reqs) == 50 and reqs == build_workload(cfg, 512, {3})
+    counts = [len(r.images) for r in reqs]
+    assert min(counts) >= 2 and max(counts) <= 8 and len(set(counts)) > 3
+    assert all(len(r.prompt_token_ids) == 22 and 3 not in r.prompt_token_ids for r in reqs)
+    assert all(r.sampling.max_tokens == 10 and r.sampling.ignore_eos for r in reqs)
+
+
+def test_dataset_workload_reads_the_shipped_sample():
+    reqs = build_workload(WorkloadConfig(kind="dataset", dataset_path="data/sample/requests.jsonl", num_requests=6), 512, set())
+    assert reqs[1].prompt.startswith("Compare") and len(reqs[1].images) == 2
+    assert reqs[4].prompt == reqs[0].prompt  # cycles through the rows
+
+
+def test_internvl_tiling_follows_aspect_ratio():
+    assert tile_grid(4032, 3024, 12, 448) == (4, 3)
+    assert num_tiles(4032, 3024, 12, 448, True) == 13
+    assert num_tiles(448, 448, 12, 448, True) == 1
+    assert tile_grid(1000, 200, 6, 448) == (5, 1)
+
+
+def test_deployment_description_and_validation():
+    epd = DeploymentConfig(encode=PoolConfig(instances=2), prefill=PoolConfig(), decode=PoolConfig())
+    assert epd.describe() == "2E1P1D"
+    assert DeploymentConfig(encode_prefill=PoolConfig(instances=3), decode=PoolConfig()).describe() == "3EP1D"
+    assert DeploymentConfig(aggregated=PoolConfig(instances=4)).describe() == "4EPD"
+    with pytest.raises(ValueError, match="role 'decode'"):
+        DeploymentConfig(encode=PoolConfig(), prefill=PoolConfig()).validate()
+    with pytest.raises(ValueError, match="irp"):
+        DeploymentConfig(encode_prefill=PoolConfig(), decode=PoolConfig(), irp=True).validate()
