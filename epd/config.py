@@ -208,6 +208,33 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """`task=optimize`: which deployments to try and how to find each one's goodput."""
+
+    gpus: int = 8
+    include_irp: bool = True
+    include_baselines: bool = True  # PD splits and the aggregated deployment too
+    rate_low: float = 0.05
+    rate_high: float = 8.0
+    iterations: int = 7  # bisection steps on the rate
+    processes: int = 2
+    num_requests: int = 100
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """`task=profile`: the grid of batch shapes measured on the real engine."""
+
+    encode_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    prefill_lens: list[int] = field(default_factory=lambda: [32, 128, 256, 512, 1024])
+    prefill_batch: list[int] = field(default_factory=lambda: [1, 2, 4])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    decode_contexts: list[int] = field(default_factory=lambda: [64, 256, 1024])
+    transfer_bytes: list[int] = field(default_factory=lambda: [1 << 16, 1 << 20, 1 << 23])
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -218,6 +245,9 @@ class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    task: str = "serve"  # serve (run the workload) | profile | optimize
     experiment: str = "default"
     seed: int = 0
 

@@ -40,7 +40,19 @@ def main(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         run_cfg = to_run_config(cfg)
-        summary = run_experiment(run_cfg, out_dir, OmegaConf.to_container(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if run_cfg.task == "profile":
+            from simulator.profile import run_profile
+
+            run_profile(run_cfg, out_dir, resolved)
+            return None
+        if run_cfg.task == "optimize":
+            from simulator.search import run_search
+
+            return run_search(run_cfg, out_dir, resolved)
+        if run_cfg.task != "serve":
+            raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize)")
+        summary = run_experiment(run_cfg, out_dir, resolved)
         print(format_summary(summary))
         print(f"  record     {out_dir}")
         return summary["slo_attainment"]

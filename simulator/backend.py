@@ -24,12 +24,13 @@ def make_latency_model(cfg: RunConfig, shape: ModelShape) -> LatencyModel:
 
 
 class SimBackend:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, sample_interval: float = 0.25):
         self.cfg = cfg
+        self.sample_interval = sample_interval
         self.family = load_family(cfg.model)
         self.shape = ModelShape.of(self.family, cfg.model.dtype)
         self.latency = make_latency_model(cfg, self.shape)
 
     def run(self, requests: list[Request]) -> RunResult:
         tokenizer = load_tokenizer(self.cfg.model, {self.family.image_token_id, *range(4)})
-        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency, tokenizer=tokenizer).run(requests)
+        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency, self.sample_interval, tokenizer).run(requests)

@@ -81,18 +81,20 @@ class RooflineModel(LatencyModel):
         return self.hw.link_latency + nbytes / self.hw.link_bandwidth
 
 
-# Features of each stage's fitted model: encode a + b*tiles; prefill a + b*tokens + c*sum(len^2);
+# Features of each stage's fitted model: encode a + b*tiles; prefill a + b*tokens + c*sum(len^2) + d*seqs;
 # decode a + b*batch + c*context; transfer a + b*bytes.
 FEATURES = {
     "encode": lambda r: [1.0, r["tiles"]],
-    "prefill": lambda r: [1.0, r["tokens"], r["square"]],
+    "prefill": lambda r: [1.0, r["tokens"], r["square"], r["seqs"]],
     "decode": lambda r: [1.0, r["batch"], r["context"]],
     "transfer": lambda r: [1.0, r["bytes"]],
 }
 
 
 def fit(rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Least squares per stage, coefficients clipped at 0; returns (coefficients, mean relative error)."""
+    """Least squares on relative error per stage (rows weighted by 1/measured time, so short batches
+    count as much as long ones); returns (coefficients, mean relative error). Coefficients may come out
+    negative where features are correlated; predictions are floored at zero."""
     coeffs, errors = {}, {}
     for stage, feats in FEATURES.items():
         data = [r for r in rows if r["stage"] == stage]
@@ -100,9 +102,9 @@ def fit(rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
             continue
         x = np.array([feats(r) for r in data], dtype=float)
         y = np.array([r["seconds"] for r in data], dtype=float)
-        sol, *_ = np.linalg.lstsq(x, y, rcond=None)
-        sol = np.clip(sol, 0.0, None)
-        pred = x @ sol
+        w = 1.0 / np.maximum(y, 1e-9)
+        sol, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+        pred = np.maximum(x @ sol, 0.0)
         coeffs[stage] = [float(c) for c in sol]
         errors[stage] = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
     return coeffs, errors
@@ -126,13 +128,14 @@ class ProfiledModel(LatencyModel):
             if self.fallback is None:
                 raise KeyError(f"the profile has no {stage} measurements")
             return fallback()
-        return float(np.dot(self.c[stage], FEATURES[stage](row)))
+        return max(float(np.dot(self.c[stage], FEATURES[stage](row))), 0.0)
 
     def encode(self, s: EncodeShape) -> float:
         return self._eval("encode", {"tiles": s.tiles}, lambda: self.fallback.encode(s))
 
     def prefill(self, s: PrefillShape) -> float:
-        return self._eval("prefill", {"tokens": s.tokens, "square": s.square}, lambda: self.fallback.prefill(s))
+        row = {"tokens": s.tokens, "square": s.square, "seqs": len(s.lens)}
+        return self._eval("prefill", row, lambda: self.fallback.prefill(s))
 
     def decode(self, s: DecodeShape) -> float:
         return self._eval("decode", {"batch": s.batch, "context": s.context}, lambda: self.fallback.decode(s))

@@ -41,11 +41,12 @@ class BlockPool:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise RuntimeError(f"{self.kind} block {b} of {self.owner} freed twice or never allocated")
-            self._used.remove(b)
-            self._free.append(b)
+        freed = set(blocks)
+        if len(freed) != len(blocks) or not freed <= self._used:
+            bad = sorted(freed - self._used) or blocks
+            raise RuntimeError(f"{self.kind} block {bad[0]} of {self.owner} freed twice or never allocated")
+        self._used -= freed
+        self._free.extend(blocks)
 
     def assert_all_free(self) -> None:
         if self._used:

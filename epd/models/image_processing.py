@@ -7,6 +7,7 @@ thumbnail when there is more than one tile; ImageNet mean/std.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -86,6 +87,7 @@ def clip_preprocess(im: Image.Image, size: int) -> torch.Tensor:
     return _normalize(im, CLIP_MEAN, CLIP_STD)[None]
 
 
+@functools.lru_cache(maxsize=4096)
 def tile_grid(width: int, height: int, max_tiles: int, tile: int, min_tiles: int = 1) -> tuple[int, int]:
     """InternVL's choice of (columns, rows): the ratio closest to the image's aspect ratio."""
     aspect = width / height

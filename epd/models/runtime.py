@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional
 
 import torch
@@ -23,8 +24,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=32)
 def load_family(cfg: ModelConfig) -> ModelFamily:
-    """The family with its HF config: from the checkpoint dir (hf) or built from the shape (dummy)."""
+    """The family with its HF config: from the checkpoint dir (hf) or built from the shape (dummy).
+
+    Cached: families are read-only descriptions, and the simulator asks for the same one many times.
+    """
     if cfg.load_format == "hf":
         if not cfg.path:
             raise CheckpointError("model.load_format=hf needs model.path (a local checkpoint directory)")

@@ -1,0 +1,109 @@
+"""The simulator: same events as the engine, latency fits, and a search whose answer is known."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from epd.config import BackendConfig, DeploymentConfig, PoolConfig, RunConfig, SearchConfig, SLOConfig, WorkloadConfig
+from epd.experiment import make_requests
+from epd.lifetime import LifetimeEvent as E
+from epd.serve.offline import OfflineLLM
+from simulator.backend import SimBackend
+from simulator.latency import ProfiledModel, fit
+from simulator.search import candidates, search
+
+EPD = DeploymentConfig(name="epd", encode=PoolConfig(instances=2), prefill=PoolConfig(), decode=PoolConfig())
+PD = DeploymentConfig(name="pd", encode_prefill=PoolConfig(), decode=PoolConfig())
+AGG = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2))
+STAGE_ORDER = [E.ISSUED, E.ENCODE_BEGIN, E.ENCODE_END, E.MM_TRANSFER_BEGIN, E.MM_TRANSFER_END, E.PREFILL_BEGIN, E.PREFILL_END,
+               E.FIRST_TOKEN, E.KV_TRANSFER_BEGIN, E.KV_TRANSFER_END, E.DECODE_BEGIN, E.FINISHED]
+
+
+def _cfg(deployment, **workload):
+    wl = WorkloadConfig(num_requests=8, rate=4.0, images_per_request=1, images_per_request_max=3, output_tokens=4, **workload)
+    return RunConfig(deployment=deployment, workload=wl, backend=BackendConfig(kind="sim"))
+
+
+def _kinds_by_request(events):
+    out = {}
+    for ev in sorted(events, key=lambda e: e.time):
+        out.setdefault(ev.request_id, []).append(ev.kind)
+    return out
+
+
+@pytest.mark.parametrize("deployment", [EPD, PD, AGG], ids=["epd", "pd", "aggregated"])
+def test_sim_emits_the_engines_events_in_stage_order(deployment):
+    cfg = _cfg(deployment, arrival="offline")
+    reqs = make_requests(cfg)
+    sim = _kinds_by_request(SimBackend(cfg).run(reqs).events)
+    with OfflineLLM(cfg.model, deployment, executor="local") as llm:
+        llm.generate(reqs)
+        engine = _kinds_by_request(llm.core.pipeline.events)
+    assert sim.keys() == engine.keys()
+    for rid, kinds in sim.items():
+        assert set(kinds) == set(engine[rid])
+        firsts = [kinds.index(k) for k in STAGE_ORDER if k in kinds]
+        assert firsts == sorted(firsts)
+        assert kinds.count(E.TOKEN) == engine[rid].count(E.TOKEN) == 3  # 4 tokens: the first comes from prefill
+        disaggregated = deployment.name == "epd"
+        assert (E.MM_TRANSFER_BEGIN in kinds) == disaggregated
+        assert (E.KV_TRANSFER_BEGIN in kinds) == (deployment.name != "aggregated")
+
+
+def test_fits_recover_known_coefficients():
+    rng = np.random.default_rng(0)
+    rows = []
+    for tiles in range(1, 9):
+        rows.append({"stage": "encode", "tiles": tiles, "seconds": 0.01 + 0.02 * tiles})
+    for tokens, seqs in [(32, 1), (128, 1), (256, 2), (512, 1), (1024, 4), (2048, 2), (600, 3)]:
+        sq = tokens * tokens // seqs
+        rows.append({"stage": "prefill", "tokens": tokens, "square": sq, "seqs": seqs, "seconds": 0.005 + 1e-4 * tokens + 2e-8 * sq + 1e-3 * seqs})
+    for b in (1, 2, 4, 8, 16):
+        for ctx in (64, 512, 2048):
+            rows.append({"stage": "decode", "batch": b, "context": b * ctx, "seconds": (0.003 + 2e-4 * b + 1e-7 * b * ctx) * (1 + rng.normal(0, 0.01))})
+    coeffs, errors = fit(rows)
+    assert coeffs["encode"] == pytest.approx([0.01, 0.02], rel=1e-6)
+    assert coeffs["prefill"] == pytest.approx([0.005, 1e-4, 2e-8, 1e-3], rel=1e-5)
+    assert coeffs["decode"] == pytest.approx([0.003, 2e-4, 1e-7], rel=0.05)
+    assert errors["encode"] < 1e-9 and errors["decode"] < 0.02
+
+
+def test_profiled_model_from_the_shipped_cpu_profile():
+    model = ProfiledModel.load("simulator/profiles/cpu-tiny-llava.json")
+    from simulator.latency import DecodeShape, EncodeShape, PrefillShape
+
+    assert 0 < model.encode(EncodeShape(1)) < model.encode(EncodeShape(8))
+    assert 0 < model.prefill(PrefillShape((64,))) < model.prefill(PrefillShape((1024,)))
+    assert 0 < model.decode(DecodeShape(1, 64)) < model.decode(DecodeShape(16, 16 * 1024))
+    assert model.overhead > 0
+
+
+def test_search_finds_the_split_that_relieves_the_bottleneck(tmp_path):
+    """Encoding costs 50x prefill and decode: with 4 GPUs the best EPD split gives E two of them."""
+    rows = [{"stage": "encode", "tiles": t, "seconds": 0.05 * t} for t in (1, 2, 4)]
+    rows += [{"stage": "prefill", "tokens": n, "square": n * n, "seqs": 1, "seconds": 0.001} for n in (16, 64, 256, 512)]
+    rows += [{"stage": "decode", "batch": b, "context": b * 64, "seconds": 0.001} for b in (1, 4, 16)]
+    rows += [{"stage": "transfer", "bytes": n, "seconds": 1e-4} for n in (1, 1 << 20)]
+    (tmp_path / "p.json").write_text(json.dumps({"rows": rows, "overhead": 0.0}))
+    cfg = RunConfig(
+        deployment=EPD,
+        workload=WorkloadConfig(num_requests=60, images_per_request=1, output_tokens=4, prompt_tokens=8),
+        slo=SLOConfig(ttft=0.5, tpot=0.05, attainment_target=0.9),
+        backend=BackendConfig(kind="sim", latency_model="profiled", profile_path=str(tmp_path / "p.json")),
+        search=SearchConfig(gpus=4, include_irp=False, include_baselines=False, rate_low=1.0, rate_high=64.0, iterations=6, processes=1, num_requests=60),
+    )
+    assert [d.describe() for d in candidates(cfg)] == ["1E1P2D", "1E2P1D", "2E1P1D"]
+    rows, _, simulated = search(cfg)
+    assert rows[0]["deployment"] == "2E1P1D"
+    assert rows[0]["goodput"] > 1.5 * rows[1]["goodput"] > 0
+    assert simulated > 0
+
+
+def test_goodput_search_candidate_counts():
+    cfg = dataclasses.replace(RunConfig(deployment=EPD), search=SearchConfig(gpus=8, include_irp=False, include_baselines=False))
+    assert len(candidates(cfg)) == 21
+    cfg = dataclasses.replace(cfg, search=SearchConfig(gpus=8, include_irp=True, include_baselines=True))
+    names = [d.describe() + ("+IRP" if d.irp else "") for d in candidates(cfg)]
+    assert "8EPD" in names and "7EP1D" in names and "6E1P1D+IRP" in names and len(names) == len(set(names))
