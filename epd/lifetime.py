@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 
 class LifetimeEvent(str, enum.Enum):
@@ -44,7 +45,7 @@ class Event:
         return row
 
     @staticmethod
-    def from_row(row: dict[str, Any]) -> "Event":
+    def from_row(row: dict[str, Any]) -> Event:
         return Event(row["time"], row["request_id"], LifetimeEvent(row["kind"]), row.get("instance"), row.get("data") or {})
 
 
@@ -78,6 +79,6 @@ class EventLog:
                 f.write(json.dumps(ev.to_row()) + "\n")
 
     @staticmethod
-    def read_jsonl(path: Path) -> "EventLog":
+    def read_jsonl(path: Path) -> EventLog:
         with open(path) as f:
             return EventLog(Event.from_row(json.loads(line)) for line in f if line.strip())

@@ -39,10 +39,19 @@ def write_record(out_dir: Path, resolved: dict, result: RunResult, summary: dict
     result.events.write_jsonl(out_dir / "events.jsonl")
     with open(out_dir / "outputs.jsonl", "w") as f:
         for rid, out in sorted(result.outputs.items()):
-            f.write(json.dumps({
-                "request_id": rid, "token_ids": out.token_ids, "text": out.text,
-                "finish_reason": out.finish_reason, "abort_reason": out.abort_reason, "prompt_tokens": out.prompt_tokens,
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "request_id": rid,
+                        "token_ids": out.token_ids,
+                        "text": out.text,
+                        "finish_reason": out.finish_reason,
+                        "abort_reason": out.abort_reason,
+                        "prompt_tokens": out.prompt_tokens,
+                    }
+                )
+                + "\n"
+            )
     with open(out_dir / "requests.jsonl", "w") as f:
         for row in request_rows(result):
             f.write(json.dumps(row) + "\n")
@@ -59,8 +68,14 @@ class WandbLogger:
 
         self.wandb = wandb
         self.run = wandb.init(
-            project=cfg.project, dir=str(out_dir), mode=cfg.mode, name=name, group=cfg.group or group,
-            tags=tags, config=config, reinit="finish_previous",
+            project=cfg.project,
+            dir=str(out_dir),
+            mode=cfg.mode,
+            name=name,
+            group=cfg.group or group,
+            tags=tags,
+            config=config,
+            reinit="finish_previous",
         )
 
     def log_run(self, summary: dict, result: RunResult) -> None:

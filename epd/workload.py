@@ -62,7 +62,9 @@ def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> l
         n_img = _draw(rng, cfg.images_per_request, cfg.images_per_request_max)
         n_prompt = _draw(rng, cfg.prompt_tokens, cfg.prompt_tokens_max)
         n_out = _draw(rng, cfg.output_tokens, cfg.output_tokens_max)
-        images = tuple(ImageInput(width=cfg.image_width, height=cfg.image_height, seed=cfg.seed * 100_003 + i * 97 + k) for k in range(n_img))
+        images = tuple(
+            ImageInput(width=cfg.image_width, height=cfg.image_height, seed=cfg.seed * 100_003 + i * 97 + k) for k in range(n_img)
+        )
         reqs.append(
             Request(
                 request_id=f"req-{i:05d}",

@@ -115,7 +115,7 @@ class ProfiledModel(LatencyModel):
         self.c, self.overhead, self.fallback = coeffs, overhead, fallback
 
     @staticmethod
-    def load(path: str, fallback: LatencyModel | None = None) -> "ProfiledModel":
+    def load(path: str, fallback: LatencyModel | None = None) -> ProfiledModel:
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"latency profile not found: {p} (make one with +experiment=profile)")

@@ -12,7 +12,7 @@ import torch
 
 from epd.config import PoolConfig, RunConfig
 from epd.request import ImageInput, SamplingParams
-from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, MMSource, NewDecodeSeq, PrefillBatch, PrefillItem
+from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, NewDecodeSeq, PrefillBatch, PrefillItem
 from epd.stages.worker import Worker
 from simulator.latency import fit
 
@@ -44,15 +44,25 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
         for n in grid.encode_batches:
             blocks = -(-n_tok // pool.mm_block_tokens)
             items = [EncodeItem(f"e{i}", 0, img, n_tok, list(range(i * blocks, (i + 1) * blocks)), False) for i in range(n)]
-            s = _median_span(lambda: w.execute(EncodeBatch(items)), grid.repeats)
+            s = _median_span(lambda items=items: w.execute(EncodeBatch(items)), grid.repeats)
             rows.append({"stage": "encode", "tiles": n * n_tok // per_tile, "seconds": s})
         vocab = w.rt.text_cfg.vocab_size
         for length in grid.prefill_lens:
             for b in grid.prefill_batch:
                 per = -(-length // 16)
-                items = [PrefillItem(f"p{i}", [5 + (i + j) % (vocab - 10) for j in range(length)], [MMSource(0, [])][:0],
-                                     list(range(i * per, (i + 1) * per)), SamplingParams(), False, False) for i in range(b)]
-                s = _median_span(lambda: w.execute(PrefillBatch(items)), grid.repeats)
+                items = [
+                    PrefillItem(
+                        f"p{i}",
+                        [5 + (i + j) % (vocab - 10) for j in range(length)],
+                        [],
+                        list(range(i * per, (i + 1) * per)),
+                        SamplingParams(),
+                        False,
+                        False,
+                    )
+                    for i in range(b)
+                ]
+                s = _median_span(lambda items=items: w.execute(PrefillBatch(items)), grid.repeats)
                 rows.append({"stage": "prefill", "tokens": b * length, "square": b * length * length, "seqs": b, "seconds": s})
         for ctx in grid.decode_contexts:
             for b in grid.decode_batches:
@@ -61,7 +71,7 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
                 new = [NewDecodeSeq(r, None, list(range(i * per, (i + 1) * per)), ctx, 7, SamplingParams()) for i, r in enumerate(ids)]
                 w.execute(DecodeBatch(ids, new))
 
-                def step(ids=ids):
+                def step(ids=ids, ctx=ctx):
                     for r in ids:  # keep the context fixed while timing
                         w.seqs[r].context_len = ctx
                     return w.execute(DecodeBatch(ids))
@@ -104,12 +114,20 @@ def _rpc_overhead(ray, n: int) -> float:
 def run_profile(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     rows, overhead = measure(cfg)
     coeffs, errors = fit(rows)
-    profile = {"model": cfg.model.name, "device": cfg.model.device, "dtype": cfg.model.dtype,
-               "threads": torch.get_num_threads(), "overhead": overhead, "rows": rows, "coefficients": coeffs, "fit_error": errors}
+    profile = {
+        "model": cfg.model.name,
+        "device": cfg.model.device,
+        "dtype": cfg.model.dtype,
+        "threads": torch.get_num_threads(),
+        "overhead": overhead,
+        "rows": rows,
+        "coefficients": coeffs,
+        "fit_error": errors,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "profile.json").write_text(json.dumps(profile, indent=2))
     print(f"profile of {cfg.model.name} on {cfg.model.device}: {len(rows)} measurements, RPC overhead {overhead * 1e3:.2f} ms")
     for stage, err in errors.items():
-        print(f"  {stage:9s} coefficients {['%.3g' % c for c in coeffs[stage]]}  mean relative fit error {err * 100:.1f}%")
+        print(f"  {stage:9s} coefficients {[f'{c:.3g}' for c in coeffs[stage]]}  mean relative fit error {err * 100:.1f}%")
     print(f"  written to {out_dir / 'profile.json'}")
     return profile

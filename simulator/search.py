@@ -26,22 +26,38 @@ def _template(cfg: RunConfig, *names: str) -> PoolConfig:
 def candidates(cfg: RunConfig) -> list[DeploymentConfig]:
     """Every E/P/D split of the GPU budget (each stage >= 1), with IRP on/off; PD splits and aggregated as baselines."""
     n = cfg.search.gpus
-    enc, pre, dec = (_template(cfg, "encode", "encode_prefill", "aggregated"), _template(cfg, "prefill", "encode_prefill", "aggregated"),
-                     _template(cfg, "decode", "aggregated"))
+    enc, pre, dec = (
+        _template(cfg, "encode", "encode_prefill", "aggregated"),
+        _template(cfg, "prefill", "encode_prefill", "aggregated"),
+        _template(cfg, "decode", "aggregated"),
+    )
     out = []
     for e in range(1, n - 1):
         for p in range(1, n - e):
             d = n - e - p
-            for irp in ([False, True] if cfg.search.include_irp and e > 1 else [False]):
-                out.append(DeploymentConfig(
-                    name="epd", encode=dataclasses.replace(enc, instances=e), prefill=dataclasses.replace(pre, instances=p),
-                    decode=dataclasses.replace(dec, instances=d), irp=irp, routing=cfg.deployment.routing,
-                    transfer=cfg.deployment.transfer))
+            for irp in [False, True] if cfg.search.include_irp and e > 1 else [False]:
+                out.append(
+                    DeploymentConfig(
+                        name="epd",
+                        encode=dataclasses.replace(enc, instances=e),
+                        prefill=dataclasses.replace(pre, instances=p),
+                        decode=dataclasses.replace(dec, instances=d),
+                        irp=irp,
+                        routing=cfg.deployment.routing,
+                        transfer=cfg.deployment.transfer,
+                    )
+                )
     if cfg.search.include_baselines:
         ep = _template(cfg, "encode_prefill", "prefill", "aggregated")
         for p in range(1, n):
-            out.append(DeploymentConfig(name="pd", encode_prefill=dataclasses.replace(ep, instances=p),
-                                        decode=dataclasses.replace(dec, instances=n - p), routing=cfg.deployment.routing))
+            out.append(
+                DeploymentConfig(
+                    name="pd",
+                    encode_prefill=dataclasses.replace(ep, instances=p),
+                    decode=dataclasses.replace(dec, instances=n - p),
+                    routing=cfg.deployment.routing,
+                )
+            )
         agg = _template(cfg, "aggregated", "prefill")
         out.append(DeploymentConfig(name="aggregated", aggregated=dataclasses.replace(agg, instances=n), routing=cfg.deployment.routing))
     return out
@@ -79,8 +95,13 @@ def goodput_of(cfg: RunConfig, deployment: DeploymentConfig) -> dict:
                 else:
                     hi = mid
         best = lo
-    return {"deployment": deployment.describe() + (" +IRP" if deployment.irp else ""), "goodput": best,
-            "attainment_at_goodput": att_best, "simulated_requests": simulated, "seconds": time.time() - t0}
+    return {
+        "deployment": deployment.describe() + (" +IRP" if deployment.irp else ""),
+        "goodput": best,
+        "attainment_at_goodput": att_best,
+        "simulated_requests": simulated,
+        "seconds": time.time() - t0,
+    }
 
 
 def _job(args):
@@ -101,13 +122,17 @@ def search(cfg: RunConfig) -> tuple[list[dict], float, int]:
 
 def run_search(cfg: RunConfig, out_dir: Path, resolved: dict) -> float:
     rows, seconds, simulated = search(cfg)
-    header = (f"goodput search: {cfg.model.name}, {cfg.search.gpus} GPUs ({cfg.hardware.name}), workload {cfg.workload.name}, "
-              f"SLO TTFT {cfg.slo.ttft}s TPOT {cfg.slo.tpot}s at {cfg.slo.attainment_target:.0%}")
+    header = (
+        f"goodput search: {cfg.model.name}, {cfg.search.gpus} GPUs ({cfg.hardware.name}), workload {cfg.workload.name}, "
+        f"SLO TTFT {cfg.slo.ttft}s TPOT {cfg.slo.tpot}s at {cfg.slo.attainment_target:.0%}"
+    )
     lines = [header, f"{'rank':>4}  {'deployment':<16} {'goodput (req/s)':>15} {'attainment':>10}"]
     for i, r in enumerate(rows, 1):
         lines.append(f"{i:>4}  {r['deployment']:<16} {r['goodput']:>15.3f} {r['attainment_at_goodput']:>10.2f}")
-    lines.append(f"{len(rows)} candidates in {seconds:.1f} s with {cfg.search.processes} processes; "
-                 f"{simulated} simulated requests ({simulated / max(seconds, 1e-9):.0f} per second)")
+    lines.append(
+        f"{len(rows)} candidates in {seconds:.1f} s with {cfg.search.processes} processes; "
+        f"{simulated} simulated requests ({simulated / max(seconds, 1e-9):.0f} per second)"
+    )
     print("\n".join(lines))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "search.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "simulated_requests": simulated}, indent=2))
@@ -115,8 +140,9 @@ def run_search(cfg: RunConfig, out_dir: Path, resolved: dict) -> float:
     if cfg.logger.kind == "wandb":
         import wandb
 
-        run = wandb.init(project=cfg.logger.project, dir=str(out_dir), mode=cfg.logger.mode, group=cfg.experiment,
-                         config=resolved, tags=["optimize"])
+        run = wandb.init(
+            project=cfg.logger.project, dir=str(out_dir), mode=cfg.logger.mode, group=cfg.experiment, config=resolved, tags=["optimize"]
+        )
         try:
             run.log({"search": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
             run.summary["best"] = rows[0]["deployment"]

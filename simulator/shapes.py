@@ -30,7 +30,7 @@ class ModelShape:
     mm_bytes_per_token: int
 
     @staticmethod
-    def of(family: ModelFamily, dtype: str) -> "ModelShape":
+    def of(family: ModelFamily, dtype: str) -> ModelShape:
         nbytes = DTYPE_BYTES[dtype]
         v = family.hf.vision_config
         hv, iv, lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers

@@ -30,8 +30,15 @@ SENT = "sim"  # stands for a transfer handle: the data is "elsewhere"
 
 
 class Simulation:
-    def __init__(self, deployment: DeploymentConfig, family: ModelFamily, shape: ModelShape, latency: LatencyModel,
-                 sample_interval: float = 0.25, tokenizer=None):
+    def __init__(
+        self,
+        deployment: DeploymentConfig,
+        family: ModelFamily,
+        shape: ModelShape,
+        latency: LatencyModel,
+        sample_interval: float = 0.25,
+        tokenizer=None,
+    ):
         self.env = simpy.Environment()
         self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0, tokenizer=tokenizer)
         self.shape, self.lat = shape, latency

@@ -14,9 +14,14 @@ def tiny_model_config(family: str = "llava", **kw) -> ModelConfig:
     if family == "llava":
         return ModelConfig(name="tiny-llava", family="llava", image_token_id=3, vision=VisionTowerConfig(num_layers=3), **kw)
     return ModelConfig(
-        name="tiny-internvl", family="internvl", image_token_id=3, vision_feature_layer=-1, max_tiles=6,
+        name="tiny-internvl",
+        family="internvl",
+        image_token_id=3,
+        vision_feature_layer=-1,
+        max_tiles=6,
         vision=VisionTowerConfig(num_layers=2, layer_norm_eps=1e-6),
-        text=TextModelConfig(arch="qwen2", max_position_embeddings=8192, rope_theta=1e6), **kw,
+        text=TextModelConfig(arch="qwen2", max_position_embeddings=8192, rope_theta=1e6),
+        **kw,
     )
 
 

@@ -11,7 +11,12 @@ from epd.request import ImageInput, Request, SamplingParams
 from epd.serve.offline import OfflineLLM
 
 MODEL = ModelConfig(seed=1)
-EPD = DeploymentConfig(name="epd", encode=PoolConfig(instances=2, mm_blocks=64), prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=64, max_decode_seqs=3))
+EPD = DeploymentConfig(
+    name="epd",
+    encode=PoolConfig(instances=2, mm_blocks=64),
+    prefill=PoolConfig(kv_blocks=64),
+    decode=PoolConfig(kv_blocks=64, max_decode_seqs=3),
+)
 PD = DeploymentConfig(name="pd", encode_prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=64))
 AGG = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2, kv_blocks=64))
 
@@ -91,15 +96,29 @@ def test_events_follow_the_stage_order(ray_cluster):
     _, _, events = run(EPD, workload(3))
     for rid in ("r1", "r2"):
         kinds = [e.kind.value for e in sorted(events, key=lambda e: e.time) if e.request_id == rid]
-        order = ["issued", "encode_begin", "encode_end", "mm_transfer_begin", "mm_transfer_end", "prefill_begin",
-                 "prefill_end", "first_token", "kv_transfer_begin", "kv_transfer_end", "decode_begin", "finished"]
+        order = [
+            "issued",
+            "encode_begin",
+            "encode_end",
+            "mm_transfer_begin",
+            "mm_transfer_end",
+            "prefill_begin",
+            "prefill_end",
+            "first_token",
+            "kv_transfer_begin",
+            "kv_transfer_end",
+            "decode_begin",
+            "finished",
+        ]
         firsts = [kinds.index(k) for k in order]
         assert firsts == sorted(firsts), kinds
 
 
 def test_decode_never_deadlocks_when_kv_is_short(ray_cluster, expected):
     # Room for one or two sequences at a time (the largest needs 18 of the 20 blocks): the rest wait.
-    tight = DeploymentConfig(name="epd", encode=PoolConfig(mm_blocks=64), prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=20, kv_block_size=4))
+    tight = DeploymentConfig(
+        name="epd", encode=PoolConfig(mm_blocks=64), prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=20, kv_block_size=4)
+    )
     outs, _, _ = run(tight, workload())
     assert {k: v.token_ids for k, v in outs.items()} == expected
 
@@ -108,8 +127,10 @@ def test_bad_requests_are_aborted_and_the_rest_finish(ray_cluster, tmp_path):
     bad_file = tmp_path / "bad.png"
     bad_file.write_bytes(b"not an image")
     small = DeploymentConfig(
-        name="epd", encode=PoolConfig(mm_blocks=4, mm_block_tokens=4),
-        prefill=PoolConfig(kv_blocks=64, mm_blocks=6, mm_block_tokens=4), decode=PoolConfig(kv_blocks=64),
+        name="epd",
+        encode=PoolConfig(mm_blocks=4, mm_block_tokens=4),
+        prefill=PoolConfig(kv_blocks=64, mm_blocks=6, mm_block_tokens=4),
+        decode=PoolConfig(kv_blocks=64),
     )
     good = workload(2)
     reqs = good + [

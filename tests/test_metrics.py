@@ -10,9 +10,19 @@ from epd.metrics import goodput, slo_attainment, stage_times, summarize, timelin
 def stream():
     log = EventLog()
     # a: issued 0, encode 0.1-0.3, mm 0.3-0.35, prefill 0.4-0.6 (first token), kv 0.6-0.7, decode from 0.7, 5 tokens, done 1.4
-    for t, k in [(0.0, E.ISSUED), (0.1, E.ENCODE_BEGIN), (0.3, E.ENCODE_END), (0.3, E.MM_TRANSFER_BEGIN), (0.35, E.MM_TRANSFER_END),
-                 (0.4, E.PREFILL_BEGIN), (0.6, E.PREFILL_END), (0.6, E.FIRST_TOKEN), (0.6, E.KV_TRANSFER_BEGIN),
-                 (0.7, E.KV_TRANSFER_END), (0.7, E.DECODE_BEGIN)]:
+    for t, k in [
+        (0.0, E.ISSUED),
+        (0.1, E.ENCODE_BEGIN),
+        (0.3, E.ENCODE_END),
+        (0.3, E.MM_TRANSFER_BEGIN),
+        (0.35, E.MM_TRANSFER_END),
+        (0.4, E.PREFILL_BEGIN),
+        (0.6, E.PREFILL_END),
+        (0.6, E.FIRST_TOKEN),
+        (0.6, E.KV_TRANSFER_BEGIN),
+        (0.7, E.KV_TRANSFER_END),
+        (0.7, E.DECODE_BEGIN),
+    ]:
         log.emit(t, "a", k)
     log.emit(1.4, "a", E.FINISHED, num_output_tokens=5)
     # b: issued 1.0, first token 3.0 (TTFT 2.0), 1 token only
@@ -62,9 +72,25 @@ def test_goodput():
 
 def test_summary_fields():
     s = summarize(stream(), 2.0, 0.25, "1E1P1D")
-    for key in ("num_requests", "num_finished", "num_aborted", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean",
-                "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90", "slo_attainment", "request_throughput",
-                "output_throughput", "deployment"):
+    for key in (
+        "num_requests",
+        "num_finished",
+        "num_aborted",
+        "ttft_mean",
+        "ttft_p50",
+        "ttft_p90",
+        "ttft_p99",
+        "tpot_mean",
+        "tpot_p50",
+        "tpot_p90",
+        "tpot_p99",
+        "e2e_p50",
+        "e2e_p90",
+        "slo_attainment",
+        "request_throughput",
+        "output_throughput",
+        "deployment",
+    ):
         assert key in s
     assert (s["num_requests"], s["num_finished"], s["num_aborted"]) == (3, 2, 1)
     assert s["ttft_mean"] == pytest.approx(1.3)

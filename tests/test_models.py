@@ -60,8 +60,11 @@ def test_vision_embeddings_match(checkpoint):
 def test_prefill_logits_batched_and_paged(checkpoint, block_size):
     family, hf, ours = checkpoint
     tiles = (lambda n: n) if family == "internvl" else (lambda n: 1)
-    cases = [_case(ours, [tiles(2), tiles(1)], [40, 41, 42], 10), _case(ours, [], [50, 51, 52, 53, 54, 55, 56], 20),
-             _case(ours, [tiles(1)], [60] * 11, 30)]
+    cases = [
+        _case(ours, [tiles(2), tiles(1)], [40, 41, 42], 10),
+        _case(ours, [], [50, 51, 52, 53, 54, 55, 56], 20),
+        _case(ours, [tiles(1)], [60] * 11, 30),
+    ]
     prompts = [c[0] for c in cases]
     mm = [torch.cat(ours.encode(c[1])) if c[1] else None for c in cases]
     kv = ours.allocate_kv_cache(256, block_size)
@@ -86,7 +89,7 @@ def test_greedy_generation_identical_for_32_tokens(checkpoint):
         kw = {"pixel_values": torch.cat(pixels)} if pixels else {}
         with torch.no_grad():
             ref = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, **kw)
-        assert got == ref[0, len(prompt):].tolist()
+        assert got == ref[0, len(prompt) :].tolist()
         assert len(set(got)) > 1  # the model is not degenerate
 
 

@@ -1,5 +1,6 @@
 """`python -m epd.run`: Hydra composition, the CLI end to end, records, W&B offline runs, multirun."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,25 @@ from epd.config import RunConfig, register_configs, to_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
-SUMMARY_KEYS = {"num_requests", "num_finished", "num_aborted", "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_mean",
-                "tpot_p50", "tpot_p90", "tpot_p99", "e2e_p50", "e2e_p90", "slo_attainment", "request_throughput",
-                "output_throughput", "deployment"}
+SUMMARY_KEYS = {
+    "num_requests",
+    "num_finished",
+    "num_aborted",
+    "ttft_mean",
+    "ttft_p50",
+    "ttft_p90",
+    "ttft_p99",
+    "tpot_mean",
+    "tpot_p50",
+    "tpot_p90",
+    "tpot_p99",
+    "e2e_p50",
+    "e2e_p90",
+    "slo_attainment",
+    "request_throughput",
+    "output_throughput",
+    "deployment",
+}
 
 
 def _compose(overrides):
@@ -31,8 +48,8 @@ def test_default_composes_into_frozen_dataclasses():
     cfg = to_run_config(_compose([]))
     assert isinstance(cfg, RunConfig)
     assert cfg.model.name == "tiny-llava" and cfg.deployment.describe() == "1E1P1D" and cfg.backend.kind == "ray"
-    with pytest.raises(Exception):
-        cfg.workload.rate = 3.0  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workload.rate = 3.0
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
@@ -102,8 +119,18 @@ def test_cli_simulator_and_dataset(tmp_path):
 
 
 def test_multirun_three_jobs_three_records_three_wandb_runs(tmp_path):
-    proc = _epd_run(["-m", "+experiment=smoke", "workload.num_requests=3", "workload.arrival=poisson", "workload.rate=1,2,4",
-                     f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, timeout=600)
+    proc = _epd_run(
+        [
+            "-m",
+            "+experiment=smoke",
+            "workload.num_requests=3",
+            "workload.arrival=poisson",
+            "workload.rate=1,2,4",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert len(jobs) == 3

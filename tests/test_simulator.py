@@ -17,8 +17,20 @@ from simulator.search import candidates, search
 EPD = DeploymentConfig(name="epd", encode=PoolConfig(instances=2), prefill=PoolConfig(), decode=PoolConfig())
 PD = DeploymentConfig(name="pd", encode_prefill=PoolConfig(), decode=PoolConfig())
 AGG = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2))
-STAGE_ORDER = [E.ISSUED, E.ENCODE_BEGIN, E.ENCODE_END, E.MM_TRANSFER_BEGIN, E.MM_TRANSFER_END, E.PREFILL_BEGIN, E.PREFILL_END,
-               E.FIRST_TOKEN, E.KV_TRANSFER_BEGIN, E.KV_TRANSFER_END, E.DECODE_BEGIN, E.FINISHED]
+STAGE_ORDER = [
+    E.ISSUED,
+    E.ENCODE_BEGIN,
+    E.ENCODE_END,
+    E.MM_TRANSFER_BEGIN,
+    E.MM_TRANSFER_END,
+    E.PREFILL_BEGIN,
+    E.PREFILL_END,
+    E.FIRST_TOKEN,
+    E.KV_TRANSFER_BEGIN,
+    E.KV_TRANSFER_END,
+    E.DECODE_BEGIN,
+    E.FINISHED,
+]
 
 
 def _cfg(deployment, **workload):
@@ -59,10 +71,19 @@ def test_fits_recover_known_coefficients():
         rows.append({"stage": "encode", "tiles": tiles, "seconds": 0.01 + 0.02 * tiles})
     for tokens, seqs in [(32, 1), (128, 1), (256, 2), (512, 1), (1024, 4), (2048, 2), (600, 3)]:
         sq = tokens * tokens // seqs
-        rows.append({"stage": "prefill", "tokens": tokens, "square": sq, "seqs": seqs, "seconds": 0.005 + 1e-4 * tokens + 2e-8 * sq + 1e-3 * seqs})
+        rows.append(
+            {"stage": "prefill", "tokens": tokens, "square": sq, "seqs": seqs, "seconds": 0.005 + 1e-4 * tokens + 2e-8 * sq + 1e-3 * seqs}
+        )
     for b in (1, 2, 4, 8, 16):
         for ctx in (64, 512, 2048):
-            rows.append({"stage": "decode", "batch": b, "context": b * ctx, "seconds": (0.003 + 2e-4 * b + 1e-7 * b * ctx) * (1 + rng.normal(0, 0.01))})
+            rows.append(
+                {
+                    "stage": "decode",
+                    "batch": b,
+                    "context": b * ctx,
+                    "seconds": (0.003 + 2e-4 * b + 1e-7 * b * ctx) * (1 + rng.normal(0, 0.01)),
+                }
+            )
     coeffs, errors = fit(rows)
     assert coeffs["encode"] == pytest.approx([0.01, 0.02], rel=1e-6)
     assert coeffs["prefill"] == pytest.approx([0.005, 1e-4, 2e-8, 1e-3], rel=1e-5)
@@ -92,7 +113,9 @@ def test_search_finds_the_split_that_relieves_the_bottleneck(tmp_path):
         workload=WorkloadConfig(num_requests=60, images_per_request=1, output_tokens=4, prompt_tokens=8),
         slo=SLOConfig(ttft=0.5, tpot=0.05, attainment_target=0.9),
         backend=BackendConfig(kind="sim", latency_model="profiled", profile_path=str(tmp_path / "p.json")),
-        search=SearchConfig(gpus=4, include_irp=False, include_baselines=False, rate_low=1.0, rate_high=64.0, iterations=6, processes=1, num_requests=60),
+        search=SearchConfig(
+            gpus=4, include_irp=False, include_baselines=False, rate_low=1.0, rate_high=64.0, iterations=6, processes=1, num_requests=60
+        ),
     )
     assert [d.describe() for d in candidates(cfg)] == ["1E1P2D", "1E2P1D", "2E1P1D"]
     rows, _, simulated = search(cfg)

@@ -34,7 +34,7 @@ class AttentionMetadata:
     @staticmethod
     def build(
         block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int, device: torch.device
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         slots: list[int] = []
         for table, qlen, ctx in zip(block_tables, query_lens, context_lens):
             for pos in range(ctx - qlen, ctx):
@@ -83,8 +83,6 @@ def paged_attention_ref(
     return out
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Entry point the models call; fast kernels plug in here for CUDA tensors."""
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -60,8 +60,12 @@ def generate(
     live = [i for i in range(len(prompts)) if not _done(outs[i], params[i], eos)]
     while live:
         logits = lm_step(
-            rt, kv, [[outs[i][-1]] for i in live], [len(prompts[i]) + len(outs[i]) - 1 for i in live],
-            [tables[i] for i in live], block_size,
+            rt,
+            kv,
+            [[outs[i][-1]] for i in live],
+            [len(prompts[i]) + len(outs[i]) - 1 for i in live],
+            [tables[i] for i in live],
+            block_size,
         )
         for i, tok in zip(live, sample(logits, [params[i] for i in live], [len(outs[i]) for i in live])):
             outs[i].append(tok)

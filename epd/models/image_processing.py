@@ -92,7 +92,13 @@ def tile_grid(width: int, height: int, max_tiles: int, tile: int, min_tiles: int
     """InternVL's choice of (columns, rows): the ratio closest to the image's aspect ratio."""
     aspect = width / height
     ratios = sorted(
-        {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles},
+        {
+            (i, j)
+            for n in range(min_tiles, max_tiles + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_tiles <= i * j <= max_tiles
+        },
         key=lambda r: r[0] * r[1],
     )
     best, best_diff = (1, 1), float("inf")

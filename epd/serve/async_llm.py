@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
 from epd.request import Request

@@ -22,7 +22,7 @@ class OfflineLLM:
     def close(self) -> None:
         self.core.close()
 
-    def __enter__(self) -> "OfflineLLM":
+    def __enter__(self) -> OfflineLLM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ class EngineCore:
 
         frees = True if executor == "local" else make_transfer(deployment.transfer).frees_on_send
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
-        self._incoming: "queue.Queue[tuple[Request, float]]" = queue.Queue()
+        self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
         self._next_sample = 0.0

@@ -71,9 +71,9 @@ class RayExecutor:
         specs = list(_worker_specs(deployment))
         if not ray.is_initialized():
             need = int(sum(p.num_cpus for _, _, p in specs)) + 1
-            kwargs: dict[str, Any] = {"address": backend.address} if backend.address else {
-                "num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)
-            }
+            kwargs: dict[str, Any] = (
+                {"address": backend.address} if backend.address else {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
+            )
             ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
             self._own_ray = True
         else:

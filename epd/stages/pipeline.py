@@ -7,7 +7,8 @@ and the same lifetime events come out.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from epd.config import POOL_ROLES, DeploymentConfig
 from epd.lifetime import EventLog
@@ -90,18 +91,20 @@ class Pipeline:
         """Per-instance load signals at `now`: queue lengths, running sequences, block usage, busy."""
         rows = []
         for inst in self.instances.values():
-            rows.append({
-                "time": self._t(now),
-                "instance": inst.id,
-                "encode_queue": len(inst.encode_queue),
-                "prefill_queue": len(inst.prefill_queue),
-                "decode_queue": len(inst.decode_queue),
-                "running": len(inst.running),
-                "outgoing": inst.outgoing,
-                "kv_usage": inst.kv.usage if inst.kv else 0.0,
-                "mm_usage": inst.mm.usage if inst.mm else 0.0,
-                "busy": int(inst.busy),
-            })
+            rows.append(
+                {
+                    "time": self._t(now),
+                    "instance": inst.id,
+                    "encode_queue": len(inst.encode_queue),
+                    "prefill_queue": len(inst.prefill_queue),
+                    "decode_queue": len(inst.decode_queue),
+                    "running": len(inst.running),
+                    "outgoing": inst.outgoing,
+                    "kv_usage": inst.kv.usage if inst.kv else 0.0,
+                    "mm_usage": inst.mm.usage if inst.mm else 0.0,
+                    "busy": int(inst.busy),
+                }
+            )
         return rows
 
     def assert_drained(self) -> None:
@@ -175,9 +178,7 @@ class Pipeline:
         for inst in self.by_role["decode"][:1]:
             need = inst.kv.blocks_for(state.prompt_len + max_tokens)
             if need > inst.kv.num_blocks:
-                raise AdmissionError(
-                    f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}"
-                )
+                raise AdmissionError(f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}")
 
     # ---- routing -----------------------------------------------------------------------
     def _route_encode(self, state: RequestState) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from epd.stages.pipeline import Pipeline
 
 
-def select_encode(inst: Instance, pipe: "Pipeline") -> Optional[EncodeBatch]:
+def select_encode(inst: Instance, pipe: Pipeline) -> Optional[EncodeBatch]:
     if inst.outgoing >= pipe.max_pending:
         return None  # back-pressure: prefill has not pulled what we already sent
     items: list[EncodeItem] = []
@@ -38,7 +38,7 @@ def select_encode(inst: Instance, pipe: "Pipeline") -> Optional[EncodeBatch]:
     return EncodeBatch(items) if items else None
 
 
-def select_prefill(inst: Instance, pipe: "Pipeline") -> Optional[PrefillBatch]:
+def select_prefill(inst: Instance, pipe: Pipeline) -> Optional[PrefillBatch]:
     decode_here = inst.has("decode")
     if not decode_here and inst.outgoing >= pipe.max_pending:
         return None
@@ -73,7 +73,7 @@ def select_prefill(inst: Instance, pipe: "Pipeline") -> Optional[PrefillBatch]:
     return PrefillBatch(items, inst.take_releases())
 
 
-def select_decode(inst: Instance, pipe: "Pipeline") -> Optional[DecodeBatch]:
+def select_decode(inst: Instance, pipe: Pipeline) -> Optional[DecodeBatch]:
     new: list[NewDecodeSeq] = []
     while inst.decode_queue and len(inst.running) < inst.cfg.max_decode_seqs:
         state = inst.decode_queue[0]

@@ -95,7 +95,9 @@ class Worker:
                 results.append(EncodedItem(item.request_id, item.image_index, error=str(exc)))
         for item, emb in zip(ok, self.rt.encode(pixels)):
             if emb.shape[0] != item.num_tokens:
-                results.append(EncodedItem(item.request_id, item.image_index, error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}"))
+                results.append(
+                    EncodedItem(item.request_id, item.image_index, error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}")
+                )
                 continue
             write_rows(self.mm, item.mm_blocks, emb)
             handle = self.transfer.send(emb) if item.send else None
@@ -118,8 +120,13 @@ class Worker:
         begin = time.time()
         mm = [torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images]) if it.images else None for it in batch.items]
         logits = lm_step(
-            self.rt, self.kv, [it.prompt_ids for it in batch.items], [0] * len(batch.items),
-            [it.kv_blocks for it in batch.items], self.pool.kv_block_size, mm,
+            self.rt,
+            self.kv,
+            [it.prompt_ids for it in batch.items],
+            [0] * len(batch.items),
+            [it.kv_blocks for it in batch.items],
+            self.pool.kv_block_size,
+            mm,
         )
         firsts = sample(logits, [it.sampling for it in batch.items], [0] * len(batch.items))
         out = []
@@ -147,8 +154,12 @@ class Worker:
         begin = time.time()
         seqs = [self.seqs[r] for r in batch.step]
         logits = lm_step(
-            self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs],
-            [s.blocks for s in seqs], self.pool.kv_block_size,
+            self.rt,
+            self.kv,
+            [[s.last_token] for s in seqs],
+            [s.context_len for s in seqs],
+            [s.blocks for s in seqs],
+            self.pool.kv_block_size,
         )
         tokens = sample(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
         for s, tok in zip(seqs, tokens):
