@@ -61,6 +61,7 @@ class ModelConfig:
     downsample_ratio: float = 0.5  # internvl pixel shuffle
     max_tiles: int = 12  # internvl dynamic tiling
     use_thumbnail: bool = True
+    cuda_graphs: bool = True  # capture the decode step on CUDA devices
 
 
 @dataclass(frozen=True)

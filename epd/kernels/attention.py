@@ -8,6 +8,7 @@ slots of its block table; its queries are the last `query_len` of those position
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +19,16 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] long: where each new token's K/V is written
     query_lens: list[int]  # new tokens per sequence (1 for decode)
     context_lens: list[int]  # total tokens per sequence after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] long (padded with 0)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32 (padded with 0)
     block_size: int
+    context_lens_t: torch.Tensor  # context_lens on the device, int32
+    logits_indices: Optional[torch.Tensor]  # the last new token of each sequence; None: every token
+    is_decode: bool = False  # one new token per sequence
+    is_fresh_prefill: bool = False  # no earlier KV: queries attend only to this step's keys
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
-
-    @property
-    def logits_indices(self) -> torch.Tensor:
-        """The last new token of each sequence: the only positions that need logits."""
-        ends = torch.tensor(self.query_lens, dtype=torch.long).cumsum(0) - 1
-        return ends.to(self.slot_mapping.device)
 
     @staticmethod
     def build(
@@ -41,12 +40,18 @@ class AttentionMetadata:
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=1)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
+        is_decode = all(q == 1 for q in query_lens)
+        ends = torch.tensor(query_lens, dtype=torch.long).cumsum(0) - 1
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             query_lens=list(query_lens),
             context_lens=list(context_lens),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
             block_size=block_size,
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            logits_indices=None if is_decode else ends.to(device),
+            is_decode=is_decode,
+            is_fresh_prefill=list(query_lens) == list(context_lens),
         )
 
 
@@ -65,7 +70,7 @@ def paged_attention_ref(
     start = 0
     for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
         n_blocks = (ctx + bs - 1) // bs
-        blocks = meta.block_tables[i, :n_blocks]
+        blocks = meta.block_tables[i, :n_blocks].long()
         k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:ctx]
         v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:ctx]
         qi = q[start : start + qlen].transpose(0, 1)  # [H, qlen, D]
@@ -83,6 +88,34 @@ def paged_attention_ref(
     return out
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Entry point the models call; fast kernels plug in here for CUDA tensors."""
+def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Fresh prefill (no earlier KV): causal attention over each sequence's own new keys (flash SDPA on GPU)."""
+    out = torch.empty_like(q)
+    start = 0
+    group = q.shape[1] // k.shape[1]
+    for qlen in meta.query_lens:
+        qi = q[start : start + qlen].transpose(0, 1)[None]
+        ki = k[start : start + qlen].transpose(0, 1)[None]
+        vi = v[start : start + qlen].transpose(0, 1)[None]
+        if group > 1:
+            ki, vi = ki.repeat_interleave(group, dim=1), vi.repeat_interleave(group, dim=1)
+        out[start : start + qlen] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)[0].transpose(0, 1)
+        start += qlen
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Entry point the models call (K/V of the new tokens already written to the cache).
+
+    CUDA: Triton paged kernel for decode, flash SDPA for fresh prefill. Elsewhere: the reference.
+    """
+    if q.is_cuda:
+        if meta.is_decode:
+            from epd.kernels.triton_decode import paged_decode
+
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens_t, scale)
+        if meta.is_fresh_prefill:
+            return prefill_attention_sdpa(q, k, v, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

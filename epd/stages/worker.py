@@ -49,7 +49,18 @@ class Worker:
         self.worker_id, self.roles, self.pool = worker_id, roles, pool
         parts = ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
         self.rt = ModelRuntime(model, parts)
-        self.kv = self.rt.allocate_kv_cache(pool.kv_blocks, pool.kv_block_size) if self.rt.lm is not None else None
+        self.graphs = None
+        self.kv = None
+        if self.rt.lm is not None:
+            # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
+            self.kv = self.rt.allocate_kv_cache(pool.kv_blocks + 1, pool.kv_block_size)
+            if self.rt.device.type == "cuda":
+                self.rt.lm.fuse()
+                if model.cuda_graphs and "decode" in roles:
+                    from epd.models.decode_graphs import DecodeGraphs
+
+                    max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
+                    self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
         self.transfer = make_transfer(transfer)
         self.seqs: dict[str, _Seq] = {}
@@ -153,14 +164,13 @@ class Worker:
             self.seqs[new.request_id] = _Seq(new.kv_blocks, new.context_len, new.last_token, 1, new.sampling)
         begin = time.time()
         seqs = [self.seqs[r] for r in batch.step]
-        logits = lm_step(
-            self.rt,
-            self.kv,
-            [[s.last_token] for s in seqs],
-            [s.context_len for s in seqs],
-            [s.blocks for s in seqs],
-            self.pool.kv_block_size,
-        )
+        tables = [s.blocks for s in seqs]
+        if self.graphs is not None and self.graphs.fits(len(seqs), tables):
+            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables)
+        else:
+            logits = lm_step(
+                self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
+            )
         tokens = sample(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
         for s, tok in zip(seqs, tokens):
             s.context_len += 1

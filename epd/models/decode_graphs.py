@@ -1,0 +1,78 @@
+"""CUDA graphs for the decode step: one graph per batch size, replayed with static input buffers.
+
+A decode step of a 7B model is hundreds of small kernel launches; replaying a captured graph
+removes the launch gaps. Batches are padded up to the next captured size; padded rows write their
+K/V into a scratch block that no sequence owns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epd.kernels.attention import AttentionMetadata
+from epd.models.lm import DecoderLM
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, lm: DecoderLM, kv: torch.Tensor, block_size: int, scratch_block: int, max_blocks: int,
+                 sizes: tuple[int, ...] = DEFAULT_SIZES):
+        self.lm, self.kv, self.block_size, self.scratch = lm, kv, block_size, scratch_block
+        dev = kv.device
+        n = max(sizes)
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.long, device=dev)
+        self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self.ctx = torch.ones(n, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.max_blocks = max_blocks
+        for bs in sorted(sizes, reverse=True):
+            self._capture(bs)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:bs], query_lens=[1] * bs, context_lens=[1] * bs, block_tables=self.tables[:bs],
+            block_size=self.block_size, context_lens_t=self.ctx[:bs], logits_indices=None, is_decode=True,
+        )
+
+    @torch.inference_mode()
+    def _capture(self, bs: int) -> None:
+        meta = self._meta(bs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks kernels
+                self.lm(self.ids[:bs], self.pos[:bs], self.kv, meta)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.lm(self.ids[:bs], self.pos[:bs], self.kv, meta)
+        self.graphs[bs] = (graph, out)
+
+    def fits(self, batch: int, tables: list[list[int]]) -> bool:
+        return batch <= max(self.graphs) and all(len(t) <= self.max_blocks for t in tables)
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions."""
+        b = len(tokens)
+        bs = min(s for s in self.graphs if s >= b)
+        bsz = self.block_size
+        slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(tables, positions)]
+        pad = bs - b
+        dev = self.ids.device
+        self.ids[:bs].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        self.pos[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
+        self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in tables)
+        rows = torch.full((bs, width), self.scratch, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            rows[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.tables[:bs, :width].copy_(rows.to(dev, non_blocking=True))
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:b]
