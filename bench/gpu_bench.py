@@ -97,15 +97,14 @@ def check_kernels() -> None:
         t = sum(lens)
         q = torch.randn(t, h, 128, device=dev, dtype=torch.bfloat16)
         k, v = torch.randn(t, kvh, 128, device=dev, dtype=torch.bfloat16), torch.randn(t, kvh, 128, device=dev, dtype=torch.bfloat16)
-        meta = AttentionMetadata.build([[0]] * len(lens), lens, lens, 1, dev)
         kc = k.double().reshape(t, 1, kvh, 128)
         tables = []
         start = 0
         for n in lens:
             tables.append(list(range(start, start + n)))
             start += n
-        meta_ref = AttentionMetadata.build(tables, lens, lens, 1, dev)
-        ref = paged_attention_ref(q.double(), kc, v.double().reshape(t, 1, kvh, 128), meta_ref, 128**-0.5)
+        meta = AttentionMetadata.build(tables, lens, lens, 1, dev)
+        ref = paged_attention_ref(q.double(), kc, v.double().reshape(t, 1, kvh, 128), meta, 128**-0.5)
         out = prefill_attention_sdpa(q, k, v, meta, 128**-0.5)
         rows.append(
             {

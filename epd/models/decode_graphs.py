@@ -7,6 +7,7 @@ K/V into a scratch block that no sequence owns.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from epd.kernels.attention import AttentionMetadata
@@ -69,10 +70,10 @@ class DecodeGraphs:
         self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
         self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
         width = max(len(t) for t in tables)
-        rows = torch.full((bs, width), self.scratch, dtype=torch.int32)
+        rows = np.full((bs, width), self.scratch, dtype=np.int32)
         for i, t in enumerate(tables):
-            rows[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:bs, :width].copy_(rows.to(dev, non_blocking=True))
+            rows[i, : len(t)] = t
+        self.tables[:bs, :width].copy_(torch.from_numpy(rows).to(dev, non_blocking=True))
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:b]
