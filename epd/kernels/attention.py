@@ -89,18 +89,27 @@ def paged_attention_ref(
 
 
 def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Fresh prefill (no earlier KV): causal attention over each sequence's own new keys (flash SDPA on GPU)."""
+    """Fresh prefill (no earlier KV): causal attention over each sequence's own new keys (flash SDPA on GPU).
+
+    Sequences of equal length go through one batched call.
+    """
     out = torch.empty_like(q)
-    start = 0
     group = q.shape[1] // k.shape[1]
-    for qlen in meta.query_lens:
-        qi = q[start : start + qlen].transpose(0, 1)[None]
-        ki = k[start : start + qlen].transpose(0, 1)[None]
-        vi = v[start : start + qlen].transpose(0, 1)[None]
+    starts = [0]
+    for n in meta.query_lens:
+        starts.append(starts[-1] + n)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(meta.query_lens):
+        by_len.setdefault(n, []).append(starts[i])
+    for n, begins in by_len.items():
+        idx = (torch.tensor(begins, device=q.device)[:, None] + torch.arange(n, device=q.device)[None, :]).flatten()
+        qi = q[idx].view(len(begins), n, *q.shape[1:]).transpose(1, 2)
+        ki = k[idx].view(len(begins), n, *k.shape[1:]).transpose(1, 2)
+        vi = v[idx].view(len(begins), n, *v.shape[1:]).transpose(1, 2)
         if group > 1:
             ki, vi = ki.repeat_interleave(group, dim=1), vi.repeat_interleave(group, dim=1)
-        out[start : start + qlen] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)[0].transpose(0, 1)
-        start += qlen
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        out[idx] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
     return out
 
 

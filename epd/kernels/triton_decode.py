@@ -16,10 +16,32 @@ import triton.language as tl
 
 @triton.jit
 def _decode_partial(
-    Q, K, V, Out, M, L, tables, ctx_lens, scale,
-    s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_ob, s_oh, s_os, s_mb, s_mh,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    M,
+    L,
+    tables,
+    ctx_lens,
+    scale,
+    s_qb,
+    s_qh,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_tb,
+    s_ob,
+    s_oh,
+    s_os,
+    s_mb,
+    s_mh,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -74,8 +96,15 @@ def _merge_splits(Part, M, L, Out, s_pb, s_ph, s_ps, s_mb, s_mh, s_ob, s_oh, HEA
     tl.store(Out + b * s_ob + h * s_oh + offs_d, o.to(Out.dtype.element_ty))
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, splits: int = 0) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    splits: int = 0,
+) -> torch.Tensor:
     """q [B, H, D]; caches [blocks, block_size, KVH, D]; block_tables [B, max_blocks] int32; context_lens [B] int32."""
     b, h, d = q.shape
     kvh = k_cache.shape[2]
@@ -87,12 +116,47 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     lsum = torch.empty_like(m)
     out = torch.empty_like(q)
     _decode_partial[(b, kvh, splits)](
-        q, k_cache, v_cache, part, m, lsum, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=64, SPLITS=splits, num_warps=4,
+        q,
+        k_cache,
+        v_cache,
+        part,
+        m,
+        lsum,
+        block_tables,
+        context_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        m.stride(0),
+        m.stride(1),
+        BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=d,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=64,
+        SPLITS=splits,
+        num_warps=4,
     )
-    _merge_splits[(b, h)](part, m, lsum, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-                          out.stride(0), out.stride(1), HEAD_DIM=d, SPLITS=splits)
+    _merge_splits[(b, h)](
+        part,
+        m,
+        lsum,
+        out,
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        m.stride(0),
+        m.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=d,
+        SPLITS=splits,
+    )
     return out

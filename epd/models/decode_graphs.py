@@ -17,8 +17,9 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, lm: DecoderLM, kv: torch.Tensor, block_size: int, scratch_block: int, max_blocks: int,
-                 sizes: tuple[int, ...] = DEFAULT_SIZES):
+    def __init__(
+        self, lm: DecoderLM, kv: torch.Tensor, block_size: int, scratch_block: int, max_blocks: int, sizes: tuple[int, ...] = DEFAULT_SIZES
+    ):
         self.lm, self.kv, self.block_size, self.scratch = lm, kv, block_size, scratch_block
         dev = kv.device
         n = max(sizes)
@@ -35,8 +36,14 @@ class DecodeGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slots[:bs], query_lens=[1] * bs, context_lens=[1] * bs, block_tables=self.tables[:bs],
-            block_size=self.block_size, context_lens_t=self.ctx[:bs], logits_indices=None, is_decode=True,
+            slot_mapping=self.slots[:bs],
+            query_lens=[1] * bs,
+            context_lens=[1] * bs,
+            block_tables=self.tables[:bs],
+            block_size=self.block_size,
+            context_lens_t=self.ctx[:bs],
+            logits_indices=None,
+            is_decode=True,
         )
 
     @torch.inference_mode()
