@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from typing import Optional
 
@@ -32,6 +33,7 @@ class EngineCore:
         frees = True if executor == "local" else make_transfer(deployment.transfer).frees_on_send
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
+        self._wake = threading.Event()  # set by add_request: an idle loop starts at once
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
         self._next_sample = 0.0
@@ -48,6 +50,7 @@ class EngineCore:
     def add_request(self, req: Request) -> None:
         """Thread-safe: the request is admitted at the next step."""
         self._incoming.put((req, time.time()))
+        self._wake.set()
 
     def has_work(self) -> bool:
         return not self._incoming.empty() or not self.pipeline.idle()
@@ -65,6 +68,10 @@ class EngineCore:
                 if batch is not None:
                     inst.busy = True
                     self.executor.submit(inst.id, batch)
+        if not self.executor.inflight:
+            self._wake.wait(timeout)  # nothing running: sleep until a request comes
+            self._wake.clear()
+            return
         for iid, batch, result in self.executor.wait(timeout):
             inst = self.pipeline.instances[iid]
             inst.busy = False

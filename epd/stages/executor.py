@@ -40,10 +40,12 @@ class LocalExecutor:
             result = BatchFailure(f"{type(exc).__name__}: {exc}", time.time())
         self._done.append((iid, batch, result))
 
+    @property
+    def inflight(self) -> int:
+        return len(self._done)
+
     def wait(self, timeout: float) -> list[Done]:
         done, self._done = self._done, []
-        if not done and timeout > 0:
-            time.sleep(timeout)
         return done
 
     def call(self, method: str, *args) -> dict[str, Any]:
@@ -99,9 +101,12 @@ class RayExecutor:
         ref = self.actors[iid].execute.remote(batch)
         self._inflight[ref] = (iid, batch)
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     def wait(self, timeout: float) -> list[Done]:
         if not self._inflight:
-            time.sleep(timeout)
             return []
         ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
         if ready:  # collect everything else that is done too
