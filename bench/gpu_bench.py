@@ -264,6 +264,15 @@ def bench_e2e(n_req: int, out_tokens: int) -> None:
     ]
     with OfflineLLM(cfg, dep, executor="local") as llm:
         llm.generate(reqs[:8])  # warm-up: Triton compile, cuBLAS heuristics
+        busy: dict[str, float] = {}
+        submit = llm.core.executor.submit
+
+        def timed_submit(iid, batch):  # wall time inside the worker, per kind of batch
+            t = time.time()
+            submit(iid, batch)
+            busy[type(batch).__name__] = busy.get(type(batch).__name__, 0.0) + time.time() - t
+
+        llm.core.executor.submit = timed_submit
         warm = [Request(r.request_id + "-w", 0.0, None, r.prompt_token_ids, r.images, r.sampling) for r in reqs]
         torch.cuda.synchronize()
         t0 = time.time()
@@ -279,7 +288,9 @@ def bench_e2e(n_req: int, out_tokens: int) -> None:
     steps = -(-n_req // concurrent) * (out_tokens - 1)
     kv_read = n_req * sum(prompt + i for i in range(1, out_tokens)) * per_tok
     roof = flops / peak + (steps * weights + kv_read) / bw
+    print("  time inside workers by batch kind:", {k: round(v, 2) for k, v in busy.items()}, f"of {elapsed:.2f} s")
     RESULTS["e2e"] = {
+        "busy_s": busy,
         "requests": n_req,
         "output_tokens": toks,
         "seconds": elapsed,

@@ -160,3 +160,15 @@ def test_fast_path_pieces_match_the_reference_on_cpu():
     rt.lm.fuse()
     after = lm_step(rt, rt.allocate_kv_cache(8, 4), prompts, [0, 0], [[0, 1], [2]], 4)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    from epd.models.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for top_p, top_k, expected in [(1.0, 0, [0.5, 0.3, 0.15, 0.05]), (0.7, 0, [0.625, 0.375, 0, 0]), (1.0, 3, [0.526, 0.316, 0.158, 0])]:
+        p = SamplingParams(temperature=1.0, top_p=top_p, top_k=top_k, seed=11)
+        counts = torch.zeros(4)
+        for step in range(3000):
+            counts[sample(logits, [p], [step])[0]] += 1
+        assert (counts / 3000 - torch.tensor(expected)).abs().max() < 0.03, (top_p, top_k, counts / 3000)

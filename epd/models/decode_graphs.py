@@ -31,6 +31,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.max_blocks = max_blocks
+        self._last_key: object = None
         for bs in sorted(sizes, reverse=True):
             self._capture(bs)
 
@@ -64,8 +65,12 @@ class DecodeGraphs:
         return batch <= max(self.graphs) and all(len(t) <= self.max_blocks for t in tables)
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions."""
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions.
+
+        `key` names the batch's sequences; when it repeats, the block tables already in place are
+        reused (a sequence's table is fixed while it decodes).
+        """
         b = len(tokens)
         bs = min(s for s in self.graphs if s >= b)
         bsz = self.block_size
@@ -76,11 +81,13 @@ class DecodeGraphs:
         self.pos[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
         self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in tables)
-        rows = np.full((bs, width), self.scratch, dtype=np.int32)
-        for i, t in enumerate(tables):
-            rows[i, : len(t)] = t
-        self.tables[:bs, :width].copy_(torch.from_numpy(rows).to(dev, non_blocking=True))
+        if key is None or key != self._last_key:
+            width = max(len(t) for t in tables)
+            rows = np.full((bs, width), self.scratch, dtype=np.int32)
+            for i, t in enumerate(tables):
+                rows[i, : len(t)] = t
+            self.tables[:bs, :width].copy_(torch.from_numpy(rows).to(dev, non_blocking=True))
+            self._last_key = key
         graph, out = self.graphs[bs]
         graph.replay()
         return out[:b]

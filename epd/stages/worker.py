@@ -166,7 +166,7 @@ class Worker:
         seqs = [self.seqs[r] for r in batch.step]
         tables = [s.blocks for s in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables)
+            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=tuple(batch.step))
         else:
             logits = lm_step(
                 self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
