@@ -172,3 +172,36 @@ def test_sampling_draws_from_the_filtered_distribution():
         for step in range(3000):
             counts[sample(logits, [p], [step])[0]] += 1
         assert (counts / 3000 - torch.tensor(expected)).abs().max() < 0.03, (top_p, top_k, counts / 3000)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (336, 336), (200, 900)])
+def test_preprocessing_equals_the_transformers_processors(size):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from epd.models.image_processing import (
+        CLIP_MEAN,
+        CLIP_STD,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _procedural,
+        clip_preprocess,
+        internvl_preprocess,
+        normalize,
+    )
+
+    im = _procedural(*size, seed=3)
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    torch.testing.assert_close(
+        normalize(clip_preprocess(im, 336), CLIP_MEAN, CLIP_STD), clip(images=im, return_tensors="pt")["pixel_values"]
+    )
+    got = GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448},
+        crop_to_patches=True,
+        max_patches=12,
+        min_patches=1,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    ref = got(images=im, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(normalize(internvl_preprocess(im, 448, 12, True), IMAGENET_MEAN, IMAGENET_STD), ref)

@@ -28,9 +28,12 @@ class ModelFamily(ABC):
     def build_vision(self) -> torch.nn.Module:
         """Vision tower + projector with HF parameter names; `encode(pixels) -> [n, tokens, hidden]`."""
 
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """[tiles, 3, S, S] pixel values for one image."""
+        """[tiles, 3, S, S] uint8 pixels for one image (normalised with pixel_mean/std on the device)."""
 
     @abstractmethod
     def num_image_tokens(self, width: int, height: int) -> int:

@@ -71,20 +71,30 @@ def _procedural(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(cells).resize((width, height), Image.NEAREST)
 
 
-def _normalize(im: Image.Image, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    """[3, H, W] uint8: normalisation happens later, on the encoder's device (see `normalize`)."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 scaled to [0, 1] and standardised per channel."""
+    x = pixels.float() / 255.0
+    m = torch.tensor(mean, device=x.device)[:, None, None]
+    s = torch.tensor(std, device=x.device)[:, None, None]
+    return (x - m) / s
 
 
 def clip_preprocess(im: Image.Image, size: int) -> torch.Tensor:
-    """[1, 3, size, size]: shortest edge to size (bicubic), centre crop."""
+    """[1, 3, size, size] uint8: shortest edge to size (bicubic), centre crop; CLIP mean/std at `normalize`."""
+    if im.size == (size, size):
+        return _to_tensor(im)[None]
     w, h = im.size
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    return _normalize(im, CLIP_MEAN, CLIP_STD)[None]
+    return _to_tensor(im)[None]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -119,10 +129,10 @@ def num_tiles(width: int, height: int, max_tiles: int, tile: int, use_thumbnail:
 
 
 def internvl_preprocess(im: Image.Image, tile: int, max_tiles: int, use_thumbnail: bool) -> torch.Tensor:
-    """[tiles, 3, tile, tile]."""
+    """[tiles, 3, tile, tile] uint8; ImageNet mean/std at `normalize`."""
     cols, rows = tile_grid(*im.size, max_tiles, tile)
     resized = im.resize((tile * cols, tile * rows), Image.BICUBIC)
     tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) > 1:
         tiles.append(im.resize((tile, tile), Image.BICUBIC))
-    return torch.stack([_normalize(t, IMAGENET_MEAN, IMAGENET_STD) for t in tiles])
+    return torch.stack([_to_tensor(t) for t in tiles])

@@ -10,7 +10,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 
 from epd.config import ModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
-from epd.models.image_processing import internvl_preprocess, num_tiles
+from epd.models.image_processing import IMAGENET_MEAN, IMAGENET_STD, internvl_preprocess, num_tiles
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -45,6 +45,7 @@ class InternVLVision(nn.Module):
 @FAMILIES.register("internvl")
 class InternVLFamily(ModelFamily):
     model_type = "internvl"
+    pixel_mean, pixel_std = IMAGENET_MEAN, IMAGENET_STD
 
     @staticmethod
     def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:

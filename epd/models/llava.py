@@ -12,7 +12,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from epd.config import ModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
-from epd.models.image_processing import clip_preprocess
+from epd.models.image_processing import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 
 class LlavaVision(nn.Module):
@@ -35,6 +35,7 @@ class LlavaVision(nn.Module):
 @FAMILIES.register("llava")
 class LlavaFamily(ModelFamily):
     model_type = "llava"
+    pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD
 
     @staticmethod
     def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, PretrainedConfig
 from epd.config import ModelConfig
 from epd.models import internvl, llava  # noqa: F401  (registers the families)
 from epd.models.family import FAMILIES, ModelFamily
+from epd.models.image_processing import normalize
 from epd.models.lm import DecoderLM
 from epd.models.weights import CheckpointError, init_dummy, load_part, param_bytes
 
@@ -111,11 +112,18 @@ class ModelRuntime:
     # ---- compute -----------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """pixels: per image [tiles, 3, S, S] -> per image [tokens, hidden] (tiles flattened)."""
+        """pixels: per image [tiles, 3, S, S] -> per image [tokens, hidden] (tiles flattened).
+
+        uint8 pixels (from `family.preprocess`) are normalised here, on the device; float pixels
+        are taken as already normalised.
+        """
         assert self.vision is not None, "this runtime holds no vision part"
         if not pixels:
             return []
-        batch = torch.cat(pixels).to(self.device, self.dtype)
+        batch = torch.cat(pixels).to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = normalize(batch, self.family.pixel_mean, self.family.pixel_std)
+        batch = batch.to(self.dtype)
         feats = self.vision.encode(batch)
         out, start = [], 0
         for p in pixels:
