@@ -112,26 +112,29 @@ def _rpc_overhead(ray, n: int) -> float:
     return (time.time() - t0) / n
 
 
-def calibrate_overhead(cfg: RunConfig, coeffs: dict, n: int = 4, tokens: int = 32) -> float:
-    """Per-batch cost outside the workers' compute, as the real engine shows it: requests run one at a
-    time through the configured deployment on Ray; the time between tokens beyond the fitted decode
-    step is the driver round trip (RPC, scheduling, event handling)."""
-    from epd.request import Request
-    from epd.serve.offline import OfflineLLM
+def calibrate_overhead(cfg: RunConfig, coeffs: dict, n: int = 5, tokens: int = 32) -> float:
+    """Per-batch cost outside the workers' compute, as the real engine shows it: requests arrive one
+    at a time (the async path `epd.run` uses) through the configured deployment on Ray; the time
+    between tokens beyond the fitted decode step is the driver round trip (RPC, scheduling, events)."""
+    import dataclasses
+
+    from epd.backends import EngineBackend
+    from epd.experiment import make_requests
     from simulator.latency import DecodeShape, ProfiledModel
 
     model = ProfiledModel(coeffs)
+    workload = dataclasses.replace(
+        cfg.workload, arrival="constant", rate=2.0, num_requests=n + 1, output_tokens=tokens, output_tokens_max=None, ignore_eos=True
+    )
+    run_cfg = dataclasses.replace(cfg, workload=workload)
+    result = EngineBackend(run_cfg).run(make_requests(run_cfg))
     gaps = []
-    with OfflineLLM(cfg.model, cfg.deployment, "ray", cfg.backend) as llm:
-        for i in range(n + 1):
-            req = Request(f"cal-{i}", prompt_token_ids=tuple(range(10, 30)), sampling=SamplingParams(max_tokens=tokens, ignore_eos=True))
-            llm.generate([req])
-            if i == 0:
-                continue  # warm-up
-            times = sorted(e.time for e in llm.core.pipeline.events if e.request_id == req.request_id and e.kind.value == "token")
-            prompt = len(llm.core.pipeline.states[req.request_id].prompt_ids)
-            for k in range(1, len(times)):
-                gaps.append(times[k] - times[k - 1] - model.decode(DecodeShape(1, prompt + k)))
+    by_req = result.events.by_request()
+    for rid in sorted(by_req)[1:]:  # the first request warms up
+        times = [e.time for e in by_req[rid] if e.kind.value == "token"]
+        prompt = result.outputs[rid].prompt_tokens
+        for k in range(1, len(times)):
+            gaps.append(times[k] - times[k - 1] - model.decode(DecodeShape(1, prompt + k)))
     return max(0.0, statistics.median(gaps))
 
 

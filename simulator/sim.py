@@ -91,8 +91,11 @@ class Simulation:
                 yield ev
                 continue
             inst.busy = True
+            # The per-batch overhead is the driver round trip: half before the worker starts, half after.
+            half = self.lat.overhead / 2
+            yield self.env.timeout(half)
             result, busy_for = self._run_batch(batch)
-            yield self.env.timeout(busy_for + self.lat.overhead)
+            yield self.env.timeout(busy_for + half)
             inst.busy = False
             self.pipe.complete(inst, batch, result)
             self._wake_all()
