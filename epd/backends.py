@@ -85,8 +85,12 @@ class EngineBackend:
 def make_backend(cfg: RunConfig):
     if cfg.backend.kind in ("ray", "local"):
         return EngineBackend(cfg)
+    if cfg.backend.kind == "online":
+        from epd.serve.loadgen import OnlineBackend
+
+        return OnlineBackend(cfg)
     if cfg.backend.kind == "sim":
         from simulator.backend import SimBackend
 
         return SimBackend(cfg)
-    raise ValueError(f"unknown backend.kind {cfg.backend.kind!r} (ray, local, sim)")
+    raise ValueError(f"unknown backend.kind {cfg.backend.kind!r} (ray, local, sim, online)")

@@ -187,7 +187,7 @@ class HardwareConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    kind: str = "ray"  # ray (real engine on Ray) | local (real engine, one process) | sim (SimPy)
+    kind: str = "ray"  # ray (real engine on Ray) | local (real engine, one process) | sim (SimPy) | online (HTTP server)
     address: Optional[str] = None  # existing Ray cluster; None starts a local one
     num_cpus: Optional[int] = None
     latency_model: str = "roofline"  # sim: roofline | profiled
@@ -236,6 +236,23 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """`python -m epd.serve` and the online benchmark (`backend=online`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # bearer token; None: no authentication
+    served_model_name: Optional[str] = None  # default: model.name
+    max_concurrent_requests: int = 64  # beyond this: 429 with Retry-After
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20_000_000
+    image_root: Optional[str] = None  # local image files are allowed only under this directory
+    allow_remote_images: bool = False
+    default_max_tokens: int = 64
+    url: Optional[str] = None  # online benchmark: an existing server; None starts one on loopback
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -248,6 +265,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     task: str = "serve"  # serve (run the workload) | profile | optimize
     experiment: str = "default"
     seed: int = 0
@@ -288,6 +306,7 @@ def register_configs() -> None:
         ("backend", BackendConfig),
         ("logger", LoggerConfig),
         ("paths", PathsConfig),
+        ("server", ServerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=_schema(node_type))
 

@@ -21,6 +21,7 @@ class TokenDelta:
     request_id: str
     token_ids: list[int]
     finish_reason: Optional[str]  # stop | length | abort, on the last delta
+    abort_reason: Optional[str] = None
 
 
 class AsyncLLM:
@@ -48,7 +49,11 @@ class AsyncLLM:
             entry = self._streams.get(rid)
         if entry:
             loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, tokens, finish))
+            why = None
+            if finish == "abort":
+                out = self.core.pipeline.outputs.get(rid)
+                why = out.abort_reason if out else None
+            loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, tokens, finish, why))
 
     async def generate(self, req: Request) -> AsyncIterator[TokenDelta]:
         if self._error is not None:
@@ -57,15 +62,22 @@ class AsyncLLM:
         with self._lock:
             self._streams[req.request_id] = (asyncio.get_running_loop(), q)
         self.core.add_request(req)
+        finished = False
         try:
             while True:
                 delta: TokenDelta = await q.get()
+                finished = delta.finish_reason is not None
                 yield delta
-                if delta.finish_reason is not None:
+                if finished:
                     return
         finally:
             with self._lock:
                 self._streams.pop(req.request_id, None)
+            if not finished:  # the consumer went away (client disconnect): free the request's blocks
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str, reason: str = "cancelled by the client") -> None:
+        self.core.abort_request(request_id, reason)
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
         import time

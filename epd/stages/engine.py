@@ -33,6 +33,7 @@ class EngineCore:
         frees = True if executor == "local" else make_transfer(deployment.transfer).frees_on_send
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
+        self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._wake = threading.Event()  # set by add_request: an idle loop starts at once
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
@@ -52,6 +53,11 @@ class EngineCore:
         self._incoming.put((req, time.time()))
         self._wake.set()
 
+    def abort_request(self, request_id: str, reason: str = "cancelled by the client") -> None:
+        """Thread-safe: the request is aborted (its blocks freed) at the next step."""
+        self._aborts.put((request_id, reason))
+        self._wake.set()
+
     def has_work(self) -> bool:
         return not self._incoming.empty() or not self.pipeline.idle()
 
@@ -62,6 +68,13 @@ class EngineCore:
             except queue.Empty:
                 break
             self.pipeline.add_request(req, submitted)
+        while True:
+            try:
+                rid, reason = self._aborts.get_nowait()
+            except queue.Empty:
+                break
+            if rid in self.pipeline.states:
+                self.pipeline.abort(self.pipeline.states[rid], reason, time.time())
         for inst in self.pipeline.instances.values():
             if not inst.busy:
                 batch = self.pipeline.next_batch(inst)

@@ -1,0 +1,34 @@
+"""`python -m epd.serve [overrides]`: the OpenAI-compatible server over the engine (same Hydra config as epd.run)."""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from epd.config import register_configs, to_run_config
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    import uvicorn
+
+    from epd.serve.app import build_app
+    from epd.serve.async_llm import AsyncLLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_cfg = to_run_config(cfg)
+    executor = "local" if run_cfg.backend.kind == "local" else "ray"
+    llm = AsyncLLM(run_cfg.model, run_cfg.deployment, executor, run_cfg.backend)
+    try:
+        llm.core.reset_clock()
+        uvicorn.run(build_app(run_cfg, llm), host=run_cfg.server.host, port=run_cfg.server.port, log_level="info")
+    finally:
+        llm.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""`image_url` parts -> ImageInput: base64 data URLs, local files under a configured root, and
+http(s) only when enabled. Every refusal names what is wrong."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+from epd.config import ServerConfig
+from epd.models.image_processing import ImageError, image_size
+from epd.request import ImageInput
+
+
+class BadImage(ValueError):
+    pass
+
+
+def resolve_image(url: str, cfg: ServerConfig) -> ImageInput:
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise BadImage("image data URLs must be base64 encoded (data:image/...;base64,...)")
+        if len(payload) * 3 // 4 > cfg.max_image_bytes:
+            raise BadImage(f"image is larger than the server's limit of {cfg.max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadImage(f"image data URL is not valid base64: {exc}") from exc
+        image = ImageInput(data=data)
+    elif url.startswith(("http://", "https://")):
+        if not cfg.allow_remote_images:
+            raise BadImage("remote image URLs are disabled on this server; send a base64 data URL")
+        image = ImageInput(data=_fetch(url, cfg.max_image_bytes))
+    else:
+        image = ImageInput(path=_local_path(url, cfg))
+    try:
+        image_size(image)  # decodes the header: undecodable images are refused here
+    except ImageError as exc:
+        raise BadImage(str(exc)) from exc
+    return image
+
+
+def _local_path(url: str, cfg: ServerConfig) -> str:
+    if cfg.image_root is None:
+        raise BadImage("local image paths are disabled on this server (no server.image_root); send a base64 data URL")
+    root = Path(cfg.image_root).resolve()
+    path = Path(url.removeprefix("file://"))
+    path = (path if path.is_absolute() else root / path).resolve()
+    if root not in path.parents and path != root:
+        raise BadImage(f"image path {url!r} is outside the server's image root")
+    if not path.is_file():
+        raise BadImage(f"image file not found: {url!r}")
+    if path.stat().st_size > cfg.max_image_bytes:
+        raise BadImage(f"image is larger than the server's limit of {cfg.max_image_bytes} bytes")
+    return str(path)
+
+
+def _fetch(url: str, limit: int) -> bytes:
+    import httpx
+
+    with httpx.stream("GET", url, timeout=10.0, follow_redirects=True) as resp:
+        if resp.status_code != 200:
+            raise BadImage(f"fetching {url} gave HTTP {resp.status_code}")
+        data = b""
+        for chunk in resp.iter_bytes():
+            data += chunk
+            if len(data) > limit:
+                raise BadImage(f"image at {url} is larger than the server's limit of {limit} bytes")
+        return data

@@ -1,0 +1,142 @@
+"""`backend=online`: drive the OpenAI-compatible server over HTTP with the workload's arrivals and
+score it from the client's side, in the same event vocabulary, so online and offline runs compare.
+
+Without `server.url` a server is started on loopback for the run (the real engine behind it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from typing import Optional
+
+from epd.backends import RunResult
+from epd.config import RunConfig
+from epd.lifetime import EventLog
+from epd.lifetime import LifetimeEvent as E
+from epd.models.image_processing import load_image
+from epd.request import ImageInput, Request, RequestOutput
+
+
+def data_url(image: ImageInput) -> str:
+    if image.data is not None:
+        raw = image.data
+    else:
+        buf = io.BytesIO()
+        load_image(image).save(buf, format="PNG")
+        raw = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def chat_body(req: Request) -> dict:
+    if req.prompt is not None:
+        text = req.prompt
+    else:  # one character per prompt token: the byte-level tokenizer's count, near enough for others
+        n = len(req.prompt_token_ids or ())
+        text = ("lorem ipsum dolor sit amet " * (n // 27 + 1))[:n]
+    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in req.images] + [{"type": "text", "text": text}]
+    sp = req.sampling
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": sp.max_tokens,
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "seed": sp.seed,
+        "ignore_eos": sp.ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+class _LocalServer:
+    """The engine behind a uvicorn server on a free loopback port, for the length of one run."""
+
+    def __init__(self, cfg: RunConfig):
+        import uvicorn
+
+        from epd.serve.app import build_app
+        from epd.serve.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM(cfg.model, cfg.deployment, "local" if cfg.backend.kind == "local" else "ray", cfg.backend)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(build_app(cfg, self.llm), host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("the loopback server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.llm.close()
+
+
+class OnlineBackend:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def run(self, requests: list[Request]) -> RunResult:
+        local: Optional[_LocalServer] = None if self.cfg.server.url else _LocalServer(self.cfg)
+        url = self.cfg.server.url or local.url
+        try:
+            workers = local.llm.core.worker_info() if local else []
+            events, outputs = asyncio.run(self._drive(url, requests))
+            return RunResult(events, outputs, workers, [])
+        finally:
+            if local:
+                local.close()
+
+    async def _drive(self, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
+        import httpx
+
+        events, outputs = EventLog(), {}
+        headers = {"Authorization": f"Bearer {self.cfg.server.api_key}"} if self.cfg.server.api_key else {}
+        bodies = {r.request_id: chat_body(r) for r in requests}  # images encoded before the clock starts
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=self.cfg.backend.timeout_s, limits=limits) as client:
+            start = time.time()
+
+            async def one(req: Request) -> None:
+                delay = start + req.arrival_time - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rid = req.request_id
+                events.emit(time.time() - start, rid, E.ISSUED, num_images=len(req.images))
+                pieces, usage, finish = [], None, None
+                try:
+                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
+                        if resp.status_code != 200:
+                            reason = (await resp.aread()).decode(errors="replace")[:300]
+                            raise RuntimeError(f"HTTP {resp.status_code}: {reason}")
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            now = time.time() - start
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                            for choice in chunk.get("choices", []):
+                                if choice["delta"].get("content"):
+                                    events.emit(now, rid, E.FIRST_TOKEN if not pieces else E.TOKEN)
+                                    pieces.append(choice["delta"]["content"])
+                                finish = choice.get("finish_reason") or finish
+                    n_out = usage["completion_tokens"] if usage else len(pieces)
+                    events.emit(time.time() - start, rid, E.FINISHED, num_output_tokens=n_out, finish_reason=finish)
+                    outputs[rid] = RequestOutput(rid, [], "".join(pieces), finish, None, usage["prompt_tokens"] if usage else 0)
+                except Exception as exc:  # refused or broken: an aborted request, the run goes on
+                    events.emit(time.time() - start, rid, E.ABORTED, reason=str(exc))
+                    outputs[rid] = RequestOutput(rid, [], None, "abort", str(exc))
+
+            await asyncio.gather(*(one(r) for r in requests))
+        return events, outputs

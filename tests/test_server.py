@@ -1,0 +1,288 @@
+"""The OpenAI-compatible server: a live uvicorn server on loopback over the real engine (Ray, EPD),
+driven by the official `openai` client and raw HTTP for the bad cases."""
+
+import base64
+import dataclasses
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from epd.config import DeploymentConfig, PoolConfig, RunConfig, ServerConfig
+from epd.serve.app import build_app
+from epd.serve.async_llm import AsyncLLM
+
+DEPLOYMENT = DeploymentConfig(name="epd", encode=PoolConfig(), prefill=PoolConfig(kv_blocks=256), decode=PoolConfig(kv_blocks=256))
+
+
+def png_data_url(w=64, h=48, color=(200, 30, 60)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster):
+    llm = AsyncLLM(RunConfig().model, DEPLOYMENT, "ray")
+    yield llm
+    llm.close()
+
+
+def _serve(engine, **server):
+    cfg = dataclasses.replace(RunConfig(deployment=DEPLOYMENT), server=ServerConfig(**server))
+    return LiveServer(build_app(cfg, engine))
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (40, 40), (0, 90, 0)).save(root / "green.png")
+    live = _serve(engine, image_root=str(root), max_images_per_request=3, max_image_bytes=200_000)
+    live.root = root
+    yield live
+    live.stop()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _wait_drained(engine, timeout=10.0):
+    deadline = time.time() + timeout
+    while engine.core.pipeline.num_active or any(i.busy for i in engine.core.pipeline.instances.values()):
+        assert time.time() < deadline, f"{engine.core.pipeline.num_active} requests still active"
+        time.sleep(0.05)
+    for inst in engine.core.pipeline.instances.values():
+        for pool in (inst.kv, inst.mm):
+            if pool is not None:
+                pool.assert_all_free()
+
+
+def test_plain_completion_with_an_image(client, engine):
+    msg = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": png_data_url()}}],
+        }
+    ]
+    out = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 7
+    assert out.usage.prompt_tokens > 16  # the image's 16 placeholder tokens and the text
+    assert isinstance(out.choices[0].message.content, str)
+    _wait_drained(engine)
+
+
+def test_streaming_matches_the_plain_answer(client):
+    msg = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": png_data_url(color=(1, 2, 3))}}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    kw = dict(model="tiny-llava", messages=msg, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_several_images_local_file_and_sampling_seed(client, server):
+    msg = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url()}},
+                {"type": "image_url", "image_url": {"url": "green.png"}},
+                {"type": "image_url", "image_url": {"url": png_data_url(color=(9, 9, 9))}},
+                {"type": "text", "text": "compare"},
+            ],
+        }
+    ]
+    a = client.chat.completions.create(model="m", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    b = client.chat.completions.create(model="m", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens > 3 * 16
+
+
+def test_concurrent_requests(client, engine):
+    def one(i):
+        msg = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"request {i}"},
+                    {"type": "image_url", "image_url": {"url": png_data_url(color=(i, 0, 0))}},
+                ],
+            }
+        ]
+        return client.chat.completions.create(model="m", messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(8)))
+    assert all(o.usage.completion_tokens == 6 for o in outs)
+    _wait_drained(engine)
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-llava"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "epd_queue_length",
+        "epd_kv_block_usage",
+        "epd_mm_block_usage",
+        "epd_ttft_seconds_bucket",
+        "epd_tpot_seconds_bucket",
+        'epd_requests_total{outcome="finished"}',
+    ):
+        assert name in text, name
+    assert "openapi" in httpx.get(server.url + "/openapi.json").json()
+
+
+BAD = [
+    ("malformed JSON", b'{"messages": [', "malformed JSON"),
+    ("wrong type", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+    ("no messages", {"messages": []}, "messages"),
+    ("unsupported part", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "input_audio"),
+    (
+        "undecodable image",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]},
+        "unreadable",
+    ),
+    (
+        "not base64",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]},
+        "base64",
+    ),
+    (
+        "oversized image",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]}
+            ]
+        },
+        "limit",
+    ),
+    (
+        "too many images",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}] * 4}]},
+        "at most 3",
+    ),
+    (
+        "path outside root",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+        "outside",
+    ),
+    (
+        "remote url",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]},
+        "remote",
+    ),
+    ("beyond context", {"messages": [{"role": "user", "content": "x" * 5000}]}, "context"),
+    ("bad temperature", {"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+    ("bad top_p", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ("n > 1", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+]
+
+
+@pytest.mark.parametrize("name,body,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_naming_the_problem(server, engine, name, body, needle):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    resp = httpx.post(server.url + "/v1/chat/completions", timeout=30, **kw)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert needle in err["message"] or needle == err.get("param"), err
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
+    _wait_drained(engine)
+
+
+def test_api_key(engine):
+    live = _serve(engine, api_key="sekrit")
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(live.url + "/v1/chat/completions", json=body).status_code == 401
+        bad = httpx.post(live.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+        ok = openai.OpenAI(base_url=live.url + "/v1", api_key="sekrit").chat.completions.create(model="m", **body)
+        assert ok.usage.completion_tokens >= 1
+    finally:
+        live.stop()
+
+
+def test_overload_answers_429_with_retry_after_and_recovers(engine):
+    live = _serve(engine, max_concurrent_requests=2)
+    try:
+        body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+        with ThreadPoolExecutor(8) as pool:
+            resps = list(pool.map(lambda _: httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60), range(8)))
+        codes = sorted(r.status_code for r in resps)
+        assert codes.count(200) >= 2 and 429 in codes
+        assert all(r.headers.get("retry-after") == "1" for r in resps if r.status_code == 429)
+        _wait_drained(engine)
+        assert httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server, engine):
+    body = {"messages": [{"role": "user", "content": "stream a lot"}], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    _wait_drained(engine)
+    assert engine.core.pipeline.outputs and any(o.abort_reason == "cancelled by the client" for o in engine.core.pipeline.outputs.values())
+
+
+def test_fuzz_openapi_schema_finds_no_5xx(server):
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @schemathesis.given(case=operation.as_strategy())
+        def check(case, label=operation.label):
+            resp = case.call(base_url=server.url, timeout=30)
+            if resp.status_code >= 500:
+                failures.append((label, resp.status_code, resp.text[:200]))
+
+        check()
+    assert not failures, failures[:3]
