@@ -183,6 +183,7 @@ class HardwareConfig:
     memory_efficiency: float = 0.7
     step_overhead: float = 1e-3  # seconds of fixed cost per batch (launch, scheduling)
     memory_bytes: float = 2.4e10
+    shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
 
 
 @dataclass(frozen=True)

@@ -33,4 +33,6 @@ class SimBackend:
 
     def run(self, requests: list[Request]) -> RunResult:
         tokenizer = load_tokenizer(self.cfg.model, {self.family.image_token_id, *range(4)})
-        return Simulation(self.cfg.deployment, self.family, self.shape, self.latency, self.sample_interval, tokenizer).run(requests)
+        return Simulation(
+            self.cfg.deployment, self.family, self.shape, self.latency, self.sample_interval, tokenizer, self.cfg.hardware.shared_cores
+        ).run(requests)

@@ -43,8 +43,8 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
         per_tile = getattr(fam, "tokens_per_tile", lambda: n_tok)()
         for n in grid.encode_batches:
             blocks = -(-n_tok // pool.mm_block_tokens)
-            # send=True: the embeddings go to the transfer backend, as on an E-only worker
-            items = [EncodeItem(f"e{i}", 0, img, n_tok, list(range(i * blocks, (i + 1) * blocks)), True) for i in range(n)]
+            # compute only: what a send costs is the transfer model's (the simulator charges half to each side)
+            items = [EncodeItem(f"e{i}", 0, img, n_tok, list(range(i * blocks, (i + 1) * blocks)), False) for i in range(n)]
             s = _median_span(lambda items=items: w.execute(EncodeBatch(items)), grid.repeats)
             rows.append({"stage": "encode", "tiles": n * n_tok // per_tile, "seconds": s})
         vocab = w.rt.text_cfg.vocab_size
@@ -58,7 +58,7 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
                         [],
                         list(range(i * per, (i + 1) * per)),
                         SamplingParams(),
-                        True,  # send_kv, as on a P-only worker
+                        False,  # compute only, as for encode
                         False,
                     )
                     for i in range(b)

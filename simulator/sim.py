@@ -45,6 +45,7 @@ class Simulation:
         text = family.text_config()
         self.token = (text.eos_token_id + 1) % text.vocab_size  # never EOS: outputs run to max_tokens
         self.sample_interval = sample_interval
+        self.shared_cores = shared_cores
         self.timeseries: list[dict] = []
         self._waiting: dict[str, simpy.Event] = {}
         self._arrivals_done = False
@@ -106,11 +107,21 @@ class Simulation:
             yield self.env.timeout(self.sample_interval)
 
     # ---- one batch -------------------------------------------------------------------
+    def _contention(self) -> float:
+        """Workers sharing CPU cores slow each other: busy workers plus the driver over the cores."""
+        cores = self.shared_cores
+        if cores <= 0:
+            return 1.0
+        busy = sum(1 for i in self.pipe.instances.values() if i.busy)
+        return max(1.0, (busy + 1) / cores)
+
     def _run_batch(self, batch: Batch) -> tuple[Result, float]:
-        now, m = self.env.now, self.shape
+        """Spans of one batch. A transfer costs `transfer(bytes)`: half at the sender, half at the receiver."""
+        now, m, slow = self.env.now, self.shape, self._contention()
         if isinstance(batch, EncodeBatch):
             tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
-            d = self.lat.encode(EncodeShape(tiles))
+            sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) / 2 for it in batch.items if it.send)
+            d = self.lat.encode(EncodeShape(tiles)) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):
@@ -119,20 +130,21 @@ class Simulation:
             for it in batch.items:
                 pulled = sum(mm.num_tokens for mm in it.images if mm.handle is not None)
                 if pulled:
-                    d = self.lat.transfer(pulled * m.mm_bytes_per_token)
+                    d = self.lat.transfer(pulled * m.mm_bytes_per_token) / 2
                     spans[it.request_id] = (t, t + d)
                     t += d
-            d = self.lat.prefill(PrefillShape(tuple(len(it.prompt_ids) for it in batch.items)))
+            sends = sum(self.lat.transfer(len(it.prompt_ids) * m.kv_bytes_per_token) / 2 for it in batch.items if it.send_kv)
+            d = self.lat.prefill(PrefillShape(tuple(len(it.prompt_ids) for it in batch.items))) * slow + sends
             items = [PrefilledItem(it.request_id, self.token, spans.get(it.request_id), SENT if it.send_kv else None) for it in batch.items]
             return PrefillResult((t, t + d), items), t + d - now
         assert isinstance(batch, DecodeBatch)
         t = now
         spans = {}
         for new in batch.new:
-            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) if new.kv_handle is not None else 0.0
+            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) / 2 if new.kv_handle is not None else 0.0
             spans[new.request_id] = (t, t + d)
             t += d
         states = [self.pipe.states[r] for r in batch.step]
         context = sum(s.prompt_len + len(s.output) for s in states)
-        d = self.lat.decode(DecodeShape(len(states), context))
+        d = self.lat.decode(DecodeShape(len(states), context)) * slow
         return DecodeResult((t, t + d), {r: self.token for r in batch.step}, spans), t + d - now
