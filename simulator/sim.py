@@ -38,6 +38,7 @@ class Simulation:
         latency: LatencyModel,
         sample_interval: float = 0.25,
         tokenizer=None,
+        shared_cores: int = 0,
     ):
         self.env = simpy.Environment()
         self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0, tokenizer=tokenizer)
