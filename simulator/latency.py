@@ -111,8 +111,8 @@ def fit(rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
 
 
 class ProfiledModel(LatencyModel):
-    def __init__(self, coeffs: dict[str, list[float]], overhead: float = 0.0, fallback: LatencyModel | None = None):
-        self.c, self.overhead, self.fallback = coeffs, overhead, fallback
+    def __init__(self, coeffs: dict[str, list[float]], overhead: float = 0.0, fallback: LatencyModel | None = None, slowdown: float = 1.0):
+        self.c, self.overhead, self.fallback, self.slowdown = coeffs, overhead, fallback, slowdown
 
     @staticmethod
     def load(path: str, fallback: LatencyModel | None = None) -> ProfiledModel:
@@ -121,14 +121,15 @@ class ProfiledModel(LatencyModel):
             raise FileNotFoundError(f"latency profile not found: {p} (make one with +experiment=profile)")
         data = json.loads(p.read_text())
         coeffs, _ = fit(data["rows"])
-        return ProfiledModel(coeffs, data.get("overhead", 0.0), fallback)
+        return ProfiledModel(coeffs, data.get("overhead", 0.0), fallback, data.get("slowdown", 1.0))
 
     def _eval(self, stage: str, row: dict, fallback) -> float:
         if stage not in self.c:
             if self.fallback is None:
                 raise KeyError(f"the profile has no {stage} measurements")
             return fallback()
-        return max(float(np.dot(self.c[stage], FEATURES[stage](row))), 0.0)
+        scale = 1.0 if stage == "transfer" else self.slowdown  # compute as the engine's workers see it
+        return max(float(np.dot(self.c[stage], FEATURES[stage](row))), 0.0) * scale
 
     def encode(self, s: EncodeShape) -> float:
         return self._eval("encode", {"tiles": s.tiles}, lambda: self.fallback.encode(s))

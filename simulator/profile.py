@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from epd.config import PoolConfig, RunConfig
+from epd.config import POOL_ROLES, PoolConfig, RunConfig
 from epd.request import ImageInput, SamplingParams
 from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, NewDecodeSeq, PrefillBatch, PrefillItem
 from epd.stages.worker import Worker
@@ -112,42 +112,73 @@ def _rpc_overhead(ray, n: int) -> float:
     return (time.time() - t0) / n
 
 
-def calibrate_overhead(cfg: RunConfig, coeffs: dict, n: int = 5, tokens: int = 32) -> float:
-    """Per-batch cost outside the workers' compute, as the real engine shows it: requests arrive one
-    at a time (the async path `epd.run` uses) through the configured deployment on Ray; the time
-    between tokens beyond the fitted decode step is the driver round trip (RPC, scheduling, events)."""
+def calibrate(cfg: RunConfig, coeffs: dict, n: int = 6, tokens: int = 32) -> tuple[float, float]:
+    """How the real engine differs from the isolated measurements: (slowdown, overhead).
+
+    Requests arrive one at a time (the async path `epd.run` uses) through the configured deployment
+    on Ray. `slowdown`: the workers' measured encode and prefill spans over the fitted ones (the
+    workers share the machine with Ray and each other). `overhead`: the time between tokens beyond
+    the slowed decode step, the driver round trip per batch (RPC, scheduling, events).
+    """
     import dataclasses
 
     from epd.backends import EngineBackend
     from epd.experiment import make_requests
-    from simulator.latency import DecodeShape, ProfiledModel
+    from epd.lifetime import LifetimeEvent as E
+    from epd.models.runtime import load_family
+    from simulator.latency import DecodeShape, EncodeShape, PrefillShape, ProfiledModel
+    from simulator.shapes import ModelShape
 
     model = ProfiledModel(coeffs)
+    shape = ModelShape.of(load_family(cfg.model), cfg.model.dtype)
+    e_sends = "prefill" not in POOL_ROLES[cfg.deployment.pool_for("encode")]
+    p_sends = "decode" not in POOL_ROLES[cfg.deployment.pool_for("prefill")]
     workload = dataclasses.replace(
-        cfg.workload, arrival="constant", rate=2.0, num_requests=n + 1, output_tokens=tokens, output_tokens_max=None, ignore_eos=True
+        cfg.workload,
+        arrival="constant",
+        rate=2.0,
+        num_requests=n + 1,
+        output_tokens=tokens,
+        output_tokens_max=None,
+        images_per_request=1,
+        images_per_request_max=None,
+        ignore_eos=True,
     )
     run_cfg = dataclasses.replace(cfg, workload=workload)
     result = EngineBackend(run_cfg).run(make_requests(run_cfg))
-    gaps = []
+    ratios, records = [], []
     by_req = result.events.by_request()
     for rid in sorted(by_req)[1:]:  # the first request warms up
-        times = [e.time for e in by_req[rid] if e.kind.value == "token"]
+        first = {e.kind: e.time for e in reversed(by_req[rid])}
+        last = {e.kind: e.time for e in by_req[rid]}
         prompt = result.outputs[rid].prompt_tokens
-        for k in range(1, len(times)):
-            gaps.append(times[k] - times[k - 1] - model.decode(DecodeShape(1, prompt + k)))
-    return max(0.0, statistics.median(gaps))
+        # the simulator charges sends to the transfer model (half at the sender): take them out here
+        if E.ENCODE_BEGIN in first:
+            send = model.transfer(shape.tokens_per_tile * shape.mm_bytes_per_token) / 2 if e_sends else 0.0
+            ratios.append((last[E.ENCODE_END] - first[E.ENCODE_BEGIN] - send) / model.encode(EncodeShape(1)))
+        send = model.transfer(prompt * shape.kv_bytes_per_token) / 2 if p_sends else 0.0
+        ratios.append((first[E.PREFILL_END] - first[E.PREFILL_BEGIN] - send) / model.prefill(PrefillShape((prompt,))))
+        records.append(([e.time for e in by_req[rid] if e.kind == E.TOKEN], prompt))
+    slowdown = max(1.0, statistics.median(ratios))
+    gaps = [
+        times[k] - times[k - 1] - slowdown * model.decode(DecodeShape(1, prompt + k))
+        for times, prompt in records
+        for k in range(1, len(times))
+    ]
+    return slowdown, max(0.0, statistics.median(gaps))
 
 
 def run_profile(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     rows, rpc = measure(cfg)
     coeffs, errors = fit(rows)
-    overhead = calibrate_overhead(cfg, coeffs)
+    slowdown, overhead = calibrate(cfg, coeffs)
     profile = {
         "model": cfg.model.name,
         "device": cfg.model.device,
         "dtype": cfg.model.dtype,
         "threads": torch.get_num_threads(),
         "overhead": overhead,
+        "slowdown": slowdown,
         "rpc_overhead": rpc,
         "rows": rows,
         "coefficients": coeffs,
@@ -157,7 +188,7 @@ def run_profile(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     (out_dir / "profile.json").write_text(json.dumps(profile, indent=2))
     print(
         f"profile of {cfg.model.name} on {cfg.model.device}: {len(rows)} measurements, "
-        f"per-batch overhead in the engine {overhead * 1e3:.2f} ms (bare RPC {rpc * 1e3:.2f} ms)"
+        f"in the engine: compute x{slowdown:.2f}, per-batch overhead {overhead * 1e3:.2f} ms (bare RPC {rpc * 1e3:.2f} ms)"
     )
     for stage, err in errors.items():
         print(f"  {stage:9s} coefficients {[f'{c:.3g}' for c in coeffs[stage]]}  mean relative fit error {err * 100:.1f}%")
