@@ -11,6 +11,27 @@ import numpy as np
 from epd.lifetime import Event
 from epd.lifetime import LifetimeEvent as E
 
+# The fields every run's summary.json carries (more may follow: stage means, run metadata).
+SUMMARY_KEYS = (
+    "num_requests",
+    "num_finished",
+    "num_aborted",
+    "ttft_mean",
+    "ttft_p50",
+    "ttft_p90",
+    "ttft_p99",
+    "tpot_mean",
+    "tpot_p50",
+    "tpot_p90",
+    "tpot_p99",
+    "e2e_p50",
+    "e2e_p90",
+    "slo_attainment",
+    "request_throughput",
+    "output_throughput",
+    "deployment",
+)
+
 
 @dataclass
 class Timeline:

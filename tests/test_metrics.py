@@ -4,7 +4,7 @@ import pytest
 
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as E
-from epd.metrics import goodput, slo_attainment, stage_times, summarize, timelines
+from epd.metrics import SUMMARY_KEYS, goodput, slo_attainment, stage_times, summarize, timelines
 
 
 def stream():
@@ -72,25 +72,7 @@ def test_goodput():
 
 def test_summary_fields():
     s = summarize(stream(), 2.0, 0.25, "1E1P1D")
-    for key in (
-        "num_requests",
-        "num_finished",
-        "num_aborted",
-        "ttft_mean",
-        "ttft_p50",
-        "ttft_p90",
-        "ttft_p99",
-        "tpot_mean",
-        "tpot_p50",
-        "tpot_p90",
-        "tpot_p99",
-        "e2e_p50",
-        "e2e_p90",
-        "slo_attainment",
-        "request_throughput",
-        "output_throughput",
-        "deployment",
-    ):
+    for key in SUMMARY_KEYS:
         assert key in s
     assert (s["num_requests"], s["num_finished"], s["num_aborted"]) == (3, 2, 1)
     assert s["ttft_mean"] == pytest.approx(1.3)

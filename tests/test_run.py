@@ -13,28 +13,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from epd.config import RunConfig, register_configs, to_run_config
+from epd.metrics import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
-SUMMARY_KEYS = {
-    "num_requests",
-    "num_finished",
-    "num_aborted",
-    "ttft_mean",
-    "ttft_p50",
-    "ttft_p90",
-    "ttft_p99",
-    "tpot_mean",
-    "tpot_p50",
-    "tpot_p90",
-    "tpot_p99",
-    "e2e_p50",
-    "e2e_p90",
-    "slo_attainment",
-    "request_throughput",
-    "output_throughput",
-    "deployment",
-}
 
 
 def _compose(overrides):
@@ -92,7 +74,7 @@ def _check_record(run_dir: Path, n_requests: int) -> dict:
     for name in ("config.yaml", "events.jsonl", "outputs.jsonl", "summary.json", "requests.jsonl", "workers.json"):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys()
+    assert set(SUMMARY_KEYS) <= summary.keys()
     assert summary["num_requests"] == n_requests
     outputs = [json.loads(ln) for ln in (run_dir / "outputs.jsonl").read_text().splitlines()]
     assert len(outputs) == n_requests and all(o["token_ids"] for o in outputs if o["finish_reason"] != "abort")
