@@ -286,3 +286,48 @@ def test_fuzz_openapi_schema_finds_no_5xx(server):
 
         check()
     assert not failures, failures[:3]
+
+
+def test_stop_string_ends_the_answer_early(client, engine):
+    msg = [{"role": "user", "content": "say something"}]
+    full = client.chat.completions.create(model="m", messages=msg, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = client.chat.completions.create(
+        model="m", messages=msg, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    _wait_drained(engine)
+
+
+def test_online_benchmark_writes_a_record(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "epd.run",
+            "+experiment=online_tiny",
+            "workload.num_requests=5",
+            "workload.rate=4",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["backend"] == "online" and summary["num_finished"] == 5 and summary["ttft_p50"] > 0 and summary["tpot_p50"] > 0
+    kinds = {json.loads(line)["kind"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()}
+    assert {"issued", "first_token", "token", "finished"} <= kinds
