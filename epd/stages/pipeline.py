@@ -315,12 +315,11 @@ class Pipeline:
             reason = "stop"
         elif len(state.output) >= sp.max_tokens:
             reason = "length"
+        if reason:
+            self._finish(state, reason, t, inst)  # the output record exists before anyone hears of the end
         if self.on_output:
             self.on_output(state.rid, [tok], reason)
-        if reason:
-            self._finish(state, reason, t, inst)
-            return True
-        return False
+        return reason is not None
 
     # ---- endings -----------------------------------------------------------------------
     def _finish(self, state: RequestState, reason: str, t: float, inst: Instance) -> None:
