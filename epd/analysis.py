@@ -6,15 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless scripts fall back to Agg; notebooks keep their inline backend
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from epd.lifetime import EventLog  # noqa: E402
-from epd.lifetime import LifetimeEvent as E  # noqa: E402
-from epd.metrics import goodput  # noqa: E402
+from epd.lifetime import EventLog
+from epd.lifetime import LifetimeEvent as E
+from epd.metrics import goodput
 
 
 @dataclass
