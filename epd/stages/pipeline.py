@@ -14,8 +14,9 @@ from epd.config import POOL_ROLES, DeploymentConfig
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as E
 from epd.models.family import ModelFamily
-from epd.models.image_processing import ImageError, image_size
+from epd.models.image_processing import ImageError
 from epd.request import Request, RequestOutput
+from epd.stages.admission import AdmissionError, prepare
 from epd.stages.instance import EncodeWork, Instance
 from epd.stages.router import Router
 from epd.stages.schedulers import select_decode, select_encode, select_prefill
@@ -34,10 +35,6 @@ from epd.stages.work import (
 )
 
 OutputCallback = Callable[[str, list[int], Optional[str]], None]
-
-
-class AdmissionError(ValueError):
-    pass
 
 
 class Pipeline:
@@ -119,7 +116,7 @@ class Pipeline:
         self.states[req.request_id] = state
         self.emit(now, state, E.ISSUED, num_images=len(req.images))
         try:
-            self._prepare(state)
+            prepare(state, self.family, self.text, self.tokenizer, self.by_role)
         except (AdmissionError, ImageError, ValueError) as exc:
             self.abort(state, str(exc), now)
             return
@@ -127,58 +124,6 @@ class Pipeline:
             self._route_encode(state)
         else:
             self._route_prefill(state)
-
-    def _prepare(self, state: RequestState) -> None:
-        req = state.req
-        req.sampling.validate()
-        if req.prompt_token_ids is not None:
-            text_ids = list(req.prompt_token_ids)
-        elif req.prompt is not None:
-            if self.tokenizer is None:
-                raise AdmissionError("request has a text prompt but the pipeline has no tokenizer")
-            text_ids = self.tokenizer.encode(req.prompt)
-        else:
-            text_ids = []
-        if any(t < 0 or t >= self.text.vocab_size for t in text_ids):
-            raise AdmissionError(f"prompt token ids must be in [0, {self.text.vocab_size})")
-        if self.family.image_token_id in text_ids:
-            raise AdmissionError(
-                f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
-                "placeholders are inserted for each image, leave them out of the prompt"
-            )
-        sizes = [image_size(im) for im in req.images]
-        state.image_tokens = [self.family.num_image_tokens(w, h) for w, h in sizes]
-        state.prompt_ids = self.family.build_prompt(text_ids, sizes)
-        total = state.prompt_len + req.sampling.max_tokens
-        if total > self.text.max_position_embeddings:
-            raise AdmissionError(
-                f"prompt of {state.prompt_len} tokens + max_tokens {req.sampling.max_tokens} exceeds the model's "
-                f"context of {self.text.max_position_embeddings}"
-            )
-        self._check_fits(state)
-
-    def _check_fits(self, state: RequestState) -> None:
-        """Reject what no instance could ever hold, instead of letting it wait forever."""
-        max_tokens = state.req.sampling.max_tokens
-        for inst in self.by_role["encode"] if state.image_tokens else []:
-            need = max(inst.mm.blocks_for(n) for n in state.image_tokens)
-            if need > inst.mm.num_blocks:
-                raise AdmissionError(f"an image needs {need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
-        for inst in self.by_role["prefill"][:1]:
-            if state.prompt_len > inst.cfg.max_prefill_tokens:
-                raise AdmissionError(
-                    f"prompt of {state.prompt_len} tokens exceeds {inst.pool}.max_prefill_tokens={inst.cfg.max_prefill_tokens}"
-                )
-            mm_need = sum(inst.mm.blocks_for(n) for n in state.image_tokens)
-            if mm_need > inst.mm.num_blocks:
-                raise AdmissionError(f"the request's images need {mm_need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
-            kv_tokens = state.prompt_len + (max_tokens if inst.has("decode") else 0)
-            if inst.kv.blocks_for(kv_tokens) > inst.kv.num_blocks:
-                raise AdmissionError(f"{kv_tokens} tokens of KV exceed the {inst.pool} KV cache ({inst.kv.num_blocks} blocks)")
-        for inst in self.by_role["decode"][:1]:
-            need = inst.kv.blocks_for(state.prompt_len + max_tokens)
-            if need > inst.kv.num_blocks:
-                raise AdmissionError(f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}")
 
     # ---- routing -----------------------------------------------------------------------
     def _route_encode(self, state: RequestState) -> None:

@@ -1,0 +1,73 @@
+"""Admission: what a request must satisfy before it may wait for any stage.
+
+A request that could never run (bad sampling, beyond the context, placeholders without images,
+unreadable images, more blocks than any instance holds) is refused here with a reason, instead of
+waiting forever in a queue.
+"""
+
+from __future__ import annotations
+
+from epd.config import TextModelConfig
+from epd.models.family import ModelFamily
+from epd.models.image_processing import image_size
+from epd.stages.instance import Instance
+from epd.stages.state import RequestState
+
+
+class AdmissionError(ValueError):
+    pass
+
+
+def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tokenizer, by_role: dict[str, list[Instance]]) -> None:
+    """Validate the request and build its prompt (BOS, each image's placeholders, the text)."""
+    req = state.req
+    req.sampling.validate()
+    if req.prompt_token_ids is not None:
+        text_ids = list(req.prompt_token_ids)
+    elif req.prompt is not None:
+        if tokenizer is None:
+            raise AdmissionError("request has a text prompt but the pipeline has no tokenizer")
+        text_ids = tokenizer.encode(req.prompt)
+    else:
+        text_ids = []
+    if any(t < 0 or t >= text.vocab_size for t in text_ids):
+        raise AdmissionError(f"prompt token ids must be in [0, {text.vocab_size})")
+    if family.image_token_id in text_ids:
+        raise AdmissionError(
+            f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
+            "placeholders are inserted for each image, leave them out of the prompt"
+        )
+    sizes = [image_size(im) for im in req.images]
+    state.image_tokens = [family.num_image_tokens(w, h) for w, h in sizes]
+    state.prompt_ids = family.build_prompt(text_ids, sizes)
+    total = state.prompt_len + req.sampling.max_tokens
+    if total > text.max_position_embeddings:
+        raise AdmissionError(
+            f"prompt of {state.prompt_len} tokens + max_tokens {req.sampling.max_tokens} exceeds the model's "
+            f"context of {text.max_position_embeddings}"
+        )
+    check_fits(state, by_role)
+
+
+def check_fits(state: RequestState, by_role: dict[str, list[Instance]]) -> None:
+    """Reject what no instance could ever hold, instead of letting it wait forever."""
+    max_tokens = state.req.sampling.max_tokens
+    for inst in by_role["encode"] if state.image_tokens else []:
+        need = max(inst.mm.blocks_for(n) for n in state.image_tokens)
+        if need > inst.mm.num_blocks:
+            raise AdmissionError(f"an image needs {need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
+    for inst in by_role["prefill"][:1]:
+        if state.prompt_len > inst.cfg.max_prefill_tokens:
+            raise AdmissionError(
+                f"prompt of {state.prompt_len} tokens exceeds {inst.pool}.max_prefill_tokens={inst.cfg.max_prefill_tokens}"
+            )
+        mm_need = sum(inst.mm.blocks_for(n) for n in state.image_tokens)
+        if mm_need > inst.mm.num_blocks:
+            raise AdmissionError(f"the request's images need {mm_need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
+        kv_tokens = state.prompt_len + (max_tokens if inst.has("decode") else 0)
+        if inst.kv.blocks_for(kv_tokens) > inst.kv.num_blocks:
+            raise AdmissionError(f"{kv_tokens} tokens of KV exceed the {inst.pool} KV cache ({inst.kv.num_blocks} blocks)")
+    for inst in by_role["decode"][:1]:
+        need = inst.kv.blocks_for(state.prompt_len + max_tokens)
+        if need > inst.kv.num_blocks:
+            raise AdmissionError(f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}")
