@@ -234,6 +234,7 @@ class ProfileConfig:
     decode_contexts: list[int] = field(default_factory=lambda: [64, 256, 1024])
     transfer_bytes: list[int] = field(default_factory=lambda: [1 << 16, 1 << 20, 1 << 23])
     repeats: int = 3
+    calibrate: bool = True  # also run the engine on Ray to measure its slowdown and per-batch overhead
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def calibrate(cfg: RunConfig, coeffs: dict, n: int = 6, tokens: int = 32) -> tup
 def run_profile(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     rows, rpc = measure(cfg)
     coeffs, errors = fit(rows)
-    slowdown, overhead = calibrate(cfg, coeffs)
+    slowdown, overhead = calibrate(cfg, coeffs) if cfg.profile.calibrate else (1.0, rpc)
     profile = {
         "model": cfg.model.name,
         "device": cfg.model.device,
