@@ -30,8 +30,9 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
     import ray
 
     grid = cfg.profile
-    max_ctx = max(max(grid.decode_contexts) + 8, max(grid.prefill_lens) * max(grid.prefill_batch))
-    pool = PoolConfig(kv_blocks=-(-max(grid.decode_batches) * max_ctx // 16) + 8, mm_blocks=4096, mm_block_tokens=64)
+    decode_blocks = max(grid.decode_batches) * -(-(max(grid.decode_contexts) + 8) // 16)
+    prefill_blocks = max(grid.prefill_batch) * -(-max(grid.prefill_lens) // 16)
+    pool = PoolConfig(kv_blocks=max(decode_blocks, prefill_blocks) + 8, mm_blocks=4096, mm_block_tokens=64)
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
