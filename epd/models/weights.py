@@ -90,12 +90,14 @@ def init_dummy(module: nn.Module, seed: int) -> None:
     """Seeded random weights, identical on every worker for the same (seed, parameter name, device type)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            if name.endswith("bias") or "lambda" in name:
-                p.zero_() if name.endswith("bias") else p.fill_(0.1)
+            if name.endswith("bias"):
+                p.zero_()
+            elif "lambda" in name:  # InternViT layer scales
+                p.fill_(0.1)
             elif p.dim() == 1:  # norm weights
                 p.fill_(1.0)
             else:
+                gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=gen)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Optional
@@ -80,8 +81,6 @@ class AsyncLLM:
         self.core.abort_request(request_id, reason)
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
-        import time
-
         deadline = time.time() + timeout_s
         while self.core.has_work() or any(i.busy for i in self.core.pipeline.instances.values()):
             if time.time() > deadline:

@@ -298,11 +298,6 @@ class Pipeline:
                 self.instances[iid].pending_release.append(state.rid)
 
     def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
-        if isinstance(batch, EncodeBatch):
-            ids = [i.request_id for i in batch.items]
-        elif isinstance(batch, PrefillBatch):
-            ids = [i.request_id for i in batch.items]
-        else:
-            ids = list(batch.step)
+        ids = [i.request_id for i in batch.items] if isinstance(batch, (EncodeBatch, PrefillBatch)) else list(batch.step)
         for rid in ids:
             self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time)
