@@ -81,6 +81,8 @@ class PoolConfig:
     num_gpus: float = 0.0
 
 
+TRANSFER_BACKENDS = ("object_store", "ipc", "nccl", "local")
+
 # Pool field name -> the roles its workers hold, in pipeline order.
 POOL_ROLES: dict[str, tuple[str, ...]] = {
     "encode": ("encode",),
@@ -126,12 +128,45 @@ class DeploymentConfig:
         for n, p in self.pools().items():
             if p.instances < 1:
                 raise ValueError(f"deployment.{n}.instances must be >= 1, got {p.instances}")
-            if p.tp != 1:
-                raise ValueError(f"deployment.{n}.tp={p.tp}: tensor parallelism > 1 is not supported yet")
+            if p.tp < 1:
+                raise ValueError(f"deployment.{n}.tp must be >= 1, got {p.tp}")
+        if self.transfer not in TRANSFER_BACKENDS:
+            raise ValueError(f"deployment.transfer must be one of {', '.join(TRANSFER_BACKENDS)}, got {self.transfer!r}")
+        self._validate_tp()
+        self._validate_block_sizes()
         if self.irp and self.pool_for("encode") != "encode":
             raise ValueError("deployment.irp needs a separate encode pool (encode images apart from prefill)")
         if self.routing not in ("round_robin", "least_loaded"):
             raise ValueError(f"deployment.routing must be round_robin or least_loaded, got {self.routing!r}")
+
+    def _validate_tp(self) -> None:
+        pools = self.pools()
+        if "encode" in pools and pools["encode"].tp != 1:
+            raise ValueError(f"deployment.encode.tp={pools['encode'].tp}: tensor parallelism splits the LM; encode pools use tp: 1")
+        lm_tp = {n: p.tp for n, p in pools.items() if {"prefill", "decode"} & set(POOL_ROLES[n])}
+        if len(set(lm_tp.values())) > 1:
+            raise ValueError(f"pools holding the LM must share one tp (their KV caches are split alike), got {lm_tp}")
+        moves_kv = self.pool_for("prefill") != self.pool_for("decode")
+        moves_mm = self.pool_for("encode") != self.pool_for("prefill")
+        if max(lm_tp.values()) > 1 and (moves_kv or moves_mm) and self.transfer == "object_store":
+            raise ValueError("tp > 1 with transfers between pools needs deployment.transfer=ipc or nccl (per-rank transfers)")
+
+    def _validate_block_sizes(self) -> None:
+        """Block-copying backends move whole blocks: both sides of a hand-off must use the same block size."""
+        if self.transfer not in ("local", "ipc"):
+            return
+        pools = self.pools()
+        e, p, d = (pools[self.pool_for(r)] for r in ROLES)
+        if self.pool_for("encode") != self.pool_for("prefill") and e.mm_block_tokens != p.mm_block_tokens:
+            raise ValueError(
+                f"transfer={self.transfer} copies whole blocks: mm_block_tokens of {self.pool_for('encode')} ({e.mm_block_tokens})"
+                f" and {self.pool_for('prefill')} ({p.mm_block_tokens}) must match"
+            )
+        if self.pool_for("prefill") != self.pool_for("decode") and p.kv_block_size != d.kv_block_size:
+            raise ValueError(
+                f"transfer={self.transfer} copies whole blocks: kv_block_size of {self.pool_for('prefill')} ({p.kv_block_size})"
+                f" and {self.pool_for('decode')} ({d.kv_block_size}) must match"
+            )
 
 
 @dataclass(frozen=True)

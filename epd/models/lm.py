@@ -10,12 +10,35 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from epd.config import TextModelConfig
 from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
 from epd.kernels.fused import rms_norm, rotary, silu_mul
+
+
+def _keep_rows(linear: nn.Linear, rank: int, tp: int) -> None:
+    """Column parallel: this rank's slice of the output features."""
+    n = linear.out_features // tp
+    linear.weight = nn.Parameter(linear.weight.data[rank * n : (rank + 1) * n].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[rank * n : (rank + 1) * n].clone(), requires_grad=False)
+    linear.out_features = n
+
+
+def _keep_cols(linear: nn.Linear, rank: int, tp: int) -> None:
+    """Row parallel: this rank's slice of the input features (no bias in o_proj/down_proj)."""
+    n = linear.in_features // tp
+    linear.weight = nn.Parameter(linear.weight.data[:, rank * n : (rank + 1) * n].contiguous(), requires_grad=False)
+    linear.in_features = n
+
+
+def _reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, group=group)
+    return x
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +81,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.qkv_proj: Optional[nn.Linear] = None
+        self.tp_group = None
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        """Keep this rank's heads (q/k/v rows, o_proj columns); o_proj's partial sums are all-reduced."""
+        if self.num_heads % tp or self.num_kv_heads % tp:
+            raise ValueError(f"tp={tp} must divide the attention heads ({self.num_heads}) and KV heads ({self.num_kv_heads})")
+        self.num_heads, self.num_kv_heads = self.num_heads // tp, self.num_kv_heads // tp
+        _keep_rows(self.q_proj, rank, tp)
+        _keep_rows(self.k_proj, rank, tp)
+        _keep_rows(self.v_proj, rank, tp)
+        _keep_cols(self.o_proj, rank, tp)
+        self.tp_group = group
 
     def fuse(self) -> None:
         """One matmul for q, k and v (fewer launches on GPU); loading is done by then."""
@@ -83,7 +118,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(n, -1))
+        return _reduce(self.o_proj(o.reshape(n, -1)), self.tp_group)
 
 
 class MLP(nn.Module):
@@ -93,6 +128,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up_proj: Optional[nn.Linear] = None
+        self.tp_group = None
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        if self.down_proj.in_features % tp:
+            raise ValueError(f"tp={tp} must divide the MLP width ({self.down_proj.in_features})")
+        _keep_rows(self.gate_proj, rank, tp)
+        _keep_rows(self.up_proj, rank, tp)
+        _keep_cols(self.down_proj, rank, tp)
+        self.tp_group = group
 
     def fuse(self) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
@@ -103,8 +147,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(silu_mul(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return _reduce(self.down_proj(silu_mul(self.gate_up_proj(x))), self.tp_group)
+        return _reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.tp_group)
 
 
 class DecoderLayer(nn.Module):
@@ -137,6 +181,15 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.tp = 1
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        """Tensor parallelism (Megatron style): heads and MLP width split over `tp` ranks; embeddings and
+        lm_head replicated, so every rank computes the same logits and samples the same tokens."""
+        for layer in self.model.layers:
+            layer.self_attn.shard(rank, tp, group)
+            layer.mlp.shard(rank, tp, group)
+        self.tp = tp
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up projections (after loading: HF names are per projection)."""

@@ -70,6 +70,7 @@ class ModelRuntime:
         self.text_cfg = self.family.text_config()
         self.device = resolve_device(device or cfg.device)
         self.dtype = DTYPES[cfg.dtype]
+        self.tp = 1  # tensor-parallel ranks the LM is split over (see shard_lm)
         self.vision = None
         self.lm: Optional[DecoderLM] = None
         if "vision" in parts:
@@ -86,6 +87,13 @@ class ModelRuntime:
             init_dummy(module, self.cfg.seed + (0 if part == "vision" else 1))
         return module.eval()
 
+    def shard_lm(self, rank: int, tp: int, group) -> None:
+        assert self.lm is not None
+        self.lm.shard(rank, tp, group)
+        self.tp = tp
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the full-width weights built before slicing
+
     # ---- sizes -------------------------------------------------------------------------
     def weight_bytes(self) -> dict[str, int]:
         return {
@@ -99,11 +107,11 @@ class ModelRuntime:
 
     def kv_bytes_per_token(self) -> int:
         t = self.text_cfg
-        return 2 * t.num_layers * t.num_kv_heads * (t.hidden_size // t.num_heads) * self.dtype.itemsize
+        return 2 * t.num_layers * (t.num_kv_heads // self.tp) * (t.hidden_size // t.num_heads) * self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         t = self.text_cfg
-        shape = (t.num_layers, 2, num_blocks, block_size, t.num_kv_heads, t.hidden_size // t.num_heads)
+        shape = (t.num_layers, 2, num_blocks, block_size, t.num_kv_heads // self.tp, t.hidden_size // t.num_heads)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def allocate_mm_cache(self, num_blocks: int, block_tokens: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from epd.models.tokenizer import load_tokenizer
 from epd.request import Request
 from epd.stages.executor import make_executor
 from epd.stages.pipeline import OutputCallback, Pipeline
-from epd.transfer import make_transfer
+from epd.transfer import transfer_class
 
 
 class EngineCore:
@@ -29,7 +29,7 @@ class EngineCore:
         family = load_family(model)
         tokenizer = load_tokenizer(model, {family.image_token_id, *range(4)})
         self.executor = make_executor(executor, deployment, model, backend)
-        frees = make_transfer(self.executor.transfer).frees_on_send  # the backend the workers actually use
+        frees = transfer_class(self.executor.transfer).frees_on_send  # the backend the workers actually use
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()

@@ -6,10 +6,13 @@ import logging
 import os
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig
-from epd.stages.work import Batch, BatchFailure, Result
+from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig, PoolConfig
+from epd.distributed import CommSpec, free_port
+from epd.stages.work import Batch, BatchFailure, Result, pulled_handles
+from epd.transfer import Endpoint, TransferHandle, transfer_class
 
 log = logging.getLogger(__name__)
 Done = tuple[str, Batch, "Result | BatchFailure"]
@@ -55,7 +58,40 @@ class LocalExecutor:
         return getattr(self.workers[iid], method)(*args)
 
     def shutdown(self) -> None:
+        for w in self.workers.values():
+            w.close()
         self.workers.clear()
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """One worker process: rank `rank` of instance `iid` (tensor-parallel instances have several)."""
+
+    iid: str
+    roles: tuple[str, ...]
+    pool: PoolConfig
+    endpoint: Endpoint
+
+
+def _processes(deployment: DeploymentConfig) -> list[_Proc]:
+    procs: list[_Proc] = []
+    for iid, roles, pool in _worker_specs(deployment):
+        for rank in range(pool.tp):
+            procs.append(_Proc(iid, roles, pool, Endpoint(iid, rank, pool.tp, len(procs))))
+    return procs
+
+
+def _comm_spec(deployment: DeploymentConfig, procs: list[_Proc], host: str) -> Optional[CommSpec]:
+    """Process groups are needed for tensor parallelism and for push-based (NCCL) transfers."""
+    tp_groups = {}
+    for p in procs:
+        if p.endpoint.tp > 1:
+            tp_groups.setdefault(p.iid, []).append(p.endpoint.global_rank)
+    pairs = transfer_class(deployment.transfer).needs_push
+    if not tp_groups and not pairs:
+        return None
+    gpu = any(p.pool.num_gpus > 0 for p in procs)
+    return CommSpec(host, free_port(), len(procs), tuple(tuple(g) for g in tp_groups.values()), pairs, "nccl" if gpu else "gloo")
 
 
 class RayExecutor:
@@ -70,9 +106,10 @@ class RayExecutor:
 
         self.ray = ray
         self.transfer = deployment.transfer
-        specs = list(_worker_specs(deployment))
+        self.needs_push = transfer_class(self.transfer).needs_push
+        procs = _processes(deployment)
         if not ray.is_initialized():
-            need = int(sum(p.num_cpus for _, _, p in specs)) + 1
+            need = int(sum(p.pool.num_cpus for p in procs)) + 1
             kwargs: dict[str, Any] = (
                 {"address": backend.address} if backend.address else {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
             )
@@ -80,32 +117,78 @@ class RayExecutor:
             self._own_ray = True
         else:
             self._own_ray = False
-        bundles = [{"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {})} for _, _, p in specs]
+        # One bundle per process, reserved at once: a deployment gets all of its GPUs or none.
+        bundles = [{"CPU": p.pool.num_cpus, **({"GPU": p.pool.num_gpus} if p.pool.num_gpus else {})} for p in procs]
         self.pg = placement_group(bundles, strategy="PACK")
         if not self.pg.wait(timeout_seconds=120):
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(f"cannot reserve {bundles} on the Ray cluster: {ray.cluster_resources()}")
-        remote_cls = ray.remote(Worker)
-        self.actors = {}
-        for idx, (iid, roles, pool) in enumerate(specs):
-            threads = max(1, int(pool.num_cpus))
-            self.actors[iid] = remote_cls.options(
-                num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus,
+        self._store = None
+        comm = None
+        spec = _comm_spec(deployment, procs, ray.util.get_node_ip_address())
+        if spec is not None:
+            import torch.distributed as dist
+
+            from epd.distributed import TIMEOUT
+
+            # The driver hosts the rendezvous, so workers on any node can reach it.
+            self._store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+            comm = spec
+        # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
+        remote_cls = ray.remote(concurrency_groups={"transfer": max(2, len(procs))})(Worker)
+        self.actors: dict[str, list[Any]] = {}
+        for idx, p in enumerate(procs):
+            gpu = p.pool.num_gpus > 0
+            env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if gpu else {}
+            actor = remote_cls.options(
+                num_cpus=p.pool.num_cpus,
+                num_gpus=p.pool.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=idx),
-            ).remote(iid, roles, model, pool, self.transfer, threads)
-        ray.get([a.ping.remote() for a in self.actors.values()])  # surface construction errors now
-        self._inflight: dict[Any, tuple[str, Batch]] = {}
+                runtime_env={"env_vars": env} if env else None,
+            ).remote(p.iid, p.roles, model, p.pool, self.transfer, max(1, int(p.pool.num_cpus)), p.endpoint, comm, gpu)
+            self.actors.setdefault(p.iid, []).append(actor)
+        all_actors = [a for ranks in self.actors.values() for a in ranks]
+        try:
+            ray.get([a.ping.remote() for a in all_actors])  # surface construction errors now
+            exports = dict(ray.get([a.transfer_export.remote() for a in all_actors]))
+            ray.get([a.transfer_connect.remote(exports) for a in all_actors])
+        except Exception:
+            self.shutdown()
+            raise
+        self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
+        self._pushes: list[Any] = []
 
     def submit(self, iid: str, batch: Batch) -> None:
-        ref = self.actors[iid].execute.remote(batch)
-        self._inflight[ref] = (iid, batch)
+        if self.needs_push:
+            self._push_for(iid, batch)
+        refs = [a.execute.remote(batch) for a in self.actors[iid]]
+        self._inflight[refs[0]] = (iid, batch, refs[1:])
+
+    def _push_for(self, receiver: str, batch: Batch) -> None:
+        """Ask each sender whose blocks this batch pulls to push them, in the order the receiver reads them."""
+        by_sender: dict[str, list[TransferHandle]] = {}
+        for h in pulled_handles(batch):
+            by_sender.setdefault(h.worker, []).append(h)
+        for sender, handles in by_sender.items():
+            for actor in self.actors[sender]:
+                self._pushes.append(actor.push.options(concurrency_group="transfer").remote(handles, receiver))
+
+    def _check_pushes(self) -> None:
+        if not self._pushes:
+            return
+        done, self._pushes = self.ray.wait(self._pushes, num_returns=len(self._pushes), timeout=0)
+        for ref in done:
+            try:
+                self.ray.get(ref)
+            except Exception as exc:  # the receiving batch fails too and aborts its requests
+                log.error("a transfer push failed: %s", exc)
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
     def wait(self, timeout: float) -> list[Done]:
+        self._check_pushes()
         if not self._inflight:
             return []
         ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
@@ -113,9 +196,10 @@ class RayExecutor:
             ready, _ = self.ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
         out: list[Done] = []
         for ref in ready:
-            iid, batch = self._inflight.pop(ref)
+            iid, batch, others = self._inflight.pop(ref)
             try:
                 result: Any = self.ray.get(ref)
+                self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
             except Exception as exc:
                 log.error("worker %s failed: %s", iid, exc)
                 result = BatchFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time())
@@ -123,23 +207,34 @@ class RayExecutor:
         return out
 
     def call(self, method: str, *args) -> dict[str, Any]:
-        refs = {iid: getattr(a, method).remote(*args) for iid, a in self.actors.items()}
+        refs = {iid: getattr(ranks[0], method).remote(*args) for iid, ranks in self.actors.items()}
         return {iid: self.ray.get(r) for iid, r in refs.items()}
 
     def call_one(self, iid: str, method: str, *args) -> Any:
-        return self.ray.get(getattr(self.actors[iid], method).remote(*args))
+        refs = [getattr(a, method).remote(*args) for a in self.actors[iid]]
+        return self.ray.get(refs)[0]
 
     def shutdown(self) -> None:
-        for a in self.actors.values():
+        actors = [a for ranks in self.actors.values() for a in ranks]
+        if actors:
+            try:  # let workers leave their process groups and unmap peers before they die
+                self.ray.get([a.close.remote() for a in actors], timeout=30)
+            except Exception as exc:
+                log.warning("closing workers: %s", exc)
+        for a in actors:
             self.ray.kill(a)
         self.actors.clear()
         self.ray.util.remove_placement_group(self.pg)
+        self._store = None
         if self._own_ray:
             self.ray.shutdown()
 
 
 def make_executor(kind: str, deployment: DeploymentConfig, model: ModelConfig, backend: Optional[BackendConfig] = None):
     if kind == "local":
+        tp = {n: p.tp for n, p in deployment.pools().items() if p.tp > 1}
+        if tp:
+            raise ValueError(f"tensor parallelism ({tp}) needs backend=ray: one process per rank")
         return LocalExecutor(deployment, model)
     if kind == "ray":
         return RayExecutor(deployment, model, backend or BackendConfig())

@@ -151,14 +151,36 @@ class Pipeline:
         inst.decode_queue.append(state)
 
     def pulled(self, state: RequestState) -> None:
-        """The receiving stage took what the senders hold for `state`: free their side."""
+        """The receiving stage took a batch that pulls what the senders hold for `state`.
+
+        Backends that copied the data out at send time free the senders now; the others keep the
+        senders' blocks until the pulling batch has completed (`_pull_done`).
+        """
+        if self.frees_on_send:
+            self._release_senders(state)
+        else:
+            state.pulling = True
+
+    def _release_senders(self, state: RequestState) -> None:
         for sender in state.senders:
-            inst = self.instances[sender]
-            inst.outgoing -= 1
+            self.instances[sender].outgoing -= 1
             if not self.frees_on_send:
-                for key in [k for k in state.holds if k.startswith(("mm:" + sender + ":", "kv:" + sender))]:
+                for key in [k for k in state.holds if k == f"kv:{sender}" or k.startswith(f"mm:{sender}:")]:
                     state.release(key)
         state.senders = []
+
+    def _pull_done(self, batch: Batch) -> None:
+        if isinstance(batch, PrefillBatch):
+            rids = [it.request_id for it in batch.items]
+        elif isinstance(batch, DecodeBatch):
+            rids = [n.request_id for n in batch.new]
+        else:
+            return
+        for rid in rids:
+            state = self.states[rid]
+            if state.pulling:
+                state.pulling = False
+                self._release_senders(state)
 
     # ---- scheduling --------------------------------------------------------------------
     def next_batch(self, inst: Instance) -> Optional[Batch]:
@@ -176,6 +198,7 @@ class Pipeline:
         return None
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
+        self._pull_done(batch)  # first: a prefill result below may make this instance a sender
         if isinstance(result, BatchFailure):
             self._fail_batch(inst, batch, result)
         elif isinstance(result, EncodeResult):
@@ -285,10 +308,15 @@ class Pipeline:
             self.on_output(state.rid, [], "abort")
 
     def _cleanup(self, state: RequestState) -> None:
-        state.release_all()
-        for sender in state.senders:
-            self.instances[sender].outgoing -= 1
-        state.senders = []
+        if state.pulling:  # a batch in flight still reads the senders' blocks: they go when it completes
+            keep = {k for k in state.holds for s in state.senders if k == f"kv:{s}" or k.startswith(f"mm:{s}:")}
+            for key in [k for k in state.holds if k not in keep]:
+                state.release(key)
+        else:
+            state.release_all()
+            for sender in state.senders:
+                self.instances[sender].outgoing -= 1
+            state.senders = []
         for inst in self.instances.values():
             if state in inst.running:
                 inst.running.remove(state)

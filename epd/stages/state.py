@@ -22,6 +22,7 @@ class RequestState:
     kv_handle: Any = None
     kv_local: bool = False  # decode runs where prefill ran: the KV is already in place
     senders: list[str] = field(default_factory=list)  # instances whose output awaits our pull
+    pulling: bool = False  # a batch in flight is pulling from the senders' blocks
     output: list[int] = field(default_factory=list)
     decode_started: bool = False
     done: bool = False

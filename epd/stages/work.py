@@ -118,3 +118,12 @@ class BatchFailure:
 
     reason: str
     time: float
+
+
+def pulled_handles(batch: Batch) -> list:
+    """The transfer handles a batch pulls, in the order the worker reads them."""
+    if isinstance(batch, PrefillBatch):
+        return [m.handle for it in batch.items for m in it.images if m.handle is not None]
+    if isinstance(batch, DecodeBatch):
+        return [n.kv_handle for n in batch.new if n.kv_handle is not None]
+    return []

@@ -6,13 +6,16 @@ It runs the batches the driver sends and reports times on its own clock.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from epd.cache.paged import gather_kv, read_rows, scatter_kv, write_rows
+from epd.cache.paged import read_rows, write_rows
 from epd.config import ModelConfig, PoolConfig
+from epd.distributed import CommSpec, join, leave
 from epd.models.generate import lm_step
 from epd.models.image_processing import ImageError, load_image
 from epd.models.runtime import ModelRuntime
@@ -30,7 +33,7 @@ from epd.stages.work import (
     PrefillResult,
     Result,
 )
-from epd.transfer import make_transfer
+from epd.transfer import Endpoint, TransferHandle, make_transfer
 
 
 @dataclass
@@ -42,28 +45,85 @@ class _Seq:
     sampling: SamplingParams
 
 
+def assigned_gpu() -> Optional[int]:
+    """The CUDA index of the GPU Ray gave this actor, in a process that sees all of the node's GPUs.
+
+    Workers start with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES so that CUDA IPC can reach
+    peers; Ray's GPU ids are then physical ids, mapped through any node-wide CUDA_VISIBLE_DEVICES.
+    """
+    import ray
+
+    ids = ray.get_gpu_ids()
+    if not ids:
+        return None
+    gid = str(ids[0])
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v != ""]
+    return visible.index(gid) if visible and gid in visible else int(gid)
+
+
 class Worker:
-    def __init__(self, worker_id: str, roles: tuple[str, ...], model: ModelConfig, pool: PoolConfig, transfer: str, threads: int = 0):
+    def __init__(
+        self,
+        worker_id: str,
+        roles: tuple[str, ...],
+        model: ModelConfig,
+        pool: PoolConfig,
+        transfer: str,
+        threads: int = 0,
+        endpoint: Optional[Endpoint] = None,
+        comm: Optional[CommSpec] = None,
+        gpu: bool = False,
+    ):
         if threads > 0:
             torch.set_num_threads(threads)
         self.worker_id, self.roles, self.pool = worker_id, roles, pool
+        self.endpoint = endpoint or Endpoint(worker_id)
+        device = None
+        if gpu:
+            index = assigned_gpu()
+            if index is not None:
+                torch.cuda.set_device(index)
+                device = f"cuda:{index}"
+        self.comm = join(comm, self.endpoint.global_rank, torch.device(device) if device else None) if comm else None
         parts = ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
-        self.rt = ModelRuntime(model, parts)
+        self.rt = ModelRuntime(model, parts, device)
         self.graphs = None
         self.kv = None
         if self.rt.lm is not None:
+            if self.endpoint.tp > 1:
+                self.rt.shard_lm(self.endpoint.rank, self.endpoint.tp, self.comm.tp_group)
             # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
             self.kv = self.rt.allocate_kv_cache(pool.kv_blocks + 1, pool.kv_block_size)
             if self.rt.device.type == "cuda":
                 self.rt.lm.fuse()
-                if model.cuda_graphs and "decode" in roles:
+                # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
+                if model.cuda_graphs and "decode" in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
                     self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
         self.transfer = make_transfer(transfer)
+        if self.comm is not None and hasattr(self.transfer, "set_comm"):
+            self.transfer.set_comm(self.comm)
+        self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
         self.seqs: dict[str, _Seq] = {}
+
+    # ---- transfers between workers ---------------------------------------------------------
+    def transfer_export(self) -> tuple[Endpoint, Any]:
+        return self.endpoint, self.transfer.export()
+
+    def transfer_connect(self, peers: dict[Endpoint, Any]) -> None:
+        self.transfer.connect(peers)
+
+    def push(self, handles: list[TransferHandle], receiver: str) -> None:
+        """Sender side of a push-based transfer (NCCL); runs on the actor's transfer thread."""
+        self.transfer.push(handles, receiver)
+
+    def close(self) -> None:
+        self.transfer.close()
+        if self.comm is not None:
+            leave()
 
     def info(self) -> dict:
         weights = self.rt.weight_bytes()
@@ -111,7 +171,7 @@ class Worker:
                 )
                 continue
             write_rows(self.mm, item.mm_blocks, emb)
-            handle = self.transfer.send(emb) if item.send else None
+            handle = self.transfer.send("mm", item.mm_blocks, item.num_tokens) if item.send else None
             results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
         self._sync()
         return EncodeResult((begin, time.time()), results)
@@ -125,7 +185,7 @@ class Worker:
             if remote:
                 t0 = time.time()
                 for m in remote:
-                    write_rows(self.mm, m.blocks, self.transfer.recv(m.handle, self.rt.device))
+                    self.transfer.recv(m.handle, m.blocks)
                 self._sync()
                 transfers[item.request_id] = (t0, time.time())
         begin = time.time()
@@ -144,7 +204,7 @@ class Worker:
         for it, tok in zip(batch.items, firsts):
             done = PrefilledItem(it.request_id, tok, mm_transfer=transfers.get(it.request_id))
             if it.send_kv:
-                done.kv_handle = self.transfer.send(gather_kv(self.kv, it.kv_blocks, len(it.prompt_ids)))
+                done.kv_handle = self.transfer.send("kv", it.kv_blocks, len(it.prompt_ids))
             if it.keep_for_decode:
                 self.seqs[it.request_id] = _Seq(it.kv_blocks, len(it.prompt_ids), tok, 1, it.sampling)
             out.append(done)
@@ -158,7 +218,7 @@ class Worker:
         for new in batch.new:
             t0 = time.time()
             if new.kv_handle is not None:
-                scatter_kv(self.kv, new.kv_blocks, self.transfer.recv(new.kv_handle, self.rt.device))
+                self.transfer.recv(new.kv_handle, new.kv_blocks)
                 self._sync()
             transfers[new.request_id] = (t0, time.time())
             self.seqs[new.request_id] = _Seq(new.kv_blocks, new.context_len, new.last_token, 1, new.sampling)

@@ -1,0 +1,86 @@
+// CUDA half of block_copy.cpp: the batched block copy kernel and CUDA IPC.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace py = pybind11;
+using Run = std::tuple<int64_t, int64_t, int64_t>;
+
+struct BlockView {
+  int64_t outer, blocks, inner_bytes;
+};
+
+#define EPD_CUDA_CHECK(expr)                                                          \
+  do {                                                                                \
+    cudaError_t err__ = (expr);                                                       \
+    TORCH_CHECK(err__ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err__)); \
+  } while (0)
+
+// One CTA per (run, outer index): copies run_len * inner_bytes contiguous bytes, 16 B per lane
+// when both ends are 16-byte aligned (always, for bf16 caches with head_dim a multiple of 8).
+__global__ void copy_runs_kernel(const char* __restrict__ src, char* __restrict__ dst, const int64_t* __restrict__ runs,
+                                 int64_t src_blocks, int64_t dst_blocks, int64_t inner_bytes) {
+  const int64_t r = blockIdx.x, o = blockIdx.y;
+  const int64_t sb = runs[3 * r], db = runs[3 * r + 1], n = runs[3 * r + 2];
+  const char* s = src + (o * src_blocks + sb) * inner_bytes;
+  char* d = dst + (o * dst_blocks + db) * inner_bytes;
+  const int64_t bytes = n * inner_bytes;
+  if ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | bytes) % 16 == 0) {
+    const int4* s4 = reinterpret_cast<const int4*>(s);
+    int4* d4 = reinterpret_cast<int4*>(d);
+    for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d4[i] = s4[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < bytes; i += blockDim.x) d[i] = s[i];
+  }
+}
+
+void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blocks, const std::vector<Run>& runs, const BlockView& dv) {
+  const c10::cuda::CUDAGuard guard(dst.device());
+  std::vector<int64_t> flat;
+  flat.reserve(runs.size() * 3);
+  for (const auto& [s, d, n] : runs) {
+    flat.push_back(s);
+    flat.push_back(d);
+    flat.push_back(n);
+  }
+  auto runs_dev = torch::from_blob(flat.data(), {(int64_t)flat.size()}, torch::kInt64).to(dst.device(), /*non_blocking=*/false);
+  TORCH_CHECK(runs.size() <= 2147483647 && dv.outer <= 65535, "copy_blocks_cuda: too many runs or layers for one launch");
+  dim3 grid((unsigned)runs.size(), (unsigned)dv.outer);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  copy_runs_kernel<<<grid, 512, 0, stream>>>(reinterpret_cast<const char*>(src_ptr), static_cast<char*>(dst.data_ptr()),
+                                             runs_dev.data_ptr<int64_t>(), src_blocks, dv.blocks, dv.inner_bytes);
+  EPD_CUDA_CHECK(cudaGetLastError());
+}
+
+std::tuple<py::bytes, int64_t, int64_t> ipc_export(torch::Tensor t) {
+  TORCH_CHECK(t.is_cuda(), "ipc_export: tensor must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(t.device());
+  size_t size = 0;
+  void* base = c10::cuda::CUDACachingAllocator::getBaseAllocation(t.data_ptr(), &size);
+  cudaIpcMemHandle_t handle;
+  EPD_CUDA_CHECK(cudaIpcGetMemHandle(&handle, base));
+  const int64_t offset = static_cast<char*>(t.data_ptr()) - static_cast<char*>(base);
+  return {py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle)), offset, (int64_t)t.device().index()};
+}
+
+int64_t ipc_open(py::bytes handle, int64_t device) {
+  std::string raw = handle;
+  TORCH_CHECK(raw.size() == sizeof(cudaIpcMemHandle_t), "ipc_open: handle has ", raw.size(), " bytes, expected ", sizeof(cudaIpcMemHandle_t));
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, raw.data(), sizeof(h));
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  void* ptr = nullptr;
+  EPD_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess));
+  return reinterpret_cast<int64_t>(ptr);
+}
+
+void ipc_close(int64_t ptr, int64_t device) {
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  EPD_CUDA_CHECK(cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)));
+}
