@@ -13,7 +13,7 @@ import torch
 from epd.cache.block_copy import block_runs, copy_blocks, copy_blocks_torch
 from epd.config import DeploymentConfig, PoolConfig
 from epd.csrc import block_ops
-from tests.test_engine import EPD, MODEL, PD, expected, run, workload  # noqa: F401  (expected: fixture)
+from tests.test_engine import EPD, MODEL, PD, reference, run, workload
 
 
 def test_extension_builds_and_coalesces_runs():
@@ -65,6 +65,12 @@ def test_fallback_when_extension_unavailable(monkeypatch, caplog):
         block_ops.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def expected():
+    reqs = workload()
+    return dict(zip([r.request_id for r in reqs], reference(reqs)))
+
+
 def _with(dep: DeploymentConfig, **kw) -> DeploymentConfig:
     return DeploymentConfig(**{**dep.__dict__, **kw})
 
@@ -106,9 +112,12 @@ def test_tensor_parallel_aggregated(ray_cluster, expected):
 def test_ipc_needs_cuda(ray_cluster):
     with pytest.raises(Exception, match="ipc needs CUDA caches"):
         run(_with(EPD, transfer="ipc"), workload(2))
-    from ray.util.state import list_actors
+    import time
 
-    assert not [a for a in list_actors() if a["state"] == "ALIVE" and "Worker" in a["class_name"]]
+    deadline = time.time() + 20  # every actor and the placement group give their CPUs back
+    while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == ray_cluster.cluster_resources()["CPU"]
 
 
 @pytest.mark.parametrize(

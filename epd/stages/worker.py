@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -108,6 +109,8 @@ class Worker:
             self.transfer.set_comm(self.comm)
         self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
         self.seqs: dict[str, _Seq] = {}
+        # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
+        self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
 
     # ---- transfers between workers ---------------------------------------------------------
     def transfer_export(self) -> tuple[Endpoint, Any]:
@@ -121,6 +124,7 @@ class Worker:
         self.transfer.push(handles, receiver)
 
     def close(self) -> None:
+        self._prep.shutdown(wait=False)
         self.transfer.close()
         if self.comm is not None:
             leave()
@@ -158,12 +162,12 @@ class Worker:
     def _encode(self, batch: EncodeBatch) -> EncodeResult:
         begin = time.time()
         ok, results, pixels = [], [], []
-        for item in batch.items:
-            try:
-                pixels.append(self.rt.family.preprocess(load_image(item.image)))
+        for item, px in zip(batch.items, self._prep.map(self._preprocess, batch.items)):
+            if isinstance(px, str):
+                results.append(EncodedItem(item.request_id, item.image_index, error=px))
+            else:
+                pixels.append(px)
                 ok.append(item)
-            except ImageError as exc:
-                results.append(EncodedItem(item.request_id, item.image_index, error=str(exc)))
         for item, emb in zip(ok, self.rt.encode(pixels)):
             if emb.shape[0] != item.num_tokens:
                 results.append(
@@ -175,6 +179,12 @@ class Worker:
             results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
         self._sync()
         return EncodeResult((begin, time.time()), results)
+
+    def _preprocess(self, item) -> torch.Tensor | str:
+        try:
+            return self.rt.family.preprocess(load_image(item.image))
+        except ImageError as exc:
+            return str(exc)
 
     # ---- P -----------------------------------------------------------------------------
     def _prefill(self, batch: PrefillBatch) -> PrefillResult:
