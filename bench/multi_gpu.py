@@ -32,25 +32,28 @@ from epd.csrc import block_ops  # noqa: E402
 MB = 1 << 20
 
 
-def _time_cuda(fn, device: int, repeats: int = 10) -> float:
+def _time_cuda(fn, repeats: int = 10) -> float:
+    """Median wall time of fn with every GPU synchronised around it (copies span two devices)."""
+
+    def sync():
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
+
     fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.device(device):
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def _p2p_pair(a: int, b: int, size: int, ops) -> dict:
     src = torch.empty(size, dtype=torch.uint8, device=a)
     dst = torch.empty(size, dtype=torch.uint8, device=b)
-    t = _time_cuda(lambda: dst.copy_(src), b)  # also enables peer access between a and b
+    t = _time_cuda(lambda: dst.copy_(src))  # also enables peer access between a and b
     row = {"src": a, "dst": b, "bytes": size, "memcpy_peer_GBps": size / t / 1e9}
     if ops is not None and ops.has_cuda():
         # A LLaVA-7B-shaped KV cache (8 MiB per 16-token block), blocks scattered on both sides.
@@ -60,10 +63,20 @@ def _p2p_pair(a: int, b: int, size: int, ops) -> dict:
         sb = torch.randperm(4 * blocks)[:blocks].tolist()
         db = torch.randperm(4 * blocks)[:blocks].tolist()
         with torch.cuda.device(b):
-            tk = _time_cuda(lambda: ops.copy_blocks_cuda(kv_src.data_ptr(), 4 * blocks, kv_dst, sb, db, 2), b)
+            tk = _time_cuda(lambda: ops.copy_blocks_cuda(kv_src.data_ptr(), 4 * blocks, kv_dst, sb, db, 2))
         row["kernel_GBps"] = size / tk / 1e9
         row["kernel_vs_ceiling"] = row["kernel_GBps"] / row["memcpy_peer_GBps"]
         row["kernel_exact"] = all(torch.equal(kv_dst[:, :, d].cpu(), kv_src[:, :, s].cpu()) for s, d in zip(sb, db))
+        del kv_src, kv_dst
+        # An MM cache (one outer slice, 512 KiB per 64-token block): parallelism comes from chunking alone.
+        mb = size // (512 * 1024)
+        mm_src = torch.randn(2 * mb, 64, 4096, device=a).to(torch.bfloat16)
+        mm_dst = torch.empty(2 * mb, 64, 4096, dtype=torch.bfloat16, device=b)
+        ms, md = list(range(mb)), list(range(mb, 2 * mb))
+        with torch.cuda.device(b):
+            tm = _time_cuda(lambda: ops.copy_blocks_cuda(mm_src.data_ptr(), 2 * mb, mm_dst, ms, md, 0))
+        row["mm_kernel_GBps"] = size / tm / 1e9
+        row["mm_kernel_exact"] = torch.equal(mm_dst[mb:].cpu(), mm_src[:mb].cpu())
     return row
 
 

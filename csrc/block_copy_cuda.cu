@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -22,21 +23,27 @@ struct BlockView {
     TORCH_CHECK(err__ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err__)); \
   } while (0)
 
-// One CTA per (run, outer index): copies run_len * inner_bytes contiguous bytes, 16 B per lane
-// when both ends are 16-byte aligned (always, for bf16 caches with head_dim a multiple of 8).
+// CTA (x, y, z) copies chunk z of run x in outer slice y: contiguous bytes, 16 B per lane when both
+// ends are 16-byte aligned (always, for bf16 caches with head_dim a multiple of 8). Chunking keeps
+// every SM busy when there are few runs and few outer slices (an MM cache has one).
+constexpr int64_t kChunk = 256 * 1024;
+
 __global__ void copy_runs_kernel(const char* __restrict__ src, char* __restrict__ dst, const int64_t* __restrict__ runs,
-                                 int64_t src_blocks, int64_t dst_blocks, int64_t inner_bytes) {
+                                 int64_t src_blocks, int64_t dst_blocks, int64_t inner_bytes, int64_t chunk) {
   const int64_t r = blockIdx.x, o = blockIdx.y;
   const int64_t sb = runs[3 * r], db = runs[3 * r + 1], n = runs[3 * r + 2];
-  const char* s = src + (o * src_blocks + sb) * inner_bytes;
-  char* d = dst + (o * dst_blocks + db) * inner_bytes;
   const int64_t bytes = n * inner_bytes;
-  if ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | bytes) % 16 == 0) {
+  const int64_t begin = blockIdx.z * chunk;
+  if (begin >= bytes) return;
+  const int64_t len = min(chunk, bytes - begin);
+  const char* s = src + (o * src_blocks + sb) * inner_bytes + begin;
+  char* d = dst + (o * dst_blocks + db) * inner_bytes + begin;
+  if ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | len) % 16 == 0) {
     const int4* s4 = reinterpret_cast<const int4*>(s);
     int4* d4 = reinterpret_cast<int4*>(d);
-    for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d4[i] = s4[i];
+    for (int64_t i = threadIdx.x; i < len / 16; i += blockDim.x) d4[i] = s4[i];
   } else {
-    for (int64_t i = threadIdx.x; i < bytes; i += blockDim.x) d[i] = s[i];
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
   }
 }
 
@@ -44,17 +51,23 @@ void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blo
   const c10::cuda::CUDAGuard guard(dst.device());
   std::vector<int64_t> flat;
   flat.reserve(runs.size() * 3);
+  int64_t longest = 0;
   for (const auto& [s, d, n] : runs) {
     flat.push_back(s);
     flat.push_back(d);
     flat.push_back(n);
+    longest = std::max(longest, n);
   }
-  auto runs_dev = torch::from_blob(flat.data(), {(int64_t)flat.size()}, torch::kInt64).to(dst.device(), /*non_blocking=*/false);
+  const int64_t max_bytes = longest * dv.inner_bytes;
+  // Chunks of 256 KiB, 16-byte aligned; fewer, larger ones if a run would need more than 65535.
+  int64_t chunk = std::max(kChunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);
+  const int64_t chunks = (max_bytes + chunk - 1) / chunk;
   TORCH_CHECK(runs.size() <= 2147483647 && dv.outer <= 65535, "copy_blocks_cuda: too many runs or layers for one launch");
-  dim3 grid((unsigned)runs.size(), (unsigned)dv.outer);
+  auto runs_dev = torch::from_blob(flat.data(), {(int64_t)flat.size()}, torch::kInt64).to(dst.device(), /*non_blocking=*/false);
+  dim3 grid((unsigned)runs.size(), (unsigned)dv.outer, (unsigned)chunks);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   copy_runs_kernel<<<grid, 512, 0, stream>>>(reinterpret_cast<const char*>(src_ptr), static_cast<char*>(dst.data_ptr()),
-                                             runs_dev.data_ptr<int64_t>(), src_blocks, dv.blocks, dv.inner_bytes);
+                                             runs_dev.data_ptr<int64_t>(), src_blocks, dv.blocks, dv.inner_bytes, chunk);
   EPD_CUDA_CHECK(cudaGetLastError());
 }
 

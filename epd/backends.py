@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from epd.config import RunConfig
@@ -23,16 +25,40 @@ class RunResult:
 
 
 class EngineBackend:
-    """The real engine. Offline workloads go through the offline API, timed ones through the async API."""
+    """The real engine. Offline workloads go through the offline API, timed ones through the async API.
+
+    Inside `with backend.session():` the workers stay up between `run` calls (a rate sweep pays the
+    start-up once); outside, each run starts and stops its own workers.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.executor = "local" if cfg.backend.kind == "local" else "ray"
+        self._llm = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[EngineBackend]:
+        from epd.serve.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
+        try:
+            yield self
+        finally:
+            llm, self._llm = self._llm, None
+            llm.close()
 
     def run(self, requests: list[Request]) -> RunResult:
+        if self._llm is not None:
+            return self._run_async(self._llm, requests)
         if all(r.arrival_time == 0 for r in requests):
             return self._run_offline(requests)
-        return self._run_online(requests)
+        from epd.serve.async_llm import AsyncLLM
+
+        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
+        try:
+            return self._run_async(llm, requests)
+        finally:
+            llm.close()
 
     def _run_offline(self, requests: list[Request]) -> RunResult:
         from epd.serve.offline import OfflineLLM
@@ -43,24 +69,21 @@ class EngineBackend:
             llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)
             return self._result(llm.core, workers)
 
-    def _run_online(self, requests: list[Request]) -> RunResult:
-        from epd.serve.async_llm import AsyncLLM
-
-        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
-        try:
-            workers = llm.core.worker_info()
-            llm.core.reset_clock()
-            asyncio.run(self._drive(llm, requests))
-            llm.wait_idle(timeout_s=self.cfg.backend.timeout_s)
-            llm.stop_loop()
-            return self._result(llm.core, workers)
-        finally:
-            llm.close()
+    def _run_async(self, llm, requests: list[Request]) -> RunResult:
+        llm.stop_loop()  # quiet while the previous run's state is cleared
+        llm.core.new_run()
+        workers = llm.core.worker_info()
+        llm.core.reset_clock()
+        llm.start_loop()
+        asyncio.run(self._drive(llm, requests))
+        llm.wait_idle(timeout_s=self.cfg.backend.timeout_s)
+        llm.stop_loop()
+        return self._result(llm.core, workers)
 
     @staticmethod
     def _result(core, workers: list[dict]) -> RunResult:
         core.drain_check()
-        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, core.timeseries)
+        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, list(core.timeseries))
 
     async def _drive(self, llm, requests: list[Request]) -> None:
         start = time.time()

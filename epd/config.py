@@ -6,7 +6,7 @@ Everything below `epd/run.py` receives these objects, never a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -259,6 +259,19 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """`task=compare`: several deployments over a rate sweep on the same workload, real and simulated."""
+
+    deployments: dict[str, Any] = field(default_factory=dict)  # name -> deployment fields (see compare_deployments)
+    rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    real: bool = True  # run the engine (backend.kind ray|local)
+    simulate: bool = True  # and the simulator's prediction of every point
+    sim_latency_model: str = "roofline"  # roofline | profiled
+    sim_profile_path: Optional[str] = None
+    warmup_requests: int = 4  # offline requests run first on each deployment's fresh workers (compile, graphs)
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """`task=profile`: the grid of batch shapes measured on the real engine."""
 
@@ -302,10 +315,25 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    task: str = "serve"  # serve (run the workload) | profile | optimize
+    task: str = "serve"  # serve (run the workload) | profile | optimize | compare
     experiment: str = "default"
     seed: int = 0
+
+
+def compare_deployments(cc: CompareConfig) -> dict[str, DeploymentConfig]:
+    """compare.deployments typed and checked (a misspelt key or a bad value names the deployment)."""
+    out = {}
+    for name, raw in cc.deployments.items():
+        try:
+            node = OmegaConf.merge(_schema(DeploymentConfig), raw)
+            dep = OmegaConf.to_object(node)
+            dep.validate()
+        except Exception as exc:
+            raise ValueError(f"compare.deployments.{name}: {exc}") from exc
+        out[name] = dep
+    return out
 
 
 def _schema(node_type: type) -> DictConfig:

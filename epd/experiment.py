@@ -22,13 +22,14 @@ def make_requests(cfg: RunConfig):
     return build_workload(cfg.workload, text.vocab_size, reserved)
 
 
-def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
+def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) -> dict:
+    """Run cfg's workload on `backend` (default: a fresh one from cfg.backend), record and log it."""
     requests = make_requests(cfg)
     desc = cfg.deployment.describe()
     logger = make_logger(cfg.logger, out_dir, f"{cfg.experiment}-{desc}-{out_dir.name}", cfg.experiment, [desc, cfg.backend.kind], resolved)
     exit_code = 1
     try:
-        result = make_backend(cfg).run(requests)
+        result = (backend or make_backend(cfg)).run(requests)
         summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc)
         summary.update(backend=cfg.backend.kind, model=cfg.model.name, workload=cfg.workload.name, rate=cfg.workload.rate)
         write_record(out_dir, resolved, result, summary)

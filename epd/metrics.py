@@ -133,7 +133,24 @@ def _mean(values: list[float]) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+def transfer_bandwidth(events: Iterable[Event], min_bytes: int = 16 << 20) -> dict[str, list[float]]:
+    """Bytes/s of every MM and KV transfer of at least `min_bytes` (begin events carry the bytes)."""
+    begins: dict[tuple[str, str], tuple[float, int]] = {}
+    out: dict[str, list[float]] = {"mm": [], "kv": []}
+    pairs = {E.MM_TRANSFER_BEGIN: "mm", E.KV_TRANSFER_BEGIN: "kv"}
+    ends = {E.MM_TRANSFER_END: "mm", E.KV_TRANSFER_END: "kv"}
+    for e in events:
+        if e.kind in pairs and "bytes" in e.data:
+            begins[(e.request_id, pairs[e.kind])] = (e.time, e.data["bytes"])
+        elif e.kind in ends and (e.request_id, ends[e.kind]) in begins:
+            t0, nbytes = begins.pop((e.request_id, ends[e.kind]))
+            if nbytes >= min_bytes and e.time > t0:
+                out[ends[e.kind]].append(nbytes / (e.time - t0))
+    return out
+
+
 def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deployment: str) -> dict:
+    events = list(events)
     tls = timelines(events)
     done = [tl for tl in tls.values() if tl.finished]
     ttfts = [tl.ttft for tl in done if tl.ttft is not None]
@@ -167,4 +184,7 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
             stages.setdefault(k, []).append(v)
     for k, vals in sorted(stages.items()):
         summary[f"{k}_mean"] = _mean(vals)
+    for k, vals in transfer_bandwidth(events).items():  # transfers of >= 16 MiB
+        summary[f"{k}_transfer_GBps_p50"] = _pct(vals, 50) / 1e9 if vals else None
+        summary[f"{k}_transfer_count_16MiB"] = len(vals)
     return summary

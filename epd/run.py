@@ -50,8 +50,14 @@ def main(cfg: DictConfig) -> Optional[float]:
             from simulator.search import run_search
 
             return run_search(run_cfg, out_dir, resolved)
+        if run_cfg.task == "compare":
+            from epd.compare import run_compare
+
+            result = run_compare(run_cfg, out_dir, resolved)
+            print(f"  record     {out_dir}")
+            return max((g for g in result["goodput"].values() if g is not None), default=None)
         if run_cfg.task != "serve":
-            raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize)")
+            raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize, compare)")
         summary = run_experiment(run_cfg, out_dir, resolved)
         print(format_summary(summary))
         print(f"  record     {out_dir}")

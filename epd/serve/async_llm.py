@@ -91,6 +91,14 @@ class AsyncLLM:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def start_loop(self) -> None:
+        """Run the engine loop again after stop_loop (the same workers serve the next workload)."""
+        if self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="epd-engine", daemon=True)
+        self._thread.start()
+
     def close(self) -> None:
         self.stop_loop()
         self.core.close()

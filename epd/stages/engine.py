@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.lifetime import EventLog
 from epd.models.runtime import load_family
 from epd.models.tokenizer import load_tokenizer
 from epd.request import Request
@@ -46,6 +47,15 @@ class EngineCore:
         """Start the run's clock now (after workers have loaded)."""
         self.pipeline.origin = time.time()
         self.timeseries.clear()
+
+    def new_run(self) -> None:
+        """Forget finished requests and start a fresh clock: the next workload runs on the same workers."""
+        if not self.pipeline.idle() or not self._incoming.empty():
+            raise RuntimeError(f"new_run while {self.pipeline.num_active} requests are active")
+        self.pipeline.events = EventLog()
+        self.pipeline.states.clear()
+        self.pipeline.outputs.clear()
+        self.reset_clock()
 
     def add_request(self, req: Request) -> None:
         """Thread-safe: the request is admitted at the next step."""

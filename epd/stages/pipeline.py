@@ -51,6 +51,10 @@ class Pipeline:
         self.deployment = deployment
         self.family = family
         self.text = family.text_config()
+        elsize = {"float32": 4, "bfloat16": 2, "float16": 2}[family.cfg.dtype]
+        head_dim = self.text.hidden_size // self.text.num_heads
+        self.kv_bytes_per_token = 2 * self.text.num_layers * self.text.num_kv_heads * head_dim * elsize  # all TP ranks together
+        self.mm_bytes_per_token = self.text.hidden_size * elsize
         self.frees_on_send = frees_on_send
         self.max_pending = deployment.max_pending_transfers
         self.origin = time_origin
@@ -239,7 +243,8 @@ class Pipeline:
             if state.done:
                 continue
             if item.mm_transfer:
-                self.emit(item.mm_transfer[0], state, E.MM_TRANSFER_BEGIN, inst.id)
+                nbytes = sum(state.image_tokens) * self.mm_bytes_per_token
+                self.emit(item.mm_transfer[0], state, E.MM_TRANSFER_BEGIN, inst.id, bytes=nbytes)
                 self.emit(item.mm_transfer[1], state, E.MM_TRANSFER_END, inst.id)
             self.emit(b, state, E.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
             self.emit(e, state, E.PREFILL_END, inst.id)
@@ -261,7 +266,7 @@ class Pipeline:
         for rid, (tb, te) in result.kv_transfers.items():
             state = self.states[rid]
             if not state.done:
-                self.emit(tb, state, E.KV_TRANSFER_BEGIN, inst.id)
+                self.emit(tb, state, E.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
                 self.emit(te, state, E.KV_TRANSFER_END, inst.id)
         for rid, tok in result.tokens.items():
             state = self.states[rid]
