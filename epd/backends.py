@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from epd.allocation import make_allocation
 from epd.config import RunConfig
 from epd.lifetime import EventLog
 from epd.request import Request, RequestOutput
@@ -22,6 +23,7 @@ class RunResult:
     outputs: dict[str, RequestOutput]
     workers: list[dict] = field(default_factory=list)
     timeseries: list[dict] = field(default_factory=list)
+    stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
 
 
 class EngineBackend:
@@ -40,7 +42,7 @@ class EngineBackend:
     def session(self) -> Iterator[EngineBackend]:
         from epd.serve.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
+        self._llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
         try:
             yield self
         finally:
@@ -54,7 +56,7 @@ class EngineBackend:
             return self._run_offline(requests)
         from epd.serve.async_llm import AsyncLLM
 
-        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend)
+        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
         try:
             return self._run_async(llm, requests)
         finally:
@@ -63,7 +65,7 @@ class EngineBackend:
     def _run_offline(self, requests: list[Request]) -> RunResult:
         from epd.serve.offline import OfflineLLM
 
-        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend) as llm:
+        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg)) as llm:
             workers = llm.core.worker_info()
             llm.core.reset_clock()
             llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)
@@ -83,7 +85,8 @@ class EngineBackend:
     @staticmethod
     def _result(core, workers: list[dict]) -> RunResult:
         core.drain_check()
-        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, list(core.timeseries))
+        stage_load = list(core.allocation.stage_load) if core.allocation is not None else []
+        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, list(core.timeseries), stage_load)
 
     async def _drive(self, llm, requests: list[Request]) -> None:
         start = time.time()

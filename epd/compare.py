@@ -7,6 +7,7 @@ compare.json, compare.md (table + goodput) and compare.png (SLO attainment vs ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from epd.backends import EngineBackend
-from epd.config import BackendConfig, DeploymentConfig, RunConfig, compare_deployments
+from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig, compare_deployments
 from epd.experiment import format_summary, run_experiment
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ COLUMNS = (
     "num_requests",
     "mm_transfer_GBps_p50",
     "kv_transfer_GBps_p50",
+    "duration",
+    "ttft_mean",
+    "tpot_mean",
+    "role_switches",
+    "role_switch_mean_s",
 )
 
 
@@ -47,9 +53,22 @@ def goodput(points: list[tuple[float, float]], target: float) -> Optional[float]
     return points[-1][0]
 
 
-def _point_cfg(cfg: RunConfig, dep: DeploymentConfig, rate: float, backend: BackendConfig) -> RunConfig:
+def _allocations(cfg: RunConfig) -> dict[str, AllocationConfig]:
+    if not cfg.compare.allocations:
+        return {cfg.allocation.policy: cfg.allocation}
+    out = {}
+    for name, raw in cfg.compare.allocations.items():
+        try:
+            out[name] = dataclasses.replace(cfg.allocation, **dict(raw))
+        except TypeError as exc:
+            raise ValueError(f"compare.allocations.{name}: {exc}") from exc
+    return out
+
+
+def _point_cfg(cfg: RunConfig, dep: DeploymentConfig, rate: float, backend: BackendConfig, alloc: AllocationConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
+        allocation=alloc,
         deployment=dep,
         workload=dataclasses.replace(cfg.workload, rate=rate),
         backend=backend,
@@ -73,20 +92,27 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     deployments = compare_deployments(cc)
     rows: list[dict] = []
     sim_backend = dataclasses.replace(cfg.backend, kind="sim", latency_model=cc.sim_latency_model, profile_path=cc.sim_profile_path)
-    for name, dep in deployments.items():
+    allocations = _allocations(cfg)
+    points = [(dname, dep, aname, alloc) for dname, dep in deployments.items() for aname, alloc in allocations.items()]
+    for dname, dep, aname, alloc in points:
+        name = dname if len(allocations) == 1 else f"{dname}+{aname}"
         if cc.real:
-            base = _point_cfg(cfg, dep, cc.rates[0], cfg.backend)
+            base = _point_cfg(cfg, dep, cc.rates[0], cfg.backend, alloc)
             engine = EngineBackend(base)
-            with engine.session():
-                if cc.warmup_requests:
+            # Workers stay up across rates, unless they may switch roles (each rate then starts from the deployment).
+            session = engine.session() if alloc.policy == "static" else contextlib.nullcontext(engine)
+            with session:
+                if cc.warmup_requests and alloc.policy == "static":
                     from epd.experiment import make_requests
 
-                    warm = make_requests(dataclasses.replace(base, workload=dataclasses.replace(base.workload, arrival="offline")))
+                    warm = make_requests(
+                        dataclasses.replace(base, workload=dataclasses.replace(base.workload, arrival="offline", phases=[]))
+                    )
                     engine.run([dataclasses.replace(r, request_id=f"warmup-{r.request_id}") for r in warm[: cc.warmup_requests]])
                 for rate in cc.rates:
-                    point = _point_cfg(cfg, dep, rate, cfg.backend)
+                    point = _point_cfg(cfg, dep, rate, cfg.backend, alloc)
                     s = run_experiment(
-                        point, out_dir / "runs" / f"{name}-rate{rate:g}", _resolved(resolved, name, rate, cfg.backend.kind), engine
+                        point, out_dir / "runs" / f"{name}-rate{rate:g}", _resolved(resolved, dname, rate, cfg.backend.kind), engine
                     )
                     print(format_summary(s), flush=True)
                     rows.append(
@@ -94,8 +120,8 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
                     )
         if cc.simulate:
             for rate in cc.rates:
-                point = _point_cfg(cfg, dep, rate, sim_backend)
-                s = run_experiment(point, out_dir / "runs" / f"{name}-rate{rate:g}-sim", _resolved(resolved, name, rate, "sim"))
+                point = _point_cfg(cfg, dep, rate, sim_backend, alloc)
+                s = run_experiment(point, out_dir / "runs" / f"{name}-rate{rate:g}-sim", _resolved(resolved, dname, rate, "sim"))
                 rows.append(
                     {"deployment": name, "layout": dep.describe(), "rate": rate, "source": "simulator", **{k: s.get(k) for k in COLUMNS}}
                 )
@@ -112,7 +138,7 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
                 [(r["rate"], r["slo_attainment"]) for r in rows if r["deployment"] == name and r["source"] == source],
                 cfg.slo.attainment_target,
             )
-            for name in cc.deployments
+            for name in {r["deployment"] for r in rows}
             for source in ("engine", "simulator")
             if any(r["deployment"] == name and r["source"] == source for r in rows)
         },

@@ -192,6 +192,9 @@ class WorkloadConfig:
     top_k: int = 0
     dataset_path: Optional[str] = None
     trace_path: Optional[str] = None
+    # A workload whose mix shifts: each phase overrides fields of this one (num_requests, images, output
+    # tokens, rate...) and follows the previous one in time (offline: in queue order).
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,20 @@ class SLOConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    policy: str = "static"
+    """How many workers each stage gets, decided again while serving (`epd/allocation/`)."""
+
+    policy: str = "static"  # static | queue | simulated | scripted
+    interval_s: float = 1.0  # how often the policy looks at the load
+    # queue: move a worker when the busiest stage's pressure exceeds the idlest's by this factor, for `patience` looks in a row
+    hysteresis: float = 2.0
+    min_pressure: float = 1.0  # ... and the busiest stage has at least this much waiting work per worker
+    patience: int = 2
+    cooldown_s: float = 2.0  # after a switch ends, wait this long before the next
+    # simulated: re-run the simulator's split search on the last `window` requests
+    window: int = 64
+    # scripted (tests, experiments): "T:INSTANCE:POOL" entries, e.g. "0.5:encode-1:prefill"
+    script: list[str] = field(default_factory=list)
+    switch_cost_s: float = 0.5  # what a switch costs in the simulator (measure it: ROLE_SWITCH events of a real run)
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,8 @@ class CompareConfig:
     sim_latency_model: str = "roofline"  # roofline | profiled
     sim_profile_path: Optional[str] = None
     warmup_requests: int = 4  # offline requests run first on each deployment's fresh workers (compile, graphs)
+    # name -> allocation fields (e.g. {static: {policy: static}, queue: {policy: queue}}); empty: the run's allocation
+    allocations: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ class LifetimeEvent(str, enum.Enum):
     TOKEN = "token"
     FINISHED = "finished"
     ABORTED = "aborted"
+    # Worker events (request_id is SYSTEM): a worker leaves one stage for another while serving.
+    ROLE_SWITCH_BEGIN = "role_switch_begin"
+    ROLE_SWITCH_END = "role_switch_end"
+
+
+SYSTEM = ""  # the request_id of events that belong to no request
+SYSTEM_EVENTS = frozenset({LifetimeEvent.ROLE_SWITCH_BEGIN, LifetimeEvent.ROLE_SWITCH_END})
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,13 @@ class EventLog:
     def by_request(self) -> dict[str, list[Event]]:
         out: dict[str, list[Event]] = {}
         for ev in sorted(self._events, key=lambda e: e.time):
-            out.setdefault(ev.request_id, []).append(ev)
+            if ev.kind not in SYSTEM_EVENTS:
+                out.setdefault(ev.request_id, []).append(ev)
         return out
+
+    def system(self) -> list[Event]:
+        """Worker events (role switches), in time order."""
+        return sorted((e for e in self._events if e.kind in SYSTEM_EVENTS), key=lambda e: e.time)
 
     def write_jsonl(self, path: Path) -> None:
         with open(path, "w") as f:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from epd.lifetime import Event
+from epd.lifetime import SYSTEM_EVENTS, Event
 from epd.lifetime import LifetimeEvent as E
 
 # The fields every run's summary.json carries (more may follow: stage means, run metadata).
@@ -69,6 +69,8 @@ class Timeline:
 def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
     out: dict[str, Timeline] = {}
     for ev in sorted(events, key=lambda e: e.time):
+        if ev.kind in SYSTEM_EVENTS:
+            continue
         tl = out.setdefault(ev.request_id, Timeline(ev.request_id))
         tl.first.setdefault(ev.kind, ev.time)
         tl.last[ev.kind] = ev.time
@@ -184,6 +186,10 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
             stages.setdefault(k, []).append(v)
     for k, vals in sorted(stages.items()):
         summary[f"{k}_mean"] = _mean(vals)
+    switches = [e for e in events if e.kind == E.ROLE_SWITCH_END]
+    summary["role_switches"] = len(switches)
+    summary["role_switch_mean_s"] = _mean([e.data["duration"] for e in switches])
+    summary["role_switch_reload_mean_s"] = _mean([e.data["reload"] for e in switches])
     for k, vals in transfer_bandwidth(events).items():  # transfers of >= 16 MiB
         summary[f"{k}_transfer_GBps_p50"] = _pct(vals, 50) / 1e9 if vals else None
         summary[f"{k}_transfer_count_16MiB"] = len(vals)

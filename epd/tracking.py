@@ -58,6 +58,10 @@ def write_record(out_dir: Path, resolved: dict, result: RunResult, summary: dict
     with open(out_dir / "timeseries.jsonl", "w") as f:
         for row in result.timeseries:
             f.write(json.dumps(row) + "\n")
+    if result.stage_load:
+        with open(out_dir / "stage_load.jsonl", "w") as f:
+            for row in result.stage_load:
+                f.write(json.dumps(row) + "\n")
     (out_dir / "workers.json").write_text(json.dumps(result.workers, indent=2))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -89,6 +93,10 @@ class WandbLogger:
             point = by_time.setdefault(row["time"], {"time": row["time"]})
             for key in ("encode_queue", "prefill_queue", "decode_queue", "running", "kv_usage", "mm_usage", "busy"):
                 point[f"{row['instance']}/{key}"] = row[key]
+        for row in result.stage_load:
+            point = by_time.setdefault(row["time"], {"time": row["time"]})
+            for key in ("instances", "waiting", "running", "bridge", "kv_usage", "mm_usage", "busy", "pressure"):
+                point[f"stage/{row['stage']}/{key}"] = row[key]
         for point in sorted(by_time.values(), key=lambda p: p["time"]):
             self.run.log(point)
         for k, v in summary.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -103,7 +104,27 @@ def dataset(cfg: WorkloadConfig) -> list[Request]:
     return reqs
 
 
+def phased(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+    """Phases in sequence: each is this workload with some fields overridden, after the previous one."""
+    known = {f.name for f in dataclasses.fields(WorkloadConfig)} - {"phases"}
+    out: list[Request] = []
+    start = 0.0
+    for k, phase in enumerate(cfg.phases):
+        bad = set(phase) - known
+        if bad:
+            raise ValueError(f"workload.phases[{k}]: unknown fields {sorted(bad)}")
+        sub = dataclasses.replace(cfg, **{"seed": cfg.seed * 1000 + k, **phase, "phases": []})
+        reqs = build_workload(sub, vocab_size, reserved_ids)
+        for r in reqs:
+            out.append(dataclasses.replace(r, request_id=f"p{k}-{r.request_id}", arrival_time=start + r.arrival_time))
+        if reqs:
+            start += max(r.arrival_time for r in reqs) + (1.0 / sub.rate if sub.arrival != "offline" and sub.rate > 0 else 0.0)
+    return out
+
+
 def build_workload(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+    if cfg.phases:
+        return phased(cfg, vocab_size, reserved_ids)
     if cfg.num_requests < 1:
         raise ValueError(f"workload.num_requests must be >= 1, got {cfg.num_requests}")
     if cfg.kind == "synthetic":

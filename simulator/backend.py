@@ -33,6 +33,16 @@ class SimBackend:
 
     def run(self, requests: list[Request]) -> RunResult:
         tokenizer = load_tokenizer(self.cfg.model, {self.family.image_token_id, *range(4)})
+        from epd.allocation import make_allocation
+
         return Simulation(
-            self.cfg.deployment, self.family, self.shape, self.latency, self.sample_interval, tokenizer, self.cfg.hardware.shared_cores
+            self.cfg.deployment,
+            self.family,
+            self.shape,
+            self.latency,
+            self.sample_interval,
+            tokenizer,
+            self.cfg.hardware.shared_cores,
+            allocation=make_allocation(self.cfg),
+            switch_cost_s=self.cfg.allocation.switch_cost_s,
         ).run(requests)

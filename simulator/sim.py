@@ -22,6 +22,8 @@ from epd.stages.work import (
     PrefilledItem,
     PrefillResult,
     Result,
+    SwitchBatch,
+    SwitchResult,
 )
 from simulator.latency import DecodeShape, EncodeShape, LatencyModel, PrefillShape
 from simulator.shapes import ModelShape
@@ -39,6 +41,8 @@ class Simulation:
         sample_interval: float = 0.25,
         tokenizer=None,
         shared_cores: int = 0,
+        allocation=None,  # an AllocationController, ticking on the simulated clock
+        switch_cost_s: float = 0.5,  # a worker's reload when it changes stage
     ):
         self.env = simpy.Environment()
         self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0, tokenizer=tokenizer)
@@ -48,6 +52,10 @@ class Simulation:
         self.sample_interval = sample_interval
         self.shared_cores = shared_cores
         self.timeseries: list[dict] = []
+        self.allocation = allocation
+        if allocation is not None and hasattr(allocation.policy, "inline"):
+            allocation.policy.inline = True
+        self.switch_cost_s = switch_cost_s
         self._waiting: dict[str, simpy.Event] = {}
         self._arrivals_done = False
 
@@ -57,12 +65,15 @@ class Simulation:
             self.env.process(self._serve(inst))
         if self.sample_interval > 0:
             self.env.process(self._sample())
+        if self.allocation is not None:
+            self.env.process(self._allocate())
         self.env.run()
         if not self.pipe.idle():
             stuck = [s.rid for s in self.pipe.states.values() if not s.done][:8]
             raise RuntimeError(f"simulation stalled with requests in flight: {stuck}")
         self.pipe.assert_drained()
-        return RunResult(self.pipe.events, dict(self.pipe.outputs), [], self.timeseries)
+        stage_load = list(self.allocation.stage_load) if self.allocation is not None else []
+        return RunResult(self.pipe.events, dict(self.pipe.outputs), [], self.timeseries, stage_load)
 
     # ---- processes ---------------------------------------------------------------------
     def _finished(self) -> bool:
@@ -102,6 +113,12 @@ class Simulation:
             self.pipe.complete(inst, batch, result)
             self._wake_all()
 
+    def _allocate(self):
+        while not self._finished():
+            self.allocation.tick(self.pipe, self.env.now)
+            self._wake_all()  # a worker that started to drain may be able to switch at once
+            yield self.env.timeout(self.allocation.interval_s)
+
     def _sample(self):
         while not self._finished():
             self.timeseries.extend(self.pipe.load_snapshot(self.env.now))
@@ -119,6 +136,8 @@ class Simulation:
     def _run_batch(self, batch: Batch) -> tuple[Result, float]:
         """Spans of one batch. A transfer costs `transfer(bytes)`: half at the sender, half at the receiver."""
         now, m, slow = self.env.now, self.shape, self._contention()
+        if isinstance(batch, SwitchBatch):
+            return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
             tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) / 2 for it in batch.items if it.send)

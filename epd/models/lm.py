@@ -182,6 +182,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.tp = 1
+        self.fused = False
 
     def shard(self, rank: int, tp: int, group) -> None:
         """Tensor parallelism (Megatron style): heads and MLP width split over `tp` ranks; embeddings and
@@ -192,7 +193,10 @@ class DecoderLM(nn.Module):
         self.tp = tp
 
     def fuse(self) -> None:
-        """Fuse q/k/v and gate/up projections (after loading: HF names are per projection)."""
+        """Fuse q/k/v and gate/up projections (after loading: HF names are per projection). Idempotent."""
+        if self.fused:
+            return
+        self.fused = True
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()

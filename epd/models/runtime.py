@@ -87,6 +87,29 @@ class ModelRuntime:
             init_dummy(module, self.cfg.seed + (0 if part == "vision" else 1))
         return module.eval()
 
+    @property
+    def parts(self) -> set[str]:
+        return {p for p, m in (("vision", self.vision), ("lm", self.lm)) if m is not None}
+
+    def set_parts(self, parts: set[str]) -> dict[str, str]:
+        """Hold exactly `parts` on the device (a role switch). Parts let go of are kept in host memory,
+        so taking them back is a host-to-device copy, not a reread of the checkpoint."""
+        how = {}
+        self._host = getattr(self, "_host", {})
+        for part in self.parts - parts:
+            self._host[part] = getattr(self, part).to("cpu")
+            setattr(self, part, None)
+        for part in parts - self.parts:
+            if part in self._host:
+                setattr(self, part, self._host.pop(part).to(self.device))
+                how[part] = "host copy"
+            else:
+                setattr(self, part, self._build(self.family.build_vision if part == "vision" else lambda: DecoderLM(self.text_cfg), part))
+                how[part] = "built"
+        for part in parts - set(how):
+            how[part] = "kept"
+        return how
+
     def shard_lm(self, rank: int, tp: int, group) -> None:
         assert self.lm is not None
         self.lm.shard(rank, tp, group)

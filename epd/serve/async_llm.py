@@ -26,8 +26,15 @@ class TokenDelta:
 
 
 class AsyncLLM:
-    def __init__(self, model: ModelConfig, deployment: DeploymentConfig, executor: str = "ray", backend: Optional[BackendConfig] = None):
-        self.core = EngineCore(model, deployment, executor, backend, on_output=self._on_output)
+    def __init__(
+        self,
+        model: ModelConfig,
+        deployment: DeploymentConfig,
+        executor: str = "ray",
+        backend: Optional[BackendConfig] = None,
+        allocation=None,
+    ):
+        self.core = EngineCore(model, deployment, executor, backend, on_output=self._on_output, allocation=allocation)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -10,8 +10,15 @@ from epd.stages.engine import EngineCore
 
 
 class OfflineLLM:
-    def __init__(self, model: ModelConfig, deployment: DeploymentConfig, executor: str = "ray", backend: Optional[BackendConfig] = None):
-        self.core = EngineCore(model, deployment, executor, backend)
+    def __init__(
+        self,
+        model: ModelConfig,
+        deployment: DeploymentConfig,
+        executor: str = "ray",
+        backend: Optional[BackendConfig] = None,
+        allocation=None,
+    ):
+        self.core = EngineCore(model, deployment, executor, backend, allocation=allocation)
 
     def generate(self, requests: list[Request], timeout_s: float = 600.0) -> list[RequestOutput]:
         for req in requests:

@@ -14,6 +14,7 @@ from epd.models.tokenizer import load_tokenizer
 from epd.request import Request
 from epd.stages.executor import make_executor
 from epd.stages.pipeline import OutputCallback, Pipeline
+from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class
 
 
@@ -25,6 +26,7 @@ class EngineCore:
         executor: str = "ray",
         backend: Optional[BackendConfig] = None,
         on_output: Optional[OutputCallback] = None,
+        allocation=None,  # an AllocationController: re-decides the stage sizes while serving
     ):
         deployment.validate()
         family = load_family(model)
@@ -35,6 +37,7 @@ class EngineCore:
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._wake = threading.Event()  # set by add_request: an idle loop starts at once
+        self.allocation = allocation
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
         self._next_sample = 0.0
@@ -55,6 +58,8 @@ class EngineCore:
         self.pipeline.events = EventLog()
         self.pipeline.states.clear()
         self.pipeline.outputs.clear()
+        if self.allocation is not None:
+            self.allocation.estimator.history.clear()
         self.reset_clock()
 
     def add_request(self, req: Request) -> None:
@@ -93,15 +98,21 @@ class EngineCore:
         if not self.executor.inflight:
             self._wake.wait(timeout)  # nothing running: sleep until a request comes
             self._wake.clear()
+            if self.allocation is not None:
+                self.allocation.tick(self.pipeline, time.time())
             return
         for iid, batch, result in self.executor.wait(timeout):
             inst = self.pipeline.instances[iid]
             inst.busy = False
+            if isinstance(batch, SwitchBatch) and not isinstance(result, BatchFailure):
+                self.executor.refresh_transfers(iid)  # peers learn its new caches before it serves
             self.pipeline.complete(inst, batch, result)
         now = time.time()
         if now >= self._next_sample:
             self._next_sample = now + self.sample_interval
             self.timeseries.extend(self.pipeline.load_snapshot(now))
+        if self.allocation is not None:
+            self.allocation.tick(self.pipeline, now)
 
     def run_until_idle(self, timeout_s: float = 600.0) -> None:
         deadline = time.time() + timeout_s
@@ -124,4 +135,6 @@ class EngineCore:
         return list(self.executor.call("info").values())
 
     def close(self) -> None:
+        if self.allocation is not None:
+            self.allocation.close()
         self.executor.shutdown()

@@ -51,6 +51,9 @@ class LocalExecutor:
         done, self._done = self._done, []
         return done
 
+    def refresh_transfers(self, iid: str) -> None:
+        """In one process the local backend finds every worker's current caches by itself."""
+
     def call(self, method: str, *args) -> dict[str, Any]:
         return {iid: getattr(w, method)(*args) for iid, w in self.workers.items()}
 
@@ -150,8 +153,8 @@ class RayExecutor:
         all_actors = [a for ranks in self.actors.values() for a in ranks]
         try:
             ray.get([a.ping.remote() for a in all_actors])  # surface construction errors now
-            exports = dict(ray.get([a.transfer_export.remote() for a in all_actors]))
-            ray.get([a.transfer_connect.remote(exports) for a in all_actors])
+            self._exports = dict(ray.get([a.transfer_export.remote() for a in all_actors]))
+            ray.get([a.transfer_connect.remote(self._exports) for a in all_actors])
         except Exception:
             self.shutdown()
             raise
@@ -205,6 +208,14 @@ class RayExecutor:
                 result = BatchFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time())
             out.append((iid, batch, result))
         return out
+
+    def refresh_transfers(self, iid: str) -> None:
+        """`iid` reallocated its caches (a role switch): every worker learns its new export. On the
+        transfer threads, so no one waits for a running batch."""
+        group = {"concurrency_group": "transfer"}
+        self._exports.update(self.ray.get([a.transfer_export.options(**group).remote() for a in self.actors[iid]]))
+        everyone = [a for ranks in self.actors.values() for a in ranks]
+        self.ray.get([a.transfer_connect.options(**group).remote(self._exports) for a in everyone])
 
     def call(self, method: str, *args) -> dict[str, Any]:
         refs = {iid: getattr(ranks[0], method).remote(*args) for iid, ranks in self.actors.items()}

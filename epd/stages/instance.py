@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Optional
 
 from epd.cache.block_manager import KVBlockManager, MMBlockManager
 from epd.config import PoolConfig
@@ -18,10 +19,8 @@ class EncodeWork:
 
 class Instance:
     def __init__(self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig):
-        self.id, self.pool, self.roles, self.cfg = instance_id, pool, roles, cfg
-        holds_lm = "prefill" in roles or "decode" in roles
-        self.kv = KVBlockManager(instance_id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
-        self.mm = MMBlockManager(instance_id, cfg.mm_blocks, cfg.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+        self.id = instance_id
+        self.configure(pool, roles, cfg)
         self.encode_queue: deque[EncodeWork] = deque()
         self.prefill_queue: deque[RequestState] = deque()
         self.decode_queue: deque[RequestState] = deque()
@@ -29,6 +28,22 @@ class Instance:
         self.pending_release: list[str] = []
         self.outgoing = 0  # outputs sent and not yet pulled by the next stage
         self.busy = False
+        self.switching_to: Optional[str] = None  # draining before it becomes a worker of this pool
+        self.switch_started = 0.0
+        self.failed: Optional[str] = None  # out of service (a role switch failed)
+
+    def configure(self, pool: str, roles: tuple[str, ...], cfg: PoolConfig) -> None:
+        """The block pools of the roles it holds (at start, and again after a role switch)."""
+        self.pool, self.roles, self.cfg = pool, roles, cfg
+        holds_lm = "prefill" in roles or "decode" in roles
+        self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
+        self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+
+    def drained(self) -> bool:
+        """Nothing queued, running, in flight or held: the worker can change role."""
+        queues = self.encode_queue or self.prefill_queue or self.decode_queue or self.running
+        pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm))
+        return not self.busy and not queues and self.outgoing == 0 and pools_free
 
     def has(self, role: str) -> bool:
         return role in self.roles

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from epd.config import POOL_ROLES, DeploymentConfig
-from epd.lifetime import EventLog
+from epd.lifetime import SYSTEM, EventLog
 from epd.lifetime import LifetimeEvent as E
 from epd.models.family import ModelFamily
 from epd.models.image_processing import ImageError
@@ -32,6 +32,7 @@ from epd.stages.work import (
     PrefillBatch,
     PrefillResult,
     Result,
+    SwitchBatch,
 )
 
 OutputCallback = Callable[[str, list[int], Optional[str]], None]
@@ -104,6 +105,8 @@ class Pipeline:
                     "kv_usage": inst.kv.usage if inst.kv else 0.0,
                     "mm_usage": inst.mm.usage if inst.mm else 0.0,
                     "busy": int(inst.busy),
+                    "pool": inst.pool,
+                    "switching": int(inst.switching_to is not None),
                 }
             )
         return rows
@@ -189,6 +192,10 @@ class Pipeline:
     # ---- scheduling --------------------------------------------------------------------
     def next_batch(self, inst: Instance) -> Optional[Batch]:
         """Encode first, then prefill, then decode: the order an aggregated worker serves them."""
+        if inst.failed:
+            return None
+        if inst.switching_to is not None:
+            return self._drain_or_switch(inst)
         if inst.has("encode"):
             batch = select_encode(inst, self)
             if batch:
@@ -202,6 +209,9 @@ class Pipeline:
         return None
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
+        if isinstance(batch, SwitchBatch):
+            self._switched(inst, batch, result)
+            return
         self._pull_done(batch)  # first: a prefill result below may make this instance a sender
         if isinstance(result, BatchFailure):
             self._fail_batch(inst, batch, result)
@@ -293,6 +303,96 @@ class Pipeline:
         if self.on_output:
             self.on_output(state.rid, [tok], reason)
         return reason is not None
+
+    # ---- role switching ----------------------------------------------------------------
+    def layout(self) -> str:
+        """The deployment as it stands, e.g. '1E2P1D' (instances that are switching are left out)."""
+        letters = {"encode": "E", "prefill": "P", "decode": "D"}
+        counts: dict[str, int] = {}
+        for inst in self.instances.values():
+            if inst.switching_to is None and not inst.failed:
+                counts[inst.pool] = counts.get(inst.pool, 0) + 1
+        return "".join(f"{counts[p]}{''.join(letters[r] for r in POOL_ROLES[p])}" for p in POOL_ROLES if p in counts)
+
+    def active(self, role: str) -> list[Instance]:
+        return self.by_role[role]
+
+    @property
+    def switching(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.switching_to is not None and not i.failed]
+
+    def begin_switch(self, iid: str, pool: str, now: float) -> None:
+        """Take instance `iid` out of its stage (no new work; its queue goes to siblings); once drained
+        it is sent a SwitchBatch and joins `pool`. The deployment's single-role pools only."""
+        inst = self.instances.get(iid)
+        if inst is None:
+            raise ValueError(f"no instance {iid!r}; instances: {sorted(self.instances)}")
+        single = ("encode", "prefill", "decode")
+        if inst.pool not in single or pool not in single or pool not in self.deployment.pools():
+            raise ValueError(
+                f"role switching moves workers between the deployment's encode/prefill/decode pools, not {inst.pool} -> {pool}"
+            )
+        if pool == inst.pool:
+            raise ValueError(f"instance {iid} is already in {pool}")
+        if inst.switching_to is not None or inst.failed:
+            raise ValueError(f"instance {iid} is switching already (or out of service)")
+        if inst.cfg.tp != 1 or self.deployment.pools()[pool].tp != 1:
+            raise ValueError("role switching needs tp: 1 pools")
+        for role in inst.roles:
+            if len(self.by_role[role]) <= 1:
+                raise ValueError(f"switching {iid} would leave no {role} worker")
+        for role in inst.roles:
+            self.by_role[role].remove(inst)
+        inst.switching_to, inst.switch_started = pool, now
+        self.events.emit(self._t(now), SYSTEM, E.ROLE_SWITCH_BEGIN, iid, from_pool=inst.pool, to_pool=pool)
+        # Hand queued work (nothing of it holds blocks here yet) to siblings; running decodes finish here.
+        while inst.encode_queue:
+            work = inst.encode_queue.popleft()
+            if not work.state.done:
+                self.router.choose("encode", self.by_role["encode"]).encode_queue.append(work)
+        while inst.prefill_queue:
+            state = inst.prefill_queue.popleft()
+            if not state.done:
+                state.prefill_instance = None
+                self._route_prefill(state)
+        while inst.decode_queue:
+            state = inst.decode_queue.popleft()
+            if not state.done:
+                other = self.router.choose("decode", self.by_role["decode"])
+                state.decode_instance = other.id
+                other.decode_queue.append(state)
+
+    def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
+        if inst.has("decode") and inst.running:
+            return select_decode(inst, self)
+        if inst.drained():
+            target = inst.switching_to
+            return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())
+        return None
+
+    def _switched(self, inst: Instance, batch: SwitchBatch, result: Result | BatchFailure) -> None:
+        old, target = inst.pool, inst.switching_to
+        if isinstance(result, BatchFailure):
+            inst.failed = result.reason  # out of service; the others keep serving
+            self.events.emit(self._t(result.time), SYSTEM, E.ROLE_SWITCH_END, inst.id, from_pool=old, to_pool=target, failed=result.reason)
+            return
+        b, e = result.span
+        inst.configure(target, batch.roles, batch.pool)
+        inst.switching_to = None
+        for role in inst.roles:
+            self.by_role[role].append(inst)
+        self.events.emit(
+            self._t(e),
+            SYSTEM,
+            E.ROLE_SWITCH_END,
+            inst.id,
+            from_pool=old,
+            to_pool=target,
+            duration=e - inst.switch_started,
+            reload=e - b,
+            layout=self.layout(),
+            weights=result.weights_loaded,
+        )
 
     # ---- endings -----------------------------------------------------------------------
     def _finish(self, state: RequestState, reason: str, t: float, inst: Instance) -> None:

@@ -71,7 +71,17 @@ class DecodeBatch:
     release: list[str] = field(default_factory=list)  # finished or aborted: forget them first
 
 
-Batch = Union[EncodeBatch, PrefillBatch, DecodeBatch]
+@dataclass
+class SwitchBatch:
+    """Become a worker of another pool: drop the old caches (and weights the new roles don't use),
+    load what they do, allocate the new pool's caches. Sent only to a drained instance."""
+
+    roles: tuple[str, ...]
+    pool: Any  # the new pool's PoolConfig
+    release: list[str] = field(default_factory=list)
+
+
+Batch = Union[EncodeBatch, PrefillBatch, DecodeBatch, SwitchBatch]
 
 
 @dataclass
@@ -109,7 +119,13 @@ class DecodeResult:
     kv_transfers: dict[str, Span] = field(default_factory=dict)
 
 
-Result = Union[EncodeResult, PrefillResult, DecodeResult]
+@dataclass
+class SwitchResult:
+    span: Span
+    weights_loaded: dict[str, str] = field(default_factory=dict)  # part -> "host copy" | "built" | "kept"
+
+
+Result = Union[EncodeResult, PrefillResult, DecodeResult, SwitchResult]
 
 
 @dataclass

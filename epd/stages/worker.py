@@ -33,6 +33,8 @@ from epd.stages.work import (
     PrefilledItem,
     PrefillResult,
     Result,
+    SwitchBatch,
+    SwitchResult,
 )
 from epd.transfer import Endpoint, TransferHandle, make_transfer
 
@@ -62,6 +64,11 @@ def assigned_gpu() -> Optional[int]:
     return visible.index(gid) if visible and gid in visible else int(gid)
 
 
+def _parts(roles: tuple[str, ...]) -> set[str]:
+    """E needs the vision tower, P and D the language model."""
+    return ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
+
+
 class Worker:
     def __init__(
         self,
@@ -86,31 +93,47 @@ class Worker:
                 torch.cuda.set_device(index)
                 device = f"cuda:{index}"
         self.comm = join(comm, self.endpoint.global_rank, torch.device(device) if device else None) if comm else None
-        parts = ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
-        self.rt = ModelRuntime(model, parts, device)
+        self.model_cfg = model
+        self.rt = ModelRuntime(model, _parts(roles), device)
+        self.transfer = make_transfer(transfer)
+        if self.comm is not None and hasattr(self.transfer, "set_comm"):
+            self.transfer.set_comm(self.comm)
+        self._configure(roles, pool)
+        self.seqs: dict[str, _Seq] = {}
+        # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
+        self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
+
+    def _configure(self, roles: tuple[str, ...], pool: PoolConfig) -> None:
+        """Caches (and decode graphs) for `roles`; the model parts are already in place."""
+        self.roles, self.pool = roles, pool
         self.graphs = None
         self.kv = None
         if self.rt.lm is not None:
-            if self.endpoint.tp > 1:
+            if self.endpoint.tp > 1 and self.rt.tp == 1:
                 self.rt.shard_lm(self.endpoint.rank, self.endpoint.tp, self.comm.tp_group)
             # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
             self.kv = self.rt.allocate_kv_cache(pool.kv_blocks + 1, pool.kv_block_size)
             if self.rt.device.type == "cuda":
                 self.rt.lm.fuse()
                 # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
-                if model.cuda_graphs and "decode" in roles and self.endpoint.tp == 1:
+                if self.model_cfg.cuda_graphs and "decode" in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
                     self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
-        self.transfer = make_transfer(transfer)
-        if self.comm is not None and hasattr(self.transfer, "set_comm"):
-            self.transfer.set_comm(self.comm)
         self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
-        self.seqs: dict[str, _Seq] = {}
-        # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
-        self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
+
+    def _switch(self, batch: SwitchBatch) -> SwitchResult:
+        """Leave this stage for another: the driver sends this only once nothing here is queued or held."""
+        begin = time.time()
+        self.seqs.clear()
+        self.transfer.close()
+        self.kv = self.mm = self.graphs = None  # the allocator reuses their memory for what comes next
+        loaded = self.rt.set_parts(_parts(batch.roles))
+        self._configure(batch.roles, batch.pool)
+        self._sync()
+        return SwitchResult((begin, time.time()), loaded)
 
     # ---- transfers between workers ---------------------------------------------------------
     def transfer_export(self) -> tuple[Endpoint, Any]:
@@ -125,7 +148,7 @@ class Worker:
 
     def close(self) -> None:
         self._prep.shutdown(wait=False)
-        self.transfer.close()
+        self.transfer.shutdown()
         if self.comm is not None:
             leave()
 
@@ -152,6 +175,8 @@ class Worker:
             return self._encode(batch)
         if isinstance(batch, PrefillBatch):
             return self._prefill(batch)
+        if isinstance(batch, SwitchBatch):
+            return self._switch(batch)
         return self._decode(batch)
 
     def _sync(self) -> None:

@@ -70,8 +70,12 @@ class TransferBackend(ABC):
         return None
 
     def close(self) -> None:
-        """Release what connect() opened."""
+        """Unbind from the caches (before a role switch reallocates them)."""
         return None
+
+    def shutdown(self) -> None:
+        """The worker is going away: release everything."""
+        self.close()
 
 
 def matching_blocks(handle: TransferHandle, blocks: list[int]) -> list[int]:

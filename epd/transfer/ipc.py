@@ -9,6 +9,7 @@ peer copy per run of consecutive blocks.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -56,8 +57,9 @@ class IPCTransfer(TransferBackend):
         self.ops = block_ops()
         self.use_ext = self.ops is not None and self.ops.has_cuda()
         self.peers: dict[tuple[str, int, str], _Peer] = {}
-        self._opened: list[tuple[int, int]] = []
-        self._exports: dict[Endpoint, Any] = {}
+        self._opened: dict[bytes, int] = getattr(self, "_opened", {})  # IPC handle -> base pointer, kept across rebinds
+        self._exports: dict[Endpoint, Any] = getattr(self, "_exports", {})
+        self._lock = threading.Lock()
 
     def export(self) -> Any:
         out = {}
@@ -71,9 +73,18 @@ class IPCTransfer(TransferBackend):
         return out
 
     def connect(self, peers: dict[Endpoint, Any]) -> None:
-        self._exports = {ep: ex for ep, ex in peers.items() if ex is not None}
+        """New exports (at start, and after a worker switched roles and reallocated its caches)."""
+        with self._lock:
+            new = {ep: ex for ep, ex in peers.items() if ex is not None}
+            changed = {ep.instance for ep in set(new) | set(self._exports) if new.get(ep) != self._exports.get(ep)}
+            self._exports = new
+            self.peers = {k: v for k, v in self.peers.items() if k[0] not in changed}
 
     def _peer(self, instance: str, cache: str) -> _Peer:
+        with self._lock:
+            return self._peer_locked(instance, cache)
+
+    def _peer_locked(self, instance: str, cache: str) -> _Peer:
         key = (instance, self.endpoint.rank, cache)
         if key not in self.peers:
             meta = self._find(instance, cache)
@@ -86,8 +97,9 @@ class IPCTransfer(TransferBackend):
                 )
             if self.use_ext:
                 handle, offset = meta["ext"]
-                base = self.ops.ipc_open(handle, me.device.index)
-                self._opened.append((base, me.device.index))
+                if handle not in self._opened:  # a handle opens once per process; switches may re-export one
+                    self._opened[handle] = self.ops.ipc_open(handle, me.device.index)
+                base = self._opened[handle]
                 self.peers[key] = _Peer(meta["shape"], meta["dtype"], ptr=base + offset)
             else:
                 self.peers[key] = _Peer(meta["shape"], meta["dtype"], tensor=_torch_open(meta["torch"], meta["shape"], meta["dtype"]))
@@ -111,10 +123,15 @@ class IPCTransfer(TransferBackend):
             copy_blocks_torch(peer.tensor, dst, handle.blocks, blocks, dim)
 
     def close(self) -> None:
-        for ptr, dev in self._opened:
+        """Forget peer views (a role switch rebinds next); the IPC mappings stay open until shutdown."""
+        with self._lock:
+            self.peers.clear()
+
+    def shutdown(self) -> None:
+        self.close()
+        for ptr in self._opened.values():
             try:
-                self.ops.ipc_close(ptr, dev)
+                self.ops.ipc_close(ptr, self.caches[next(iter(self.caches))].device.index if self.caches else 0)
             except RuntimeError as exc:
                 log.warning("ipc: closing a peer mapping failed: %s", exc)
         self._opened.clear()
-        self.peers.clear()

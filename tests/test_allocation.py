@@ -1,0 +1,168 @@
+"""Load estimation, allocation policies and role switching: engine (real Ray workers) and simulator."""
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from epd.allocation.controller import AllocationController
+from epd.allocation.policies import POLICIES
+from epd.config import AllocationConfig, DeploymentConfig, PoolConfig, RunConfig, WorkloadConfig
+from epd.lifetime import LifetimeEvent as E
+from epd.metrics import summarize
+from epd.serve.offline import OfflineLLM
+from tests.test_engine import MODEL, reference, workload
+
+PROFILE = Path(__file__).resolve().parent.parent / "simulator" / "profiles" / "cpu-tiny-llava.json"
+
+DEP = DeploymentConfig(
+    name="epd",
+    encode=PoolConfig(instances=2, mm_blocks=64),
+    prefill=PoolConfig(instances=2, kv_blocks=64),
+    decode=PoolConfig(instances=2, kv_blocks=64, max_decode_seqs=3),
+)
+# Every direction once, back to back while the requests are being served:
+# 2E2P2D -> 1E3P2D -> 1E2P3D -> 2E2P2D -> 1E2P3D -> 1E3P2D -> 2E2P2D
+ALL_DIRECTIONS = [
+    "0:encode-1:prefill",  # E -> P
+    "0:prefill-1:decode",  # P -> D
+    "0:decode-1:encode",  # D -> E
+    "0:encode-0:decode",  # E -> D
+    "0:decode-0:prefill",  # D -> P
+    "0:prefill-0:encode",  # P -> E
+]
+
+
+def controller(policy: str, **kw) -> AllocationController:
+    cfg = AllocationConfig(policy=policy, interval_s=0.01, cooldown_s=0.0, **kw)
+    return AllocationController(POLICIES.get(policy)(cfg), cfg.interval_s, cfg.cooldown_s)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    longer = [
+        dataclasses.replace(
+            r, request_id=f"{k}-{r.request_id}", sampling=dataclasses.replace(r.sampling, max_tokens=r.sampling.max_tokens + 30)
+        )
+        for k in range(10)
+        for r in workload(7)
+    ]
+    reqs = workload(7) + longer
+    return reqs, dict(zip([r.request_id for r in reqs], reference(reqs)))
+
+
+def test_switching_every_direction_under_load(ray_cluster, requests):
+    reqs, expected = requests
+    ctl = controller("scripted", script=ALL_DIRECTIONS)
+    with OfflineLLM(MODEL, DEP, "ray", allocation=ctl) as llm:
+        outs = llm.generate(reqs)
+        llm.core.drain_check()  # every block free, every worker forgot every sequence
+        events = list(llm.core.pipeline.events)
+        layout = llm.core.pipeline.layout()
+    assert {o.request_id: o.token_ids for o in outs} == expected  # outputs equal to the static run
+    finished = Counter(e.request_id for e in events if e.kind == E.FINISHED)
+    assert finished == Counter({r.request_id: 1 for r in reqs})  # every request exactly once
+    assert not [e for e in events if e.kind == E.ABORTED]
+    ends = [e for e in events if e.kind == E.ROLE_SWITCH_END]
+    moves = [(e.data["from_pool"][0], e.data["to_pool"][0]) for e in ends]
+    assert moves == [("e", "p"), ("p", "d"), ("d", "e"), ("e", "d"), ("d", "p"), ("p", "e")]
+    assert all(e.data["duration"] >= e.data["reload"] > 0 for e in ends)
+    assert layout == "2E2P2D"
+    # the switches happened while the engine was serving: requests finished after every one of them
+    last_finish = max(e.time for e in events if e.kind == E.FINISHED)
+    first_issue = min(e.time for e in events if e.kind == E.ISSUED)
+    assert first_issue < ends[0].time and ends[2].time < last_finish
+    s = summarize(events, 10.0, 10.0, "x")
+    assert s["role_switches"] == 6 and s["num_finished"] == len(reqs)
+
+
+def test_switch_keeps_weights_in_host_memory(requests):
+    """E -> P builds the LM; back to E and to P again, each part comes back from host memory."""
+    reqs, expected = requests
+    ctl = controller("scripted", script=["0:encode-1:prefill", "0:encode-1:encode", "0:encode-1:prefill"])
+    with OfflineLLM(MODEL, DEP, "local", allocation=ctl) as llm:
+        outs = llm.generate(reqs)
+        llm.core.drain_check()
+        ends = [e for e in llm.core.pipeline.events if e.kind == E.ROLE_SWITCH_END]
+    assert {o.request_id: o.token_ids for o in outs} == expected
+    assert [e.data["weights"] for e in ends] == [{"lm": "built"}, {"vision": "host copy"}, {"lm": "host copy"}]
+
+
+@pytest.mark.parametrize(
+    "script,msg",
+    [
+        (["0:encode-9:prefill"], "no instance 'encode-9'"),
+        (["0:encode-0:prefill", "0:encode-1:decode"], "would leave no encode worker"),
+        (["0:encode-0:encode"], "already in encode"),
+    ],
+)
+def test_refused_moves_are_reported(script, msg, requests):
+    reqs, _ = requests
+    dep = dataclasses.replace(DEP, encode=PoolConfig(instances=1 if "leave" in msg else 2, mm_blocks=64))
+    ctl = controller("scripted", script=script)
+    with OfflineLLM(MODEL, dep, "local", allocation=ctl) as llm:
+        llm.generate(reqs[:4])
+        llm.core.drain_check()
+    assert any(msg in r for r in ctl.rejected), ctl.rejected
+
+
+def _sim_cfg(policy: str, **kw) -> RunConfig:
+    cfg = RunConfig()
+    shifting = WorkloadConfig(
+        name="shifting",
+        arrival="poisson",
+        rate=20.0,
+        phases=[
+            {"num_requests": 60, "images_per_request": 4, "output_tokens": 2},  # encode-heavy
+            {"num_requests": 60, "images_per_request": 0, "output_tokens": 48},  # decode-heavy
+        ],
+    )
+    return dataclasses.replace(
+        cfg,
+        backend=dataclasses.replace(cfg.backend, kind="sim", latency_model="profiled", profile_path=str(PROFILE)),
+        deployment=dataclasses.replace(DEP, encode=PoolConfig(instances=3, mm_blocks=512), decode=PoolConfig(instances=1, kv_blocks=1024)),
+        workload=shifting,
+        allocation=AllocationConfig(policy=policy, interval_s=0.05, cooldown_s=0.2, switch_cost_s=0.3, **kw),
+    )
+
+
+def _sim(cfg: RunConfig):
+    from epd.experiment import make_requests
+    from simulator.backend import SimBackend
+
+    reqs = make_requests(cfg)
+    return reqs, SimBackend(cfg).run(reqs)
+
+
+def test_simulator_switches_with_the_configured_cost():
+    cfg = _sim_cfg("scripted", script=["0.5:encode-2:decode", "1:encode-1:prefill"])
+    reqs, result = _sim(cfg)
+    ends = [e for e in result.events if e.kind == E.ROLE_SWITCH_END]
+    assert [e.data["reload"] for e in ends] == [pytest.approx(0.3)] * 2
+    assert ends[-1].data["layout"] == "1E3P2D"
+    assert len(result.outputs) == len(reqs) and all(o.finish_reason == "length" for o in result.outputs.values())
+    assert result.stage_load and {r["stage"] for r in result.stage_load} == {"encode", "prefill", "decode"}
+
+
+@pytest.mark.parametrize("policy", ["queue", "simulated"])
+def test_dynamic_policies_follow_a_shifting_mix(policy):
+    """Encode-heavy then decode-heavy: the policy gives decode more workers, and the run ends sooner."""
+    static_reqs, static = _sim(_sim_cfg("static"))
+    reqs, dynamic = _sim(_sim_cfg(policy, window=16))
+    moves = [(e.data["from_pool"], e.data["to_pool"]) for e in dynamic.events if e.kind == E.ROLE_SWITCH_END]
+    assert ("encode", "decode") in moves or ("encode", "prefill") in moves, moves
+    s_static = summarize(static.events, 1.0, 0.1, "static")
+    s_dyn = summarize(dynamic.events, 1.0, 0.1, policy)
+    assert s_dyn["num_finished"] == s_static["num_finished"] == len(reqs)
+    assert s_dyn["duration"] < s_static["duration"]
+
+
+def test_load_estimator_rows_reach_the_record(tmp_path):
+    from epd.tracking import write_record
+
+    cfg = _sim_cfg("queue")
+    _, result = _sim(cfg)
+    write_record(tmp_path, {}, result, {"x": 1})
+    lines = (tmp_path / "stage_load.jsonl").read_text().splitlines()
+    assert len(lines) >= 3 and '"pressure"' in lines[0]
