@@ -56,6 +56,7 @@ def _p2p_pair(a: int, b: int, size: int, ops) -> dict:
     t = _time_cuda(lambda: dst.copy_(src))  # also enables peer access between a and b
     row = {"src": a, "dst": b, "bytes": size, "memcpy_peer_GBps": size / t / 1e9}
     if ops is not None and ops.has_cuda():
+        ops.enable_peer_access(b, a)  # the kernel runs on b and reads a's memory
         # A LLaVA-7B-shaped KV cache (8 MiB per 16-token block), blocks scattered on both sides.
         blocks = size // (8 * MB)
         kv_src = torch.randn(32, 2, 4 * blocks, 16, 32, 128, device=a).to(torch.bfloat16)

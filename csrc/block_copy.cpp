@@ -79,6 +79,7 @@ void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blo
 std::tuple<py::bytes, int64_t, int64_t> ipc_export(torch::Tensor t);
 int64_t ipc_open(py::bytes handle, int64_t device);
 void ipc_close(int64_t ptr, int64_t device);
+void enable_peer_access(int64_t device, int64_t peer);
 
 // Device memory: every (outer index, run) in one kernel launch. `src_ptr` is a pointer valid in
 // this process: a local tensor's, or a peer GPU's cache opened with ipc_open.
@@ -110,5 +111,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ipc_export", &ipc_export, "CUDA IPC handle of a tensor's allocation: (handle, offset, device)");
   m.def("ipc_open", &ipc_open, "open a peer's IPC handle on this device; returns the base pointer");
   m.def("ipc_close", &ipc_close, "close a pointer returned by ipc_open");
+  m.def("enable_peer_access", &enable_peer_access, "let kernels on `device` read `peer`'s memory (same process)");
 #endif
 }

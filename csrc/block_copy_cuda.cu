@@ -97,3 +97,14 @@ void ipc_close(int64_t ptr, int64_t device) {
   const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
   EPD_CUDA_CHECK(cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)));
 }
+
+// Lets kernels on `device` read `peer`'s memory in this process (IPC mappings enable it themselves).
+void enable_peer_access(int64_t device, int64_t peer) {
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  cudaError_t err = cudaDeviceEnablePeerAccess((int)peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    (void)cudaGetLastError();
+    return;
+  }
+  EPD_CUDA_CHECK(err);
+}

@@ -173,13 +173,14 @@ def compare_markdown(result: dict) -> str:
         f"attainment >= {result['attainment_target']:.0%}",
         "",
         "| deployment | source | rate (req/s) | SLO attainment | TTFT p50 (ms) | TTFT p90 (ms) | TPOT p50 (ms) | TPOT p90 (ms) | finished "
-        "| MM GB/s | KV GB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| completion (s) | role switches | MM GB/s | KV GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['deployment']} ({r['layout']}) | {r['source']} | {r['rate']:g} | {r['slo_attainment']:.0%} | {ms(r['ttft_p50'])} | "
             f"{ms(r['ttft_p90'])} | {ms(r['tpot_p50'])} | {ms(r['tpot_p90'])} | {r['num_finished']}/{r['num_requests']} "
+            f"| {r.get('duration') or 0:.2f} | {r.get('role_switches') or 0} "
             f"| {gbps(r.get('mm_transfer_GBps_p50'))} | {gbps(r.get('kv_transfer_GBps_p50'))} |"
         )
     lines += ["", "Transfer bandwidth: median over transfers of >= 16 MiB.", "", "| deployment | goodput (req/s) |", "|---|---|"]
