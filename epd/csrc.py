@@ -7,6 +7,7 @@ the build fails, callers use the pure-torch path and one log line says why.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -46,16 +47,22 @@ def block_ops() -> Optional[ModuleType]:
     cuda = _want_cuda()
     sources = [str(CSRC / SOURCES[0])] + ([str(CSRC / SOURCES[1])] if cuda else [])
     flags = ["-O3"] + (["-DEPD_WITH_CUDA"] if cuda else [])
+    build_dir = _build_dir(cuda)
     try:
-        module = cpp_extension.load(
-            name="epd_block_ops_cuda" if cuda else "epd_block_ops",
-            sources=sources,
-            extra_cflags=flags,
-            extra_cuda_cflags=["-O3", "-DEPD_WITH_CUDA"],
-            build_directory=str(_build_dir(cuda)),
-            with_cuda=cuda,
-            verbose=False,
-        )
+        # Workers of one node build at once: one builds, the others wait. An flock dies with its holder,
+        # so a build killed half-way cannot leave the others waiting on torch's own lock file forever.
+        with open(build_dir / ".epd-build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's baton, stale if a builder was killed
+            module = cpp_extension.load(
+                name="epd_block_ops_cuda" if cuda else "epd_block_ops",
+                sources=sources,
+                extra_cflags=flags,
+                extra_cuda_cflags=["-O3", "-DEPD_WITH_CUDA"],
+                build_directory=str(build_dir),
+                with_cuda=cuda,
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no ninja, a header mismatch: the torch path still works
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         log.warning("epd csrc extension unavailable (%s); using the pure-torch block copy path", reason)

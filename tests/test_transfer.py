@@ -50,6 +50,15 @@ def test_extension_rejects_bad_blocks():
         copy_blocks(src, dst, [0, 1], [0], 1)
 
 
+def test_build_survives_a_killed_builder():
+    """A build killed half-way leaves torch's lock file behind; the next build must not wait on it forever."""
+    from epd.csrc import _build_dir
+
+    (_build_dir(False) / "lock").write_text("")
+    block_ops.cache_clear()
+    assert block_ops() is not None
+
+
 def test_fallback_when_extension_unavailable(monkeypatch, caplog):
     monkeypatch.setenv("EPD_CSRC", "0")
     block_ops.cache_clear()
@@ -141,3 +150,16 @@ def test_tp_needs_ray():
     dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(tp=2))
     with pytest.raises(ValueError, match="needs backend=ray"):
         make_executor("local", dep, MODEL)
+
+
+def test_pulls_merge_by_sender():
+    from epd.transfer.base import TransferHandle, merge_by_sender
+
+    pulls = [
+        (TransferHandle("encode-0", "mm", [3, 4], 100), [10, 11, 12]),
+        (TransferHandle("encode-1", "mm", [0], 20), [20]),
+        (TransferHandle("encode-0", "mm", [7], 30), [30]),
+    ]
+    merged = {h.worker: (h.blocks, dst) for h, dst in merge_by_sender(pulls)}
+    # the receiver's first blocks for each pull, in order, one copy per sender
+    assert merged == {"encode-0": ([3, 4, 7], [10, 11, 30]), "encode-1": ([0], [20])}

@@ -216,11 +216,10 @@ class Worker:
         self._release(batch.release)
         transfers = {}
         for item in batch.items:
-            remote = [m for m in item.images if m.handle is not None]
-            if remote:
+            pulls = [(m.handle, m.blocks) for m in item.images if m.handle is not None]
+            if pulls:  # all of a request's images at once: one copy per sender
                 t0 = time.time()
-                for m in remote:
-                    self.transfer.recv(m.handle, m.blocks)
+                self.transfer.recv_many(pulls)
                 self._sync()
                 transfers[item.request_id] = (t0, time.time())
         begin = time.time()

@@ -61,6 +61,12 @@ class TransferBackend(ABC):
     def recv(self, handle: TransferHandle, blocks: list[int]) -> None:
         """Pull the data behind `handle` into `blocks` of this worker's cache of the same kind."""
 
+    def recv_many(self, pulls: list[tuple[TransferHandle, list[int]]]) -> None:
+        """Several pulls at once (all images of a prefill batch): backends that copy blocks merge
+        those from one sender into one copy."""
+        for handle, blocks in pulls:
+            self.recv(handle, blocks)
+
     def export(self) -> Any:
         """What peers need to reach this worker (IPC handles); None when nothing."""
         return None
@@ -83,6 +89,20 @@ def matching_blocks(handle: TransferHandle, blocks: list[int]) -> list[int]:
     if len(blocks) < len(handle.blocks):
         raise ValueError(f"{handle.cache} transfer from {handle.worker}: {len(handle.blocks)} blocks sent, {len(blocks)} to receive them")
     return blocks[: len(handle.blocks)]
+
+
+def merge_by_sender(pulls: list[tuple[TransferHandle, list[int]]]) -> list[tuple[TransferHandle, list[int]]]:
+    """One (handle, blocks) per sender and cache: the block lists of its pulls concatenated, in order."""
+    merged: dict[tuple[str, str], tuple[TransferHandle, list[int]]] = {}
+    for handle, blocks in pulls:
+        key = (handle.worker, handle.cache)
+        dst = matching_blocks(handle, blocks)
+        if key not in merged:
+            merged[key] = (TransferHandle(handle.worker, handle.cache, list(handle.blocks), handle.rows), list(dst))
+        else:
+            merged[key][0].blocks.extend(handle.blocks)
+            merged[key][1].extend(dst)
+    return list(merged.values())
 
 
 TRANSFERS: Registry[type[TransferBackend]] = Registry("transfer backend")
