@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
+import random
 import time
 from pathlib import Path
 
@@ -129,13 +130,21 @@ def run_search(cfg: RunConfig, out_dir: Path, resolved: dict) -> float:
     lines = [header, f"{'rank':>4}  {'deployment':<16} {'goodput (req/s)':>15} {'attainment':>10}"]
     for i, r in enumerate(rows, 1):
         lines.append(f"{i:>4}  {r['deployment']:<16} {r['goodput']:>15.3f} {r['attainment_at_goodput']:>10.2f}")
+    # The simulator's choice against three random candidates (the comparison the EPD paper makes).
+    randoms = random.Random(cfg.seed).sample(rows[1:], min(3, len(rows) - 1))
+    lines.append(
+        f"chosen: {rows[0]['deployment']} {rows[0]['goodput']:.3f} req/s; random: "
+        + ", ".join(f"{r['deployment']} {r['goodput']:.3f}" for r in randoms)
+    )
     lines.append(
         f"{len(rows)} candidates in {seconds:.1f} s with {cfg.search.processes} processes; "
         f"{simulated} simulated requests ({simulated / max(seconds, 1e-9):.0f} per second)"
     )
     print("\n".join(lines))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "search.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "simulated_requests": simulated}, indent=2))
+    (out_dir / "search.json").write_text(
+        json.dumps({"rows": rows, "chosen": rows[0], "random": randoms, "seconds": seconds, "simulated_requests": simulated}, indent=2)
+    )
     (out_dir / "search.txt").write_text("\n".join(lines) + "\n")
     if cfg.logger.kind == "wandb":
         import wandb
