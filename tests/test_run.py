@@ -133,3 +133,52 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
 def test_cli_bad_override_exits_with_a_clear_message(tmp_path):
     proc = _epd_run(["workload.rate=abc"], tmp_path, timeout=60)
     assert proc.returncode != 0 and "could not be converted to Float" in proc.stderr
+
+
+def test_compare_runs_every_deployment_on_engine_and_simulator(tmp_path):
+    """`task=compare`: EPD vs PD vs aggregated, two rates, engine (workers kept up across rates) and simulator."""
+    proc = _epd_run(
+        ["+experiment=compare_tiny", "logger=none", "workload.num_requests=5", "compare.rates=[2.0,4.0]", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    result = json.loads((out / "compare.json").read_text())
+    points = {(r["deployment"], r["source"], r["rate"]) for r in result["rows"]}
+    assert points == {(d, s, r) for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator") for r in (2.0, 4.0)}
+    assert all(r["num_finished"] == 5 for r in result["rows"])
+    assert set(result["goodput"]) == {f"{d}/{s}" for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator")}
+    assert (out / "compare.png").stat().st_size > 0 and "| epd (1E1P1D) | engine | 2 |" in (out / "compare.md").read_text()
+    for d in ("epd", "pd", "aggregated"):  # every point is a full run record
+        _check_record(out / "runs" / f"{d}-rate2", 5)
+
+
+def test_role_switching_experiment(tmp_path):
+    """`+experiment=role_switching`, smaller: static vs the queue policy on a shifting offline workload."""
+    phases = "[{num_requests:6,images_per_request:4,output_tokens:2},{num_requests:16,images_per_request:1,output_tokens:48}]"
+    proc = _epd_run(
+        [
+            "+experiment=role_switching",
+            "logger=none",
+            f"workload.phases={phases}",
+            "compare.simulate=false",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "compare.json").read_text())
+    rows = {r["deployment"]: r for r in result["rows"]}
+    assert set(rows) == {"epd+static", "epd+queue"}
+    assert all(r["num_finished"] == 22 for r in rows.values())
+    assert rows["epd+static"]["role_switches"] == 0
+    assert (tmp_path / "run" / "runs" / "epd+queue-rate1" / "stage_load.jsonl").exists()
+
+
+def test_compare_rejects_a_bad_deployment(tmp_path):
+    proc = _epd_run(
+        ["+experiment=compare_tiny", "logger=none", "+compare.deployments.epd.encode.instanses=2", f"hydra.run.dir={tmp_path}/r"], tmp_path
+    )
+    assert proc.returncode != 0 and "compare.deployments.epd" in proc.stderr and "instanses" in proc.stderr

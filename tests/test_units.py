@@ -75,3 +75,21 @@ def test_deployment_description_and_validation():
         DeploymentConfig(encode=PoolConfig(), prefill=PoolConfig()).validate()
     with pytest.raises(ValueError, match="irp"):
         DeploymentConfig(encode_prefill=PoolConfig(), decode=PoolConfig(), irp=True).validate()
+
+
+def test_phased_workload_follows_in_time():
+    cfg = WorkloadConfig(rate=4.0, phases=[{"num_requests": 5, "images_per_request": 3}, {"num_requests": 7, "images_per_request": 0}])
+    reqs = build_workload(cfg, 512, {3})
+    assert [r.request_id[:2] for r in reqs] == ["p0"] * 5 + ["p1"] * 7
+    assert all(len(r.images) == 3 for r in reqs[:5]) and not any(r.images for r in reqs[5:])
+    assert max(r.arrival_time for r in reqs[:5]) < min(r.arrival_time for r in reqs[5:])
+    with pytest.raises(ValueError, match=r"phases\[0\]: unknown fields \['imgs'\]"):
+        build_workload(WorkloadConfig(phases=[{"imgs": 2}]), 512, {3})
+
+
+def test_goodput_interpolates_between_rates():
+    from epd.compare import goodput
+
+    assert goodput([(1, 1.0), (2, 0.95), (4, 0.5)], 0.9) == pytest.approx(2 + 2 * (0.05 / 0.45))
+    assert goodput([(1, 0.5)], 0.9) is None
+    assert goodput([(1, 1.0), (2, 0.99)], 0.9) == 2
