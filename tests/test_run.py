@@ -138,7 +138,7 @@ def test_cli_bad_override_exits_with_a_clear_message(tmp_path):
 def test_compare_runs_every_deployment_on_engine_and_simulator(tmp_path):
     """`task=compare`: EPD vs PD vs aggregated, two rates, engine (workers kept up across rates) and simulator."""
     proc = _epd_run(
-        ["+experiment=compare_tiny", "logger=none", "workload.num_requests=5", "compare.rates=[2.0,4.0]", f"hydra.run.dir={tmp_path}/run"],
+        ["+experiment=compare_tiny", "logger=none", "workload.num_requests=3", "compare.rates=[2.0,4.0]", f"hydra.run.dir={tmp_path}/run"],
         tmp_path,
         timeout=600,
     )
@@ -147,11 +147,11 @@ def test_compare_runs_every_deployment_on_engine_and_simulator(tmp_path):
     result = json.loads((out / "compare.json").read_text())
     points = {(r["deployment"], r["source"], r["rate"]) for r in result["rows"]}
     assert points == {(d, s, r) for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator") for r in (2.0, 4.0)}
-    assert all(r["num_finished"] == 5 for r in result["rows"])
+    assert all(r["num_finished"] == 3 for r in result["rows"])
     assert set(result["goodput"]) == {f"{d}/{s}" for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator")}
     assert (out / "compare.png").stat().st_size > 0 and "| epd (1E1P1D) | engine | 2 |" in (out / "compare.md").read_text()
     for d in ("epd", "pd", "aggregated"):  # every point is a full run record
-        _check_record(out / "runs" / f"{d}-rate2", 5)
+        _check_record(out / "runs" / f"{d}-rate2", 3)
 
 
 def test_role_switching_experiment(tmp_path):

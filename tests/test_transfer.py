@@ -105,11 +105,14 @@ def test_tensor_parallel_equals_tp1(ray_cluster, expected):
     )
     outs, info, _ = run(dep, workload())
     assert {k: v.token_ids for k, v in outs.items()} == expected
+    from epd.models.runtime import ModelRuntime
+
     lm = {i["worker"]: i for i in info if i["lm_weight_bytes"]}
-    full = next(i for i in run(EPD, workload(2))[1] if i["worker"] == "prefill-0")
+    full = ModelRuntime(MODEL, {"lm"})
+    kv = full.allocate_kv_cache(64 + 1, 16)
     # each rank holds half the attention/MLP weights and half the KV heads
-    assert lm["prefill-0"]["kv_cache_bytes"] == full["kv_cache_bytes"] // 2
-    assert lm["prefill-0"]["lm_weight_bytes"] < full["lm_weight_bytes"]
+    assert lm["prefill-0"]["kv_cache_bytes"] == kv.numel() * kv.element_size() // 2
+    assert lm["prefill-0"]["lm_weight_bytes"] < full.weight_bytes()["lm"]
 
 
 def test_tensor_parallel_aggregated(ray_cluster, expected):
