@@ -72,6 +72,11 @@ class EngineCore:
         self._aborts.put((request_id, reason))
         self._wake.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests added and not yet finished (including those not admitted yet)."""
+        return self._incoming.qsize() + self.pipeline.num_active
+
     def has_work(self) -> bool:
         return not self._incoming.empty() or not self.pipeline.idle()
 
