@@ -63,7 +63,11 @@ void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blo
   int64_t chunk = std::max(kChunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);
   const int64_t chunks = (max_bytes + chunk - 1) / chunk;
   TORCH_CHECK(runs.size() <= 2147483647 && dv.outer <= 65535, "copy_blocks_cuda: too many runs or layers for one launch");
-  auto runs_dev = torch::from_blob(flat.data(), {(int64_t)flat.size()}, torch::kInt64).to(dst.device(), /*non_blocking=*/false);
+  // Pinned staging: the copy of the run list is asynchronous (the caching host allocator keeps the
+  // buffer alive until the stream has used it), so a pull does not stall the host.
+  auto host = torch::empty({(int64_t)flat.size()}, torch::dtype(torch::kInt64).pinned_memory(true));
+  std::memcpy(host.data_ptr<int64_t>(), flat.data(), flat.size() * sizeof(int64_t));
+  auto runs_dev = host.to(dst.device(), /*non_blocking=*/true);
   dim3 grid((unsigned)runs.size(), (unsigned)dv.outer, (unsigned)chunks);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   copy_runs_kernel<<<grid, 512, 0, stream>>>(reinterpret_cast<const char*>(src_ptr), static_cast<char*>(dst.data_ptr()),

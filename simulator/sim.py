@@ -52,6 +52,9 @@ class Simulation:
         self.sample_interval = sample_interval
         self.shared_cores = shared_cores
         self.timeseries: list[dict] = []
+        # object_store: the sender puts (host copy), the receiver gets: half each. ipc/nccl/local: the
+        # receiver's batch waits for the whole copy, the sender's compute goes on.
+        self.send_share = 0.5 if deployment.transfer == "object_store" else 0.0
         self.allocation = allocation
         if allocation is not None and hasattr(allocation.policy, "inline"):
             allocation.policy.inline = True
@@ -134,13 +137,14 @@ class Simulation:
         return max(1.0, (busy + 1) / cores)
 
     def _run_batch(self, batch: Batch) -> tuple[Result, float]:
-        """Spans of one batch. A transfer costs `transfer(bytes)`: half at the sender, half at the receiver."""
+        """Spans of one batch. A transfer costs `transfer(bytes)`, split between sender and receiver as the
+        deployment's backend splits it (`send_share`)."""
         now, m, slow = self.env.now, self.shape, self._contention()
         if isinstance(batch, SwitchBatch):
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
             tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
-            sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) / 2 for it in batch.items if it.send)
+            sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
             d = self.lat.encode(EncodeShape(tiles)) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
@@ -150,10 +154,10 @@ class Simulation:
             for it in batch.items:
                 pulled = sum(mm.num_tokens for mm in it.images if mm.handle is not None)
                 if pulled:
-                    d = self.lat.transfer(pulled * m.mm_bytes_per_token) / 2
+                    d = self.lat.transfer(pulled * m.mm_bytes_per_token) * (1 - self.send_share)
                     spans[it.request_id] = (t, t + d)
                     t += d
-            sends = sum(self.lat.transfer(len(it.prompt_ids) * m.kv_bytes_per_token) / 2 for it in batch.items if it.send_kv)
+            sends = sum(self.lat.transfer(len(it.prompt_ids) * m.kv_bytes_per_token) * self.send_share for it in batch.items if it.send_kv)
             d = self.lat.prefill(PrefillShape(tuple(len(it.prompt_ids) for it in batch.items))) * slow + sends
             items = [PrefilledItem(it.request_id, self.token, spans.get(it.request_id), SENT if it.send_kv else None) for it in batch.items]
             return PrefillResult((t, t + d), items), t + d - now
@@ -161,7 +165,7 @@ class Simulation:
         t = now
         spans = {}
         for new in batch.new:
-            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) / 2 if new.kv_handle is not None else 0.0
+            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) * (1 - self.send_share) if new.kv_handle is not None else 0.0
             spans[new.request_id] = (t, t + d)
             t += d
         states = [self.pipe.states[r] for r in batch.step]
