@@ -184,3 +184,32 @@ def test_load_estimator_rows_reach_the_record(tmp_path):
     write_record(tmp_path, {}, result, {"x": 1})
     lines = (tmp_path / "stage_load.jsonl").read_text().splitlines()
     assert len(lines) >= 3 and '"pressure"' in lines[0]
+
+
+def test_simulated_policy_searches_off_the_engine_loop(requests):
+    """In the engine the simulator search runs in a thread: the loop keeps serving meanwhile."""
+    from epd.allocation.policies import SimulatedPolicy
+
+    reqs, expected = requests
+    run_cfg = _sim_cfg("simulated", window=16)
+    run_cfg = dataclasses.replace(run_cfg, deployment=DEP, allocation=dataclasses.replace(run_cfg.allocation, interval_s=0.05))
+    policy = SimulatedPolicy(run_cfg.allocation, run_cfg)
+    ctl = AllocationController(policy, 0.05, 0.0)
+    steps_while_searching = 0
+    with OfflineLLM(MODEL, DEP, "local", allocation=ctl) as llm:
+        core, pending = llm.core, list(reqs)
+        while pending or core.has_work():
+            while pending and core.in_flight < 12:
+                core.add_request(pending.pop(0))
+            core.step()
+            if policy._thread is not None and policy._thread.is_alive():
+                steps_while_searching += 1
+        if policy._thread is not None:
+            policy._thread.join(timeout=60)
+        while core.has_work() or any(i.busy for i in core.pipeline.instances.values()):
+            core.step()
+        core.drain_check()
+        outputs = dict(core.pipeline.outputs)
+    assert policy.searches >= 1 and policy.target is not None
+    assert steps_while_searching > 0  # batches kept running while the search was under way
+    assert {rid: o.token_ids for rid, o in outputs.items()} == expected
