@@ -176,26 +176,18 @@ def _run(model, dep, reqs, executor):
         wall = time.time() - t0
         llm.core.drain_check()
         events = list(llm.core.pipeline.events)
-        states = {rid: (s.prompt_len, list(s.image_tokens)) for rid, s in llm.core.pipeline.states.items()}
     outs = [o for o in outs if not o.request_id.startswith("warm-")]
-    return {o.request_id: o.token_ids for o in outs}, events, states, wall
+    return {o.request_id: o.token_ids for o in outs}, events, wall
 
 
-def _bandwidth(events, states, kv_bytes_per_token: int, mm_bytes_per_token: int) -> dict:
-    begins = {}
-    out = {"kv": [], "mm": []}
-    for e in events:
-        kind = e.kind.value
-        if kind.endswith("_transfer_begin"):
-            begins[(e.request_id, kind[:2])] = e.time
-        elif kind.endswith("_transfer_end"):
-            which = kind[:2]
-            prompt_len, image_tokens = states[e.request_id]
-            nbytes = prompt_len * kv_bytes_per_token if which == "kv" else sum(image_tokens) * mm_bytes_per_token
-            dt = e.time - begins.pop((e.request_id, which))
-            if nbytes >= 16 * MB and dt > 0:
-                out[which].append(nbytes / dt / 1e9)
-    return {k: {"n": len(v), "median_GBps": statistics.median(v) if v else None, "max_GBps": max(v) if v else None} for k, v in out.items()}
+def _bandwidth(events) -> dict:
+    """Transfers of >= 16 MiB (the engine's events carry their bytes), in GB/s."""
+    from epd.metrics import transfer_bandwidth
+
+    return {
+        k: {"n": len(v), "median_GBps": statistics.median(v) / 1e9 if v else None, "max_GBps": max(v) / 1e9 if v else None}
+        for k, v in transfer_bandwidth(events).items()
+    }
 
 
 def engine() -> dict:
@@ -218,7 +210,7 @@ def engine() -> dict:
         )
         for transfer in ("ipc", "nccl"):
             dep = DeploymentConfig(**{**epd.__dict__, "transfer": transfer})
-            got, _, _, _ = _run(tiny, dep, reqs, "ray")
+            got, _, _ = _run(tiny, dep, reqs, "ray")
             res[f"tiny_fp32_{transfer}_identical"] = got == ref
         if gpus >= 4:
             tp2 = DeploymentConfig(
@@ -237,21 +229,16 @@ def engine() -> dict:
                     encode_prefill=PoolConfig(kv_blocks=512, mm_blocks=256, tp=2, **gpu),
                     decode=PoolConfig(kv_blocks=512, tp=2, **gpu),
                 )
-            got, _, _, _ = _run(tiny, tp2, reqs, "ray")
+            got, _, _ = _run(tiny, tp2, reqs, "ray")
             res["tiny_fp32_tp2_pd_identical"] = got == ref
         big = _model("llava-1.5-7b")
         reqs = _requests(16, 4, 4032, 3024, 10)
-        ref, _, _, ref_wall = _run(
+        ref, _, ref_wall = _run(
             big,
             DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=4096, mm_blocks=1024, max_prefill_tokens=16384)),
             reqs,
             "local",
         )
-        from epd.models.runtime import load_family
-
-        text = load_family(big).text_config()
-        kv_tok = 2 * text.num_layers * text.hidden_size * 2
-        mm_tok = text.hidden_size * 2
         for transfer in ("ipc", "nccl"):
             dep = DeploymentConfig(
                 name="epd",
@@ -260,12 +247,12 @@ def engine() -> dict:
                 prefill=PoolConfig(kv_blocks=4096, mm_blocks=2048, max_prefill_tokens=16384, **gpu),
                 decode=PoolConfig(kv_blocks=4096, mm_blocks=1, **gpu),
             )
-            got, events, states, wall = _run(big, dep, reqs, "ray")
+            got, events, wall = _run(big, dep, reqs, "ray")
             agree = sum(got[k] == ref[k] for k in ref) / len(ref)
             res[f"llava7b_{transfer}"] = {
                 "requests_identical": agree,
                 "wall_s": wall,
-                "bandwidth": _bandwidth(events, states, kv_tok, mm_tok),
+                "bandwidth": _bandwidth(events),
             }
         res["llava7b_single_gpu_wall_s"] = ref_wall
     finally:

@@ -38,11 +38,14 @@ class EngineBackend:
         self.executor = "local" if cfg.backend.kind == "local" else "ray"
         self._llm = None
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[EngineBackend]:
+    def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
+        return AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[EngineBackend]:
+        self._llm = self._async_llm()
         try:
             yield self
         finally:
@@ -54,9 +57,7 @@ class EngineBackend:
             return self._run_async(self._llm, requests)
         if all(r.arrival_time == 0 for r in requests):
             return self._run_offline(requests)
-        from epd.serve.async_llm import AsyncLLM
-
-        llm = AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
+        llm = self._async_llm()
         try:
             return self._run_async(llm, requests)
         finally:

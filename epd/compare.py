@@ -18,6 +18,7 @@ from typing import Optional
 from epd.backends import EngineBackend
 from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig, compare_deployments
 from epd.experiment import format_summary, run_experiment
+from epd.stages.executor import ensure_ray
 
 log = logging.getLogger(__name__)
 COLUMNS = (
@@ -93,7 +94,7 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     rows: list[dict] = []
     sim_backend = dataclasses.replace(cfg.backend, kind="sim", latency_model=cc.sim_latency_model, profile_path=cc.sim_profile_path)
     if cc.real and cfg.backend.kind == "ray":
-        _start_ray(cfg, list(deployments.values()))  # one cluster for every deployment (run.py shuts it down)
+        ensure_ray(cfg.backend, list(deployments.values()))  # one cluster for every deployment (run.py shuts it down)
     allocations = _allocations(cfg)
     points = [(dname, dep, aname, alloc) for dname, dep in deployments.items() for aname, alloc in allocations.items()]
     for dname, dep, aname, alloc in points:
@@ -150,20 +151,6 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
     plot_compare(result, out_dir / "compare.png")
     print(compare_markdown(result))
     return result
-
-
-def _start_ray(cfg: RunConfig, deployments: list[DeploymentConfig]) -> None:
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.backend.address:
-        ray.init(address=cfg.backend.address, log_to_driver=False, include_dashboard=False)
-        return
-    need = max(int(sum(p.num_cpus * p.tp * p.instances for p in d.pools().values())) for d in deployments) + 1
-    ray.init(num_cpus=max(need, cfg.backend.num_cpus or 0, os.cpu_count() or 1), log_to_driver=False, include_dashboard=False)
 
 
 def _devices() -> list[str]:

@@ -94,6 +94,12 @@ POOL_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+def describe_layout(counts: dict[str, int]) -> str:
+    """Instances per pool in words, in pipeline order: {'encode': 2, 'prefill': 1, 'decode': 1} -> '2E1P1D'."""
+    letters = {"encode": "E", "prefill": "P", "decode": "D"}
+    return "".join(f"{counts[n]}{''.join(letters[r] for r in POOL_ROLES[n])}" for n in POOL_ROLES if n in counts)
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     name: str = "epd"
@@ -119,8 +125,7 @@ class DeploymentConfig:
 
     def describe(self) -> str:
         """Deployment in words, e.g. '2E1P1D', '3EP1D', '4EPD'."""
-        letters = {"encode": "E", "prefill": "P", "decode": "D"}
-        return "".join(f"{p.instances}{''.join(letters[r] for r in POOL_ROLES[n])}" for n, p in self.pools().items())
+        return describe_layout({n: p.instances for n, p in self.pools().items()})
 
     def validate(self) -> None:
         for role in ROLES:

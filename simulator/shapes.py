@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from epd.models.family import ModelFamily
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from epd.models.family import DTYPE_BYTES, ModelFamily
 
 
 def _side(v) -> int:
@@ -55,6 +53,6 @@ class ModelShape:
             lm_flops_per_token=2.0 * body,
             head_flops=2.0 * t.vocab_size * h,
             attn_flops_coeff=4.0 * t.num_layers * h,
-            kv_bytes_per_token=2 * t.num_layers * kvd * nbytes,
-            mm_bytes_per_token=h * nbytes,
+            kv_bytes_per_token=family.kv_bytes_per_token(dtype),
+            mm_bytes_per_token=family.mm_bytes_per_token(dtype),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -10,6 +11,8 @@ from transformers import PretrainedConfig
 
 from epd.config import ModelConfig, TextModelConfig
 from epd.registry import Registry
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class ModelFamily(ABC):
@@ -64,6 +67,15 @@ class ModelFamily(ABC):
             bos_token_id=t.bos_token_id if t.bos_token_id is not None else self.cfg.text.bos_token_id,
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
+
+    def kv_bytes_per_token(self, dtype: Optional[str] = None) -> int:
+        """K and V of one token in every layer, all heads (every tensor-parallel rank together)."""
+        t = self.text_config()
+        return 2 * t.num_layers * t.num_kv_heads * (t.hidden_size // t.num_heads) * DTYPE_BYTES[dtype or self.cfg.dtype]
+
+    def mm_bytes_per_token(self, dtype: Optional[str] = None) -> int:
+        """One image token's embedding, as the LM takes it."""
+        return self.text_config().hidden_size * DTYPE_BYTES[dtype or self.cfg.dtype]
 
     def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
         """BOS, each image's placeholders, then the text."""

@@ -129,8 +129,8 @@ class ModelRuntime:
         return self.text_cfg.hidden_size
 
     def kv_bytes_per_token(self) -> int:
-        t = self.text_cfg
-        return 2 * t.num_layers * (t.num_kv_heads // self.tp) * (t.hidden_size // t.num_heads) * self.dtype.itemsize
+        """On this worker: its share of the heads under tensor parallelism."""
+        return self.family.kv_bytes_per_token() // self.tp
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         t = self.text_cfg

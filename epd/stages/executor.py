@@ -97,6 +97,22 @@ def _comm_spec(deployment: DeploymentConfig, procs: list[_Proc], host: str) -> O
     return CommSpec(host, free_port(), len(procs), tuple(tuple(g) for g in tp_groups.values()), pairs, "nccl" if gpu else "gloo")
 
 
+def ensure_ray(backend: BackendConfig, deployments: list[DeploymentConfig]) -> bool:
+    """Connect to `backend.address`, or start a local cluster with CPUs for the largest of `deployments`
+    (one per worker process, plus the driver). Returns whether this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if backend.address:
+        kwargs: dict[str, Any] = {"address": backend.address}
+    else:
+        need = max(int(sum(p.pool.num_cpus for p in _processes(d))) for d in deployments) + 1
+        kwargs = {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
+    ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+    return True
+
+
 class RayExecutor:
     transfer = "object_store"
 
@@ -111,15 +127,7 @@ class RayExecutor:
         self.transfer = deployment.transfer
         self.needs_push = transfer_class(self.transfer).needs_push
         procs = _processes(deployment)
-        if not ray.is_initialized():
-            need = int(sum(p.pool.num_cpus for p in procs)) + 1
-            kwargs: dict[str, Any] = (
-                {"address": backend.address} if backend.address else {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
-            )
-            ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
-            self._own_ray = True
-        else:
-            self._own_ray = False
+        self._own_ray = ensure_ray(backend, [deployment])
         # One bundle per process, reserved at once: a deployment gets all of its GPUs or none.
         bundles = [{"CPU": p.pool.num_cpus, **({"GPU": p.pool.num_gpus} if p.pool.num_gpus else {})} for p in procs]
         self.pg = placement_group(bundles, strategy="PACK")

@@ -7,10 +7,11 @@ and the same lifetime events come out.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Optional
 
-from epd.config import POOL_ROLES, DeploymentConfig
+from epd.config import POOL_ROLES, DeploymentConfig, describe_layout
 from epd.lifetime import SYSTEM, EventLog
 from epd.lifetime import LifetimeEvent as E
 from epd.models.family import ModelFamily
@@ -52,10 +53,8 @@ class Pipeline:
         self.deployment = deployment
         self.family = family
         self.text = family.text_config()
-        elsize = {"float32": 4, "bfloat16": 2, "float16": 2}[family.cfg.dtype]
-        head_dim = self.text.hidden_size // self.text.num_heads
-        self.kv_bytes_per_token = 2 * self.text.num_layers * self.text.num_kv_heads * head_dim * elsize  # all TP ranks together
-        self.mm_bytes_per_token = self.text.hidden_size * elsize
+        self.kv_bytes_per_token = family.kv_bytes_per_token()  # for the bytes of transfer events
+        self.mm_bytes_per_token = family.mm_bytes_per_token()
         self.frees_on_send = frees_on_send
         self.max_pending = deployment.max_pending_transfers
         self.origin = time_origin
@@ -172,7 +171,7 @@ class Pipeline:
         for sender in state.senders:
             self.instances[sender].outgoing -= 1
             if not self.frees_on_send:
-                for key in [k for k in state.holds if k == f"kv:{sender}" or k.startswith(f"mm:{sender}:")]:
+                for key in state.keys_of(sender):
                     state.release(key)
         state.senders = []
 
@@ -307,12 +306,7 @@ class Pipeline:
     # ---- role switching ----------------------------------------------------------------
     def layout(self) -> str:
         """The deployment as it stands, e.g. '1E2P1D' (instances that are switching are left out)."""
-        letters = {"encode": "E", "prefill": "P", "decode": "D"}
-        counts: dict[str, int] = {}
-        for inst in self.instances.values():
-            if inst.switching_to is None and not inst.failed:
-                counts[inst.pool] = counts.get(inst.pool, 0) + 1
-        return "".join(f"{counts[p]}{''.join(letters[r] for r in POOL_ROLES[p])}" for p in POOL_ROLES if p in counts)
+        return describe_layout(Counter(i.pool for i in self.instances.values() if i.switching_to is None and not i.failed))
 
     def active(self, role: str) -> list[Instance]:
         return self.by_role[role]
@@ -414,7 +408,7 @@ class Pipeline:
 
     def _cleanup(self, state: RequestState) -> None:
         if state.pulling:  # a batch in flight still reads the senders' blocks: they go when it completes
-            keep = {k for k in state.holds for s in state.senders if k == f"kv:{s}" or k.startswith(f"mm:{s}:")}
+            keep = {k for s in state.senders for k in state.keys_of(s)}
             for key in [k for k in state.holds if k not in keep]:
                 state.release(key)
         else:

@@ -40,6 +40,10 @@ class RequestState:
         assert key not in self.holds, key
         self.holds[key] = (pool, blocks)
 
+    def keys_of(self, instance: str) -> list[str]:
+        """Holds on `instance`'s blocks: its KV ("kv:ID") and its images' MM ("mm:ID:INDEX")."""
+        return [k for k in self.holds if k == f"kv:{instance}" or k.startswith(f"mm:{instance}:")]
+
     def release(self, key: str) -> None:
         if key in self.holds:
             pool, blocks = self.holds.pop(key)

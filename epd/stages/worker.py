@@ -96,7 +96,7 @@ class Worker:
         self.model_cfg = model
         self.rt = ModelRuntime(model, _parts(roles), device)
         self.transfer = make_transfer(transfer)
-        if self.comm is not None and hasattr(self.transfer, "set_comm"):
+        if self.comm is not None:
             self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
         self.seqs: dict[str, _Seq] = {}

@@ -53,6 +53,10 @@ class TransferBackend(ABC):
     def bind(self, endpoint: Endpoint, caches: dict[str, torch.Tensor]) -> None:
         self.endpoint, self.caches = endpoint, caches
 
+    def set_comm(self, comm: Any) -> None:
+        """The worker's process groups (`epd.distributed.Comm`), where the deployment has them."""
+        self.comm = comm
+
     def send(self, cache: str, blocks: list[int], rows: int) -> TransferHandle:
         """Hand `rows` tokens in `blocks` of this worker's `cache` to some receiver."""
         return TransferHandle(self.endpoint.instance, cache, list(blocks), rows)
@@ -62,9 +66,9 @@ class TransferBackend(ABC):
         """Pull the data behind `handle` into `blocks` of this worker's cache of the same kind."""
 
     def recv_many(self, pulls: list[tuple[TransferHandle, list[int]]]) -> None:
-        """Several pulls at once (all images of a prefill batch): backends that copy blocks merge
-        those from one sender into one copy."""
-        for handle, blocks in pulls:
+        """Several pulls at once (all images of a request): backends that copy blocks merge those
+        from one sender into one copy (one launch on GPUs)."""
+        for handle, blocks in merge_by_sender(pulls) if self.block_based else pulls:
             self.recv(handle, blocks)
 
     def export(self) -> Any:

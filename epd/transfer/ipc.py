@@ -17,7 +17,7 @@ import torch
 
 from epd.cache.block_copy import copy_blocks_torch
 from epd.csrc import block_ops
-from epd.transfer.base import BLOCK_DIM, TRANSFERS, Endpoint, TransferBackend, TransferHandle, matching_blocks, merge_by_sender
+from epd.transfer.base import BLOCK_DIM, TRANSFERS, Endpoint, TransferBackend, TransferHandle, matching_blocks
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,6 @@ class IPCTransfer(TransferBackend):
             raise RuntimeError(f"ipc: no {cache} cache of worker {instance!r} to pull from (connect() not called, or it holds none)")
         _, ex = cands[self.endpoint.rank % len(cands)]  # an E worker (tp 1) serves every P rank
         return ex[cache]
-
-    def recv_many(self, pulls: list[tuple[TransferHandle, list[int]]]) -> None:
-        for handle, blocks in merge_by_sender(pulls):  # one copy (one launch on GPUs) per sender
-            self.recv(handle, blocks)
 
     def recv(self, handle: TransferHandle, blocks: list[int]) -> None:
         peer = self._peer(handle.worker, handle.cache)

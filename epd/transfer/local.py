@@ -8,7 +8,7 @@ import weakref
 import torch
 
 from epd.cache.block_copy import copy_blocks
-from epd.transfer.base import BLOCK_DIM, TRANSFERS, Endpoint, TransferBackend, TransferHandle, matching_blocks, merge_by_sender
+from epd.transfer.base import BLOCK_DIM, TRANSFERS, Endpoint, TransferBackend, TransferHandle, matching_blocks
 
 # Caches of every bound worker in this process, by (instance, rank); weak so closed workers vanish.
 _CACHES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -30,10 +30,6 @@ class LocalTransfer(TransferBackend):
         self._registered = _Caches(caches)  # keeps the registry entry alive as long as this backend
         with _LOCK:
             _CACHES[(endpoint.instance, endpoint.rank)] = self._registered
-
-    def recv_many(self, pulls: list[tuple[TransferHandle, list[int]]]) -> None:
-        for handle, blocks in merge_by_sender(pulls):  # one copy (one launch on GPUs) per sender
-            self.recv(handle, blocks)
 
     def recv(self, handle: TransferHandle, blocks: list[int]) -> None:
         with _LOCK:

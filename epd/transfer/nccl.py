@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from epd.cache.paged import gather_kv, read_rows, scatter_kv, write_rows
-from epd.distributed import Comm
 from epd.transfer.base import TRANSFERS, Endpoint, TransferBackend, TransferHandle
 
 
@@ -24,9 +23,6 @@ class NCCLTransfer(TransferBackend):
     name = "nccl"
     frees_on_send = False
     needs_push = True
-
-    def set_comm(self, comm: Comm) -> None:
-        self.comm = comm
 
     def bind(self, endpoint: Endpoint, caches: dict[str, torch.Tensor]) -> None:
         super().bind(endpoint, caches)
