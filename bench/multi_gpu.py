@@ -200,7 +200,7 @@ def engine() -> dict:
         tiny = ModelConfig(seed=1, device="cuda", cuda_graphs=False)
         reqs = _requests(12, 3, 640, 480, 12)
         single = DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=512, mm_blocks=256))
-        ref, _, _, _ = _run(tiny, single, reqs, "local")
+        ref, _, _ = _run(tiny, single, reqs, "local")
         gpu = dict(num_gpus=1, num_cpus=2)
         epd = DeploymentConfig(
             name="epd",

@@ -75,21 +75,23 @@ void copy_blocks_cpu(torch::Tensor src, torch::Tensor dst, std::vector<int64_t> 
 }
 
 #ifdef EPD_WITH_CUDA
-void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blocks, const std::vector<Run>& runs, const BlockView& dv);
+void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blocks, const std::vector<Run>& runs, const BlockView& dv,
+                             int64_t chunk);
 std::tuple<py::bytes, int64_t, int64_t> ipc_export(torch::Tensor t);
 int64_t ipc_open(py::bytes handle, int64_t device);
 void ipc_close(int64_t ptr, int64_t device);
 void enable_peer_access(int64_t device, int64_t peer);
 
 // Device memory: every (outer index, run) in one kernel launch. `src_ptr` is a pointer valid in
-// this process: a local tensor's, or a peer GPU's cache opened with ipc_open.
+// this process: a local tensor's, or a peer GPU's cache opened with ipc_open. `chunk_bytes` 0: sized for
+// the device (several CTAs per SM); the benchmarks pass others to compare.
 void copy_blocks_cuda(int64_t src_ptr, int64_t src_num_blocks, torch::Tensor dst, std::vector<int64_t> src_blocks,
-                      std::vector<int64_t> dst_blocks, int64_t block_dim) {
+                      std::vector<int64_t> dst_blocks, int64_t block_dim, int64_t chunk_bytes) {
   TORCH_CHECK(dst.is_cuda(), "copy_blocks_cuda: destination must be a CUDA tensor");
   auto dv = block_view(dst, block_dim, "destination");
   auto runs = coalesce_runs(src_blocks, dst_blocks);
   check_runs(runs, src_num_blocks, dv.blocks);
-  if (!runs.empty()) copy_blocks_cuda_launch(src_ptr, dst, src_num_blocks, runs, dv);
+  if (!runs.empty()) copy_blocks_cuda_launch(src_ptr, dst, src_num_blocks, runs, dv, chunk_bytes);
 }
 #endif
 
@@ -107,7 +109,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks_cpu", &copy_blocks_cpu, "copy blocks between two host cache tensors");
   m.def("has_cuda", &has_cuda, "whether the CUDA part was built");
 #ifdef EPD_WITH_CUDA
-  m.def("copy_blocks_cuda", &copy_blocks_cuda, "copy blocks from a (peer) device pointer into a CUDA cache tensor in one launch");
+  m.def("copy_blocks_cuda", &copy_blocks_cuda, "copy blocks from a (peer) device pointer into a CUDA cache tensor in one launch",
+        py::arg("src_ptr"), py::arg("src_num_blocks"), py::arg("dst"), py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("block_dim"),
+        py::arg("chunk_bytes") = 0);
   m.def("ipc_export", &ipc_export, "CUDA IPC handle of a tensor's allocation: (handle, offset, device)");
   m.def("ipc_open", &ipc_open, "open a peer's IPC handle on this device; returns the base pointer");
   m.def("ipc_close", &ipc_close, "close a pointer returned by ipc_open");

@@ -23,13 +23,20 @@ struct BlockView {
     TORCH_CHECK(err__ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err__)); \
   } while (0)
 
-// CTA (x, y, z) copies chunk z of run x in outer slice y: contiguous bytes, 16 B per lane when both
-// ends are 16-byte aligned (always, for bf16 caches with head_dim a multiple of 8). Chunking keeps
-// every SM busy when there are few runs and few outer slices (an MM cache has one).
-constexpr int64_t kChunk = 256 * 1024;
+// CTA (x, y, z) copies chunk z of run x in outer slice y: contiguous bytes, 16 B per load when both
+// ends are 16-byte aligned (always, for bf16 caches with head_dim a multiple of 8). A peer's memory
+// is microseconds away over NVLink, so bandwidth needs many loads in flight: each thread issues
+// kUnroll loads before its stores, and chunks are sized so that a launch has several CTAs per SM
+// even when there are few runs and one outer slice (an MM cache).
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int64_t kMinChunk = 16 * 1024;
+constexpr int64_t kMaxChunk = 1024 * 1024;
+constexpr int kCtasPerSm = 8;
 
-__global__ void copy_runs_kernel(const char* __restrict__ src, char* __restrict__ dst, const int64_t* __restrict__ runs,
-                                 int64_t src_blocks, int64_t dst_blocks, int64_t inner_bytes, int64_t chunk) {
+__global__ void __launch_bounds__(kThreads) copy_runs_kernel(const char* __restrict__ src, char* __restrict__ dst,
+                                                             const int64_t* __restrict__ runs, int64_t src_blocks,
+                                                             int64_t dst_blocks, int64_t inner_bytes, int64_t chunk) {
   const int64_t r = blockIdx.x, o = blockIdx.y;
   const int64_t sb = runs[3 * r], db = runs[3 * r + 1], n = runs[3 * r + 2];
   const int64_t bytes = n * inner_bytes;
@@ -41,26 +48,55 @@ __global__ void copy_runs_kernel(const char* __restrict__ src, char* __restrict_
   if ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | len) % 16 == 0) {
     const int4* s4 = reinterpret_cast<const int4*>(s);
     int4* d4 = reinterpret_cast<int4*>(d);
-    for (int64_t i = threadIdx.x; i < len / 16; i += blockDim.x) d4[i] = s4[i];
+    const int64_t n4 = len / 16;
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * kThreads < n4; i += kUnroll * kThreads) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = s4[i + u * kThreads];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) d4[i + u * kThreads] = v[u];
+    }
+    for (; i < n4; i += kThreads) d4[i] = s4[i];
   } else {
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) d[i] = s[i];
   }
 }
 
-void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blocks, const std::vector<Run>& runs, const BlockView& dv) {
+// Chunk bytes for a launch moving `total` bytes whose longest run (per outer slice) has `longest`:
+// about kCtasPerSm CTAs per SM in all, 16 KiB to 1 MiB each, at most 65535 chunks per run.
+int64_t chunk_bytes(int64_t total, int64_t longest, int sms) {
+  int64_t chunk = total / std::max<int64_t>(1, (int64_t)sms * kCtasPerSm);
+  chunk = std::min(kMaxChunk, std::max(kMinChunk, chunk));
+  chunk = std::max(chunk, (longest + 65534) / 65535);
+  return (chunk + 15) / 16 * 16;
+}
+
+int sm_count(int device) {
+  static int counts[64] = {0};  // per device; read once
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) EPD_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
+}
+
+void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blocks, const std::vector<Run>& runs, const BlockView& dv,
+                             int64_t chunk) {
   const c10::cuda::CUDAGuard guard(dst.device());
   std::vector<int64_t> flat;
   flat.reserve(runs.size() * 3);
-  int64_t longest = 0;
+  int64_t longest = 0, total = 0;
   for (const auto& [s, d, n] : runs) {
     flat.push_back(s);
     flat.push_back(d);
     flat.push_back(n);
     longest = std::max(longest, n);
+    total += n;
   }
   const int64_t max_bytes = longest * dv.inner_bytes;
-  // Chunks of 256 KiB, 16-byte aligned; fewer, larger ones if a run would need more than 65535.
-  int64_t chunk = std::max(kChunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);
+  if (chunk <= 0) {
+    chunk = chunk_bytes(total * dv.inner_bytes * dv.outer, max_bytes, sm_count(dst.device().index()));
+  }
+  chunk = std::max(chunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);
   const int64_t chunks = (max_bytes + chunk - 1) / chunk;
   TORCH_CHECK(runs.size() <= 2147483647 && dv.outer <= 65535, "copy_blocks_cuda: too many runs or layers for one launch");
   // Pinned staging: the copy of the run list is asynchronous (the caching host allocator keeps the
@@ -70,8 +106,8 @@ void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blo
   auto runs_dev = host.to(dst.device(), /*non_blocking=*/true);
   dim3 grid((unsigned)runs.size(), (unsigned)dv.outer, (unsigned)chunks);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  copy_runs_kernel<<<grid, 512, 0, stream>>>(reinterpret_cast<const char*>(src_ptr), static_cast<char*>(dst.data_ptr()),
-                                             runs_dev.data_ptr<int64_t>(), src_blocks, dv.blocks, dv.inner_bytes, chunk);
+  copy_runs_kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const char*>(src_ptr), static_cast<char*>(dst.data_ptr()),
+                                                  runs_dev.data_ptr<int64_t>(), src_blocks, dv.blocks, dv.inner_bytes, chunk);
   EPD_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -46,6 +46,7 @@ class IPCTransfer(TransferBackend):
     name = "ipc"
     frees_on_send = False
     block_based = True
+    chunk_bytes = 0  # the kernel's work per CTA; 0: sized for the device
 
     def bind(self, endpoint: Endpoint, caches: dict[str, torch.Tensor]) -> None:
         for name, t in caches.items():
@@ -118,7 +119,7 @@ class IPCTransfer(TransferBackend):
         dim = BLOCK_DIM[handle.cache]
         blocks = matching_blocks(handle, blocks)
         if peer.ptr is not None:
-            self.ops.copy_blocks_cuda(peer.ptr, peer.shape[dim], dst, handle.blocks, blocks, dim)
+            self.ops.copy_blocks_cuda(peer.ptr, peer.shape[dim], dst, handle.blocks, blocks, dim, self.chunk_bytes)
         else:
             copy_blocks_torch(peer.tensor, dst, handle.blocks, blocks, dim)
 
