@@ -1,6 +1,6 @@
 """Multi-GPU checks and ceilings, run on a machine with 2+ GPUs:
 
-    python bench/multi_gpu.py --out DIR [--parts p2p tp engine]
+    python bench/multi_gpu.py --out DIR [--parts p2p tp engine]   (engine = engine_tiny + engine_llava)
 
 p2p     the card's peer-to-peer ceiling (cudaMemcpyPeer through torch) next to the csrc kernel's
         batched block copy reading a peer GPU's KV cache, for 16-256 MB.
@@ -190,74 +190,85 @@ def _bandwidth(events) -> dict:
     }
 
 
-def engine() -> dict:
+def engine(models: tuple[str, ...] = ("tiny", "llava")) -> dict:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     gpus = torch.cuda.device_count()
     res: dict = {}
     try:
-        tiny = ModelConfig(seed=1, device="cuda", cuda_graphs=False)
-        reqs = _requests(12, 3, 640, 480, 12)
-        single = DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=512, mm_blocks=256))
-        ref, _, _ = _run(tiny, single, reqs, "local")
-        gpu = dict(num_gpus=1, num_cpus=2)
-        epd = DeploymentConfig(
-            name="epd",
-            encode=PoolConfig(instances=max(1, gpus - 2), mm_blocks=256, kv_blocks=1, **gpu),
-            prefill=PoolConfig(kv_blocks=512, **gpu),
-            decode=PoolConfig(kv_blocks=512, **gpu),
-        )
-        for transfer in ("ipc", "nccl"):
-            dep = DeploymentConfig(**{**epd.__dict__, "transfer": transfer})
-            got, _, _ = _run(tiny, dep, reqs, "ray")
-            res[f"tiny_fp32_{transfer}_identical"] = got == ref
-        if gpus >= 4:
-            tp2 = DeploymentConfig(
-                name="epd",
-                transfer="ipc",
-                encode=PoolConfig(instances=1, mm_blocks=256, kv_blocks=1, **gpu),
-                prefill=PoolConfig(kv_blocks=512, tp=2, **gpu),
-                decode=PoolConfig(kv_blocks=512, tp=1, **gpu),
-            )
-            try:
-                tp2.validate()
-            except ValueError:  # P and D share one tp: 1E + 1P(tp2) + 1D(tp2) needs 5 GPUs; use PD instead
-                tp2 = DeploymentConfig(
-                    name="pd",
-                    transfer="ipc",
-                    encode_prefill=PoolConfig(kv_blocks=512, mm_blocks=256, tp=2, **gpu),
-                    decode=PoolConfig(kv_blocks=512, tp=2, **gpu),
-                )
-            got, _, _ = _run(tiny, tp2, reqs, "ray")
-            res["tiny_fp32_tp2_pd_identical"] = got == ref
-        big = _model("llava-1.5-7b")
-        reqs = _requests(16, 4, 4032, 3024, 10)
-        ref, _, ref_wall = _run(
-            big,
-            DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=4096, mm_blocks=1024, max_prefill_tokens=16384)),
-            reqs,
-            "local",
-        )
-        for transfer in ("ipc", "nccl"):
-            dep = DeploymentConfig(
-                name="epd",
-                transfer=transfer,
-                encode=PoolConfig(instances=max(1, gpus - 2), mm_blocks=2048, kv_blocks=1, max_images_per_batch=16, **gpu),
-                prefill=PoolConfig(kv_blocks=4096, mm_blocks=2048, max_prefill_tokens=16384, **gpu),
-                decode=PoolConfig(kv_blocks=4096, mm_blocks=1, **gpu),
-            )
-            got, events, wall = _run(big, dep, reqs, "ray")
-            agree = sum(got[k] == ref[k] for k in ref) / len(ref)
-            res[f"llava7b_{transfer}"] = {
-                "requests_identical": agree,
-                "wall_s": wall,
-                "bandwidth": _bandwidth(events),
-            }
-        res["llava7b_single_gpu_wall_s"] = ref_wall
+        if "tiny" in models:
+            _engine_tiny(gpus, res)
+        if "llava" in models:
+            _engine_llava(gpus, res)
     finally:
         ray.shutdown()
     return res
+
+
+def _engine_tiny(gpus: int, res: dict) -> None:
+    tiny = ModelConfig(seed=1, device="cuda", cuda_graphs=False)
+    reqs = _requests(12, 3, 640, 480, 12)
+    single = DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=512, mm_blocks=256))
+    ref, _, _ = _run(tiny, single, reqs, "local")
+    gpu = dict(num_gpus=1, num_cpus=2)
+    epd = DeploymentConfig(
+        name="epd",
+        encode=PoolConfig(instances=max(1, gpus - 2), mm_blocks=256, kv_blocks=1, **gpu),
+        prefill=PoolConfig(kv_blocks=512, **gpu),
+        decode=PoolConfig(kv_blocks=512, **gpu),
+    )
+    for transfer in ("ipc", "nccl"):
+        dep = DeploymentConfig(**{**epd.__dict__, "transfer": transfer})
+        got, _, _ = _run(tiny, dep, reqs, "ray")
+        res[f"tiny_fp32_{transfer}_identical"] = got == ref
+    if gpus >= 4:
+        tp2 = DeploymentConfig(
+            name="epd",
+            transfer="ipc",
+            encode=PoolConfig(instances=1, mm_blocks=256, kv_blocks=1, **gpu),
+            prefill=PoolConfig(kv_blocks=512, tp=2, **gpu),
+            decode=PoolConfig(kv_blocks=512, tp=1, **gpu),
+        )
+        try:
+            tp2.validate()
+        except ValueError:  # P and D share one tp: 1E + 1P(tp2) + 1D(tp2) needs 5 GPUs; use PD instead
+            tp2 = DeploymentConfig(
+                name="pd",
+                transfer="ipc",
+                encode_prefill=PoolConfig(kv_blocks=512, mm_blocks=256, tp=2, **gpu),
+                decode=PoolConfig(kv_blocks=512, tp=2, **gpu),
+            )
+        got, _, _ = _run(tiny, tp2, reqs, "ray")
+        res["tiny_fp32_tp2_pd_identical"] = got == ref
+
+
+def _engine_llava(gpus: int, res: dict) -> None:
+    gpu = dict(num_gpus=1, num_cpus=2)
+    big = _model("llava-1.5-7b")
+    reqs = _requests(16, 4, 4032, 3024, 10)
+    ref, _, ref_wall = _run(
+        big,
+        DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=4096, mm_blocks=1024, max_prefill_tokens=16384)),
+        reqs,
+        "local",
+    )
+    for transfer in ("ipc", "nccl"):
+        dep = DeploymentConfig(
+            name="epd",
+            transfer=transfer,
+            encode=PoolConfig(instances=max(1, gpus - 2), mm_blocks=2048, kv_blocks=1, max_images_per_batch=16, **gpu),
+            prefill=PoolConfig(kv_blocks=4096, mm_blocks=2048, max_prefill_tokens=16384, **gpu),
+            decode=PoolConfig(kv_blocks=4096, mm_blocks=1, **gpu),
+        )
+        got, events, wall = _run(big, dep, reqs, "ray")
+        agree = sum(got[k] == ref[k] for k in ref) / len(ref)
+        res[f"llava7b_{transfer}"] = {
+            "requests_identical": agree,
+            "wall_s": wall,
+            "bandwidth": _bandwidth(events),
+        }
+    res["llava7b_single_gpu_wall_s"] = ref_wall
 
 
 def main() -> None:
@@ -276,7 +287,14 @@ def main() -> None:
     for part in args.parts:
         t0 = time.time()
         try:
-            result[part] = {"p2p": p2p, "tp": tp, "engine": engine}[part]()
+            parts = {
+                "p2p": p2p,
+                "tp": tp,
+                "engine": engine,
+                "engine_tiny": lambda: engine(("tiny",)),
+                "engine_llava": lambda: engine(("llava",)),
+            }
+            result[part] = parts[part]()
         except Exception as exc:  # keep what the other parts measured
             import traceback
 
