@@ -213,3 +213,29 @@ def test_simulated_policy_searches_off_the_engine_loop(requests):
     assert policy.searches >= 1 and policy.target is not None
     assert steps_while_searching > 0  # batches kept running while the search was under way
     assert {rid: o.token_ids for rid, o in outputs.items()} == expected
+
+
+def test_what_a_switching_worker_sent_is_pulled_first(monkeypatch):
+    """An E worker switching away waits until prefill has pulled what it sent; those requests move to
+    the front of prefill's queue, so the drain is shorter than behind the whole queue (simulator:
+    prefill is the bottleneck of an offline encode-heavy burst)."""
+    from epd.stages.pipeline import Pipeline
+
+    cfg = _sim_cfg("scripted", script=["0.2:encode-2:prefill"])
+    dep = DeploymentConfig(
+        name="epd",
+        encode=PoolConfig(instances=3, mm_blocks=512),
+        prefill=PoolConfig(instances=1, kv_blocks=1024, max_prefill_tokens=128),
+        decode=PoolConfig(instances=1, kv_blocks=1024),
+    )
+    cfg = dataclasses.replace(cfg, deployment=dep, workload=dataclasses.replace(cfg.workload, arrival="offline"))
+
+    def drain() -> float:
+        reqs, result = _sim(cfg)
+        assert len(result.outputs) == len(reqs)
+        (end,) = [e for e in result.events if e.kind == E.ROLE_SWITCH_END]
+        return end.data["duration"] - end.data["reload"]
+
+    first = drain()
+    monkeypatch.setattr(Pipeline, "_pull_first", lambda self, iid: None)
+    assert first < 0.5 * drain()

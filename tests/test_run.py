@@ -101,10 +101,12 @@ def test_cli_simulator_and_dataset(tmp_path):
 
 
 def test_multirun_three_jobs_three_records_three_wandb_runs(tmp_path):
+    """A sweep: each job its own record and W&B run (the engine in-process; Ray runs are tested elsewhere)."""
     proc = _epd_run(
         [
             "-m",
             "+experiment=smoke",
+            "backend=local",
             "workload.num_requests=3",
             "workload.arrival=poisson",
             "workload.rate=1,2,4",
@@ -160,6 +162,7 @@ def test_role_switching_experiment(tmp_path):
     proc = _epd_run(
         [
             "+experiment=role_switching",
+            "backend=local",  # switching on Ray workers: test_allocation.py
             "logger=none",
             f"workload.phases={phases}",
             "compare.simulate=false",

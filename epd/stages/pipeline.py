@@ -146,6 +146,7 @@ class Pipeline:
         if state.prefill_instance is None:
             state.prefill_instance = self.router.choose("prefill", self.by_role["prefill"]).id
         self.instances[state.prefill_instance].prefill_queue.append(state)
+        self._pull_first_if_switching(state)
 
     def _route_decode(self, state: RequestState, prefill_inst: Instance) -> None:
         if prefill_inst.has("decode"):
@@ -155,6 +156,7 @@ class Pipeline:
             inst = self.router.choose("decode", self.by_role["decode"])
         state.decode_instance = inst.id
         inst.decode_queue.append(state)
+        self._pull_first_if_switching(state)
 
     def pulled(self, state: RequestState) -> None:
         """The receiving stage took a batch that pulls what the senders hold for `state`.
@@ -355,6 +357,24 @@ class Pipeline:
                 other = self.router.choose("decode", self.by_role["decode"])
                 state.decode_instance = other.id
                 other.decode_queue.append(state)
+        self._pull_first(iid)
+
+    def _pull_first(self, iid: str) -> None:
+        """Requests holding what switching worker `iid` sent move to the front of the queues that
+        will pull it: the worker may change role only once all of it has been pulled, and behind a
+        bottleneck stage's whole queue that drain would take as long as the queue."""
+        for other in self.instances.values():
+            for queue in (other.prefill_queue, other.decode_queue):
+                first = [s for s in queue if iid in s.senders]
+                if first and len(first) < len(queue):
+                    rest = [s for s in queue if iid not in s.senders]
+                    queue.clear()
+                    queue.extend(first + rest)
+
+    def _pull_first_if_switching(self, state: RequestState) -> None:
+        for sender in state.senders:
+            if self.instances[sender].switching_to is not None:
+                self._pull_first(sender)
 
     def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
         if inst.has("decode") and inst.running:
