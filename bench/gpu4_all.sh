@@ -26,11 +26,6 @@ experiment() {  # name, time limit, overrides...
   mkdir -p "$OUT/$name" && cp /tmp/runs/"$name"/compare.* "$OUT/$name/" 2>/dev/null
 }
 
-# LLaVA's KV is 4x InternVL's per token (no GQA): smaller KV pools on the same GPUs.
-LLAVA=(model=llava-1.5-7b slo=minicpmv_4img workload.images_per_request_max=6 "compare.rates=[2.0,4.0,6.0]"
-  compare.deployments.epd_2e1p1d.prefill.kv_blocks=2048 compare.deployments.epd_2e1p1d.decode.kv_blocks=4096
-  compare.deployments.pd_3p1d.encode_prefill.kv_blocks=2048 compare.deployments.pd_3p1d.decode.kv_blocks=4096
-  compare.deployments.aggregated_4.aggregated.kv_blocks=4096)
 EPD_ONLY=("~compare.deployments.pd_3p1d" "~compare.deployments.aggregated_4" compare.simulate=false)
 
 for part in $PARTS; do
@@ -38,10 +33,10 @@ for part in $PARTS; do
     mg) timeout 150 python3 bench/multi_gpu.py --out "$OUT/mg" --parts p2p engine 2>&1 | grep -E "GBps|identical|error" | head -40 ;;
     internvl) experiment internvl_rates 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" ;;
     pull) timeout 150 python3 bench/ipc_pull.py --out "$OUT/pull" 2>&1 | grep -vE "Warning|warn" | tail -24 ;;
-    llava) experiment llava_rates 240 +experiment=paper_e2e_4gpu "${LLAVA[@]}" ;;
+    llava) experiment llava_rates 240 +experiment=paper_e2e_4gpu_llava ;;
     epd)
       experiment internvl_epd 150 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" "${EPD_ONLY[@]}"
-      experiment llava_epd 120 +experiment=paper_e2e_4gpu "${LLAVA[@]}" "${EPD_ONLY[@]}"
+      experiment llava_epd 120 +experiment=paper_e2e_4gpu_llava "${EPD_ONLY[@]}"
       ;;
     switch) experiment role_switching 300 +experiment=role_switching_gpu4 ;;
     *) echo "unknown part $part" ;;
