@@ -240,6 +240,10 @@ class HardwareConfig:
     step_overhead: float = 1e-3  # seconds of fixed cost per batch (launch, scheduling)
     memory_bytes: float = 2.4e10
     shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
+    # Host CPU an E worker spends per image before the GPU sees it (decode, resize, tiling), one core:
+    # seconds per source megapixel plus per tile produced (`python bench/preprocess.py` measures them).
+    preprocess_s_per_mpixel: float = 0.0
+    preprocess_s_per_tile: float = 0.0
 
 
 @dataclass(frozen=True)

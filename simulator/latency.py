@@ -43,6 +43,11 @@ class LatencyModel:
     def encode(self, s: EncodeShape) -> float:
         raise NotImplementedError
 
+    def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
+        """Host time to prepare a batch's images, each (source megapixels, tiles), on `threads` cores.
+        0 unless the model leaves it out of `encode` (a profile measured it inside its encode spans)."""
+        return 0.0
+
     def prefill(self, s: PrefillShape) -> float:
         raise NotImplementedError
 
@@ -66,6 +71,12 @@ class RooflineModel(LatencyModel):
     def encode(self, s: EncodeShape) -> float:
         act = s.tiles * (self.m.pixels_per_tile * 3 * 4 + self.m.tokens_per_tile * self.m.mm_bytes_per_token)
         return self._time(s.tiles * self.m.vision_flops_per_tile, self.m.vision_params * self.m.dtype_bytes + act)
+
+    def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
+        costs = [mp * self.hw.preprocess_s_per_mpixel + tiles * self.hw.preprocess_s_per_tile for mp, tiles in images]
+        if not costs:
+            return 0.0
+        return max(max(costs), sum(costs) / max(1, threads))  # images in parallel, one per core
 
     def prefill(self, s: PrefillShape) -> float:
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops

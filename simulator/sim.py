@@ -8,7 +8,8 @@ import simpy
 from epd.backends import RunResult
 from epd.config import DeploymentConfig
 from epd.models.family import ModelFamily
-from epd.request import Request
+from epd.models.image_processing import image_size
+from epd.request import ImageInput, Request
 from epd.stages.instance import Instance
 from epd.stages.pipeline import Pipeline
 from epd.stages.work import (
@@ -110,7 +111,7 @@ class Simulation:
             # The per-batch overhead is the driver round trip: half before the worker starts, half after.
             half = self.lat.overhead / 2
             yield self.env.timeout(half)
-            result, busy_for = self._run_batch(batch)
+            result, busy_for = self._run_batch(batch, inst)
             yield self.env.timeout(busy_for + half)
             inst.busy = False
             self.pipe.complete(inst, batch, result)
@@ -136,7 +137,7 @@ class Simulation:
         busy = sum(1 for i in self.pipe.instances.values() if i.busy)
         return max(1.0, (busy + 1) / cores)
 
-    def _run_batch(self, batch: Batch) -> tuple[Result, float]:
+    def _run_batch(self, batch: Batch, inst: Instance) -> tuple[Result, float]:
         """Spans of one batch. A transfer costs `transfer(bytes)`, split between sender and receiver as the
         deployment's backend splits it (`send_share`)."""
         now, m, slow = self.env.now, self.shape, self._contention()
@@ -145,7 +146,9 @@ class Simulation:
         if isinstance(batch, EncodeBatch):
             tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
-            d = self.lat.encode(EncodeShape(tiles)) * slow + sends
+            images = [(_megapixels(it.image), max(1, it.num_tokens // m.tokens_per_tile)) for it in batch.items]
+            prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
+            d = (self.lat.encode(EncodeShape(tiles)) + prep) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):
@@ -172,3 +175,9 @@ class Simulation:
         context = sum(s.prompt_len + len(s.output) for s in states)
         d = self.lat.decode(DecodeShape(len(states), context)) * slow
         return DecodeResult((t, t + d), {r: self.token for r in batch.step}, spans), t + d - now
+
+
+def _megapixels(image: ImageInput) -> float:
+    """Source size of an admitted image (procedural ones carry it; files are read for their header only)."""
+    w, h = image_size(image)
+    return w * h / 1e6

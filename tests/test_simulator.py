@@ -130,3 +130,29 @@ def test_goodput_search_candidate_counts():
     cfg = dataclasses.replace(cfg, search=SearchConfig(gpus=8, include_irp=True, include_baselines=True))
     names = [d.describe() + ("+IRP" if d.irp else "") for d in candidates(cfg)]
     assert "8EPD" in names and "7EP1D" in names and "6E1P1D+IRP" in names and len(names) == len(set(names))
+
+
+def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
+    """Encode spans = GPU roofline + host preprocessing (a * megapixels + b * tiles per image, images in
+    parallel over the E worker's num_cpus); the profiled model measured it inside encode, so adds none."""
+    from epd.config import HardwareConfig
+    from epd.models.runtime import load_family
+    from simulator.latency import RooflineModel
+    from simulator.shapes import ModelShape
+
+    cfg = _cfg(EPD, arrival="offline")
+    hw = HardwareConfig(preprocess_s_per_mpixel=0.5, preprocess_s_per_tile=0.25)
+    lat = RooflineModel(ModelShape.of(load_family(cfg.model), cfg.model.dtype), hw)
+    assert lat.preprocess([(2.0, 1)], threads=4) == pytest.approx(1.25)
+    assert lat.preprocess([(2.0, 1)] * 4, threads=4) == pytest.approx(1.25)  # one per core
+    assert lat.preprocess([(2.0, 1)] * 8, threads=4) == pytest.approx(2.5)
+    assert ProfiledModel({"encode": [0.1, 0.0]}).preprocess([(2.0, 1)], threads=1) == 0.0
+
+    def encode_spans(hardware):
+        run = dataclasses.replace(cfg, hardware=hardware)
+        events = SimBackend(run).run(make_requests(run)).events
+        begins = {(e.request_id, e.data.get("image")): e.time for e in events if e.kind == E.ENCODE_BEGIN}
+        return [e.time - begins[(e.request_id, e.data.get("image"))] for e in events if e.kind == E.ENCODE_END]
+
+    plain, slow = encode_spans(cfg.hardware), encode_spans(dataclasses.replace(cfg.hardware, preprocess_s_per_mpixel=1.0))
+    assert min(s - p for s, p in zip(slow, plain)) > 0.9 * min(im.width * im.height for r in make_requests(cfg) for im in r.images) / 1e6
