@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
-#   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd]
+#   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
-# two rate sweeps, engine only, after a transfer change). The csrc extension is built first, with no
+# two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
+# resized on the GPUs, model.image_resize=device). The csrc extension is built first, with no
 # time limit: a build killed half-way costs the next one its wait. It is built under build/csrc,
 # which a warm device machine keeps between calls. Outputs stay few and small.
 set -u
@@ -39,6 +40,7 @@ for part in $PARTS; do
       experiment llava_epd 120 +experiment=paper_e2e_4gpu_llava "${EPD_ONLY[@]}"
       ;;
     switch) experiment role_switching 300 +experiment=role_switching_gpu4 ;;
+    resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device ;;
     *) echo "unknown part $part" ;;
   esac
 done

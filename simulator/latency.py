@@ -59,8 +59,9 @@ class LatencyModel:
 
 
 class RooflineModel(LatencyModel):
-    def __init__(self, shape: ModelShape, hw: HardwareConfig):
+    def __init__(self, shape: ModelShape, hw: HardwareConfig, resize_on_device: bool = False):
         self.m, self.hw = shape, hw
+        self.resize_on_device = resize_on_device  # model.image_resize=device: the host only decodes
         self.flops = hw.peak_flops * hw.compute_efficiency
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
         self.overhead = hw.step_overhead
@@ -73,7 +74,11 @@ class RooflineModel(LatencyModel):
         return self._time(s.tiles * self.m.vision_flops_per_tile, self.m.vision_params * self.m.dtype_bytes + act)
 
     def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
-        costs = [mp * self.hw.preprocess_s_per_mpixel + tiles * self.hw.preprocess_s_per_tile for mp, tiles in images]
+        hw = self.hw
+        if self.resize_on_device:
+            costs = [mp * hw.decode_s_per_mpixel for mp, _ in images]
+        else:
+            costs = [mp * (hw.decode_s_per_mpixel + hw.preprocess_s_per_mpixel) + tiles * hw.preprocess_s_per_tile for mp, tiles in images]
         if not costs:
             return 0.0
         return max(max(costs), sum(costs) / max(1, threads))  # images in parallel, one per core

@@ -164,3 +164,27 @@ def test_failure_inside_encoding_aborts_only_that_request(ray_cluster, tmp_path)
     outs, _, _ = run(EPD, reqs)
     assert outs["trunc"].finish_reason == "abort" and "unreadable" in outs["trunc"].abort_reason
     assert outs["r0"].finish_reason == outs["r1"].finish_reason == "length"
+
+
+def test_images_resized_on_the_device_match_the_runtime_doing_the_same():
+    """model.image_resize=device: E workers decode on the host and resize with torch on their device."""
+    import dataclasses
+
+    from epd.models.image_processing import TorchOps, image_tensor
+
+    model = dataclasses.replace(MODEL, image_resize="device")
+    reqs = workload()
+    rt = ModelRuntime(model, {"vision", "lm"})
+    prompts, mm = [], []
+    for r in reqs:
+        images = [load_image(im) for im in r.images]
+        prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), [im.size for im in images]))
+        emb = rt.encode([rt.family.preprocess(image_tensor(im), TorchOps) for im in images])
+        mm.append(torch.cat(emb) if emb else None)
+    expected = dict(zip([r.request_id for r in reqs], generate(rt, prompts, mm, [r.sampling for r in reqs])))
+    with OfflineLLM(model, EPD, "local") as llm:
+        outs = llm.generate(reqs)
+        llm.core.drain_check()
+    assert {k: v.token_ids for k, v in outs.items()} == expected
+    with pytest.raises(ValueError, match="image_resize must be host or device"):
+        OfflineLLM(dataclasses.replace(MODEL, image_resize="gpu"), EPD, "local")

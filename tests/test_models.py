@@ -205,3 +205,19 @@ def test_preprocessing_equals_the_transformers_processors(size):
     )
     ref = got(images=im, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(normalize(internvl_preprocess(im, 448, 12, True), IMAGENET_MEAN, IMAGENET_STD), ref)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (336, 336), (200, 900), (1344, 1008)])
+def test_resizing_with_torch_stays_within_a_few_levels_of_pil(size):
+    """model.image_resize=device resizes with torch (antialiased bicubic): same geometry, pixels close to PIL's."""
+    from epd.models.image_processing import TorchOps, _procedural, clip_preprocess, image_tensor, internvl_preprocess
+
+    im = _procedural(*size, seed=5)
+    for pil, dev in [
+        (clip_preprocess(im, 336), clip_preprocess(image_tensor(im), 336, TorchOps)),
+        (internvl_preprocess(im, 448, 12, True), internvl_preprocess(image_tensor(im), 448, 12, True, TorchOps)),
+    ]:
+        assert pil.shape == dev.shape and dev.dtype == torch.uint8
+        diff = (pil.int() - dev.int()).abs().float()
+        # PIL rounds and clamps between its two passes: sharp edges may differ more, at rare pixels
+        assert diff.mean() < 0.5 and (diff > 2).float().mean() < 0.01, (diff.mean(), (diff > 2).float().mean())

@@ -147,6 +147,9 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
     assert lat.preprocess([(2.0, 1)] * 4, threads=4) == pytest.approx(1.25)  # one per core
     assert lat.preprocess([(2.0, 1)] * 8, threads=4) == pytest.approx(2.5)
     assert ProfiledModel({"encode": [0.1, 0.0]}).preprocess([(2.0, 1)], threads=1) == 0.0
+    hw = dataclasses.replace(hw, decode_s_per_mpixel=0.1)
+    assert RooflineModel(lat.m, hw).preprocess([(2.0, 1)], threads=1) == pytest.approx(1.45)
+    assert RooflineModel(lat.m, hw, resize_on_device=True).preprocess([(2.0, 1)], threads=1) == pytest.approx(0.2)  # decode only
 
     def encode_spans(hardware):
         run = dataclasses.replace(cfg, hardware=hardware)

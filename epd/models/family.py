@@ -6,10 +6,10 @@ from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
-from PIL import Image
 from transformers import PretrainedConfig
 
 from epd.config import ModelConfig, TextModelConfig
+from epd.models.image_processing import PILOps
 from epd.registry import Registry
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -35,8 +35,9 @@ class ModelFamily(ABC):
     pixel_std: tuple[float, float, float]
 
     @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """[tiles, 3, S, S] uint8 pixels for one image (normalised with pixel_mean/std on the device)."""
+    def preprocess(self, image, ops=PILOps) -> torch.Tensor:
+        """[tiles, 3, S, S] uint8 pixels for one image (normalised with pixel_mean/std on the device).
+        `image`: a PIL image (`PILOps`), or a [3, H, W] uint8 tensor resized where it lies (`TorchOps`)."""
 
     @abstractmethod
     def num_image_tokens(self, width: int, height: int) -> int:

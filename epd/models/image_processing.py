@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from epd.request import ImageInput
@@ -84,17 +85,67 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def clip_preprocess(im: Image.Image, size: int) -> torch.Tensor:
-    """[1, 3, size, size] uint8: shortest edge to size (bicubic), centre crop; CLIP mean/std at `normalize`."""
-    if im.size == (size, size):
-        return _to_tensor(im)[None]
-    w, h = im.size
+class PILOps:
+    """Resizing on the host with PIL: pixel for pixel what the transformers processors produce."""
+
+    @staticmethod
+    def size(im: Image.Image) -> tuple[int, int]:
+        return im.size
+
+    @staticmethod
+    def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+        return im.resize(size, Image.BICUBIC)
+
+    @staticmethod
+    def crop(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        return im.crop(box)
+
+    @staticmethod
+    def tensor(im: Image.Image) -> torch.Tensor:
+        return _to_tensor(im)
+
+
+class TorchOps:
+    """Resizing with torch on the tensor's device (a GPU takes ~1 ms where PIL takes ~0.1 s per 12 MP
+    image): antialiased bicubic like PIL's, mean difference < 0.3 levels; PIL rounds and clamps between
+    its two passes, so at rare pixels on sharp edges the two differ by up to ~20 levels."""
+
+    @staticmethod
+    def size(x: torch.Tensor) -> tuple[int, int]:
+        return int(x.shape[-1]), int(x.shape[-2])
+
+    @staticmethod
+    def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = F.interpolate(x[None].float(), size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
+        return y[0].round_().clamp_(0, 255).to(torch.uint8)
+
+    @staticmethod
+    def crop(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+        left, top, right, bottom = box
+        return x[:, top:bottom, left:right]
+
+    @staticmethod
+    def tensor(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
+def image_tensor(im: Image.Image) -> torch.Tensor:
+    """[3, H, W] uint8 of a decoded image, for `TorchOps` (pinned host memory: the copy to a GPU is async)."""
+    x = _to_tensor(im)
+    return x.pin_memory() if torch.cuda.is_available() else x
+
+
+def clip_preprocess(im, size: int, ops=PILOps) -> torch.Tensor:
+    """[1, 3, size, size] uint8: shortest edge to size (bicubic), centre crop; CLIP mean/std at `normalize`.
+    `im`: a PIL image (PILOps) or a [3, H, W] uint8 tensor (TorchOps)."""
+    if ops.size(im) == (size, size):
+        return ops.tensor(im)[None]
+    w, h = ops.size(im)
     scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = im.size
+    im = ops.resize(im, (max(size, round(w * scale)), max(size, round(h * scale))))
+    w, h = ops.size(im)
     left, top = (w - size) // 2, (h - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return _to_tensor(im)[None]
+    return ops.tensor(ops.crop(im, (left, top, left + size, top + size)))[None]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -128,11 +179,11 @@ def num_tiles(width: int, height: int, max_tiles: int, tile: int, use_thumbnail:
     return n + 1 if use_thumbnail and n > 1 else n
 
 
-def internvl_preprocess(im: Image.Image, tile: int, max_tiles: int, use_thumbnail: bool) -> torch.Tensor:
-    """[tiles, 3, tile, tile] uint8; ImageNet mean/std at `normalize`."""
-    cols, rows = tile_grid(*im.size, max_tiles, tile)
-    resized = im.resize((tile * cols, tile * rows), Image.BICUBIC)
-    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+def internvl_preprocess(im, tile: int, max_tiles: int, use_thumbnail: bool, ops=PILOps) -> torch.Tensor:
+    """[tiles, 3, tile, tile] uint8; ImageNet mean/std at `normalize`. `im` as for `clip_preprocess`."""
+    cols, rows = tile_grid(*ops.size(im), max_tiles, tile)
+    resized = ops.resize(im, (tile * cols, tile * rows))
+    tiles = [ops.crop(resized, (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) > 1:
-        tiles.append(im.resize((tile, tile), Image.BICUBIC))
-    return torch.stack([_to_tensor(t) for t in tiles])
+        tiles.append(ops.resize(im, (tile, tile)))
+    return torch.stack([ops.tensor(t) for t in tiles])

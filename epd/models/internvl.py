@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import AutoModel, InternVLConfig, PretrainedConfig
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from epd.config import ModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
-from epd.models.image_processing import IMAGENET_MEAN, IMAGENET_STD, internvl_preprocess, num_tiles
+from epd.models.image_processing import IMAGENET_MEAN, IMAGENET_STD, PILOps, internvl_preprocess, num_tiles
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,8 +78,8 @@ class InternVLFamily(ModelFamily):
     def build_vision(self) -> nn.Module:
         return InternVLVision(self.hf)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return internvl_preprocess(image, self.tile_size, self.cfg.max_tiles, self.cfg.use_thumbnail)
+    def preprocess(self, image, ops=PILOps) -> torch.Tensor:
+        return internvl_preprocess(image, self.tile_size, self.cfg.max_tiles, self.cfg.use_thumbnail, ops)
 
     def tokens_per_tile(self) -> int:
         side = self.tile_size // _side(self.hf.vision_config.patch_size)

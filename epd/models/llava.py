@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, LlavaConfig, PretrainedConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from epd.config import ModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
-from epd.models.image_processing import CLIP_MEAN, CLIP_STD, clip_preprocess
+from epd.models.image_processing import CLIP_MEAN, CLIP_STD, PILOps, clip_preprocess
 
 
 class LlavaVision(nn.Module):
@@ -65,8 +64,8 @@ class LlavaFamily(ModelFamily):
     def build_vision(self) -> nn.Module:
         return LlavaVision(self.hf)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return clip_preprocess(image, self.hf.vision_config.image_size)
+    def preprocess(self, image, ops=PILOps) -> torch.Tensor:
+        return clip_preprocess(image, self.hf.vision_config.image_size, ops)
 
     def num_image_tokens(self, width: int, height: int) -> int:
         v = self.hf.vision_config

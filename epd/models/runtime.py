@@ -45,6 +45,8 @@ def load_family(cfg: ModelConfig) -> ModelFamily:
         hf = family_cls.build_hf_config(cfg)
     else:
         raise ValueError(f"model.load_format must be dummy or hf, got {cfg.load_format!r}")
+    if cfg.image_resize not in ("host", "device"):
+        raise ValueError(f"model.image_resize must be host or device, got {cfg.image_resize!r}")
     family = family_cls(cfg, hf)
     arch = family.text_config().arch
     if arch not in ("llama", "qwen2"):

@@ -18,7 +18,7 @@ from epd.cache.paged import read_rows, write_rows
 from epd.config import ModelConfig, PoolConfig
 from epd.distributed import CommSpec, join, leave
 from epd.models.generate import lm_step
-from epd.models.image_processing import ImageError, load_image
+from epd.models.image_processing import ImageError, TorchOps, image_tensor, load_image
 from epd.models.runtime import ModelRuntime
 from epd.models.sampling import sample
 from epd.request import SamplingParams
@@ -193,6 +193,8 @@ class Worker:
             else:
                 pixels.append(px)
                 ok.append(item)
+        if self.model_cfg.image_resize == "device":
+            pixels = [self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps) for x in pixels]
         for item, emb in zip(ok, self.rt.encode(pixels)):
             if emb.shape[0] != item.num_tokens:
                 results.append(
@@ -207,7 +209,10 @@ class Worker:
 
     def _preprocess(self, item) -> torch.Tensor | str:
         try:
-            return self.rt.family.preprocess(load_image(item.image))
+            image = load_image(item.image)
+            if self.model_cfg.image_resize == "device":
+                return image_tensor(image)  # decoded here; resized on the device (`_encode`)
+            return self.rt.family.preprocess(image)
         except ImageError as exc:
             return str(exc)
 
