@@ -185,6 +185,6 @@ def test_images_resized_on_the_device_match_the_runtime_doing_the_same():
     with OfflineLLM(model, EPD, "local") as llm:
         outs = llm.generate(reqs)
         llm.core.drain_check()
-    assert {k: v.token_ids for k, v in outs.items()} == expected
+    assert {o.request_id: o.token_ids for o in outs} == expected
     with pytest.raises(ValueError, match="image_resize must be host or device"):
         OfflineLLM(dataclasses.replace(MODEL, image_resize="gpu"), EPD, "local")
