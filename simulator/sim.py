@@ -8,8 +8,7 @@ import simpy
 from epd.backends import RunResult
 from epd.config import DeploymentConfig
 from epd.models.family import ModelFamily
-from epd.models.image_processing import image_size
-from epd.request import ImageInput, Request
+from epd.request import Request
 from epd.stages.instance import Instance
 from epd.stages.pipeline import Pipeline
 from epd.stages.work import (
@@ -144,11 +143,13 @@ class Simulation:
         if isinstance(batch, SwitchBatch):
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
-            tiles = sum(max(1, it.num_tokens // m.tokens_per_tile) for it in batch.items)
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
-            images = [(_megapixels(it.image), max(1, it.num_tokens // m.tokens_per_tile)) for it in batch.items]
+            images = []  # (source megapixels, tiles) per image
+            for it in batch.items:
+                w, h = self.pipe.states[it.request_id].image_sizes[it.image_index]
+                images.append((w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
             prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
-            d = (self.lat.encode(EncodeShape(tiles)) + prep) * slow + sends
+            d = (self.lat.encode(EncodeShape(sum(t for _, t in images))) + prep) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):
@@ -175,9 +176,3 @@ class Simulation:
         context = sum(s.prompt_len + len(s.output) for s in states)
         d = self.lat.decode(DecodeShape(len(states), context)) * slow
         return DecodeResult((t, t + d), {r: self.token for r in batch.step}, spans), t + d - now
-
-
-def _megapixels(image: ImageInput) -> float:
-    """Source size of an admitted image (procedural ones carry it; files are read for their header only)."""
-    w, h = image_size(image)
-    return w * h / 1e6

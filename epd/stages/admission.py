@@ -37,9 +37,9 @@ def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tok
             f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
             "placeholders are inserted for each image, leave them out of the prompt"
         )
-    sizes = [image_size(im) for im in req.images]
-    state.image_tokens = [family.num_image_tokens(w, h) for w, h in sizes]
-    state.prompt_ids = family.build_prompt(text_ids, sizes)
+    state.image_sizes = [image_size(im) for im in req.images]
+    state.image_tokens = [family.num_image_tokens(w, h) for w, h in state.image_sizes]
+    state.prompt_ids = family.build_prompt(text_ids, state.image_sizes)
     total = state.prompt_len + req.sampling.max_tokens
     if total > text.max_position_embeddings:
         raise AdmissionError(

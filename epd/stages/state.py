@@ -15,6 +15,7 @@ class RequestState:
     req: Request
     prompt_ids: list[int]
     image_tokens: list[int]
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image, read at admission
     images_pending: int = 0
     mm: dict[int, MMSource] = field(default_factory=dict)  # image index -> where its embeddings are
     prefill_instance: Optional[str] = None
