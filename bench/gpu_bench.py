@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.configs import model_config  # noqa: E402
 from epd.config import DeploymentConfig, PoolConfig  # noqa: E402
 from epd.kernels.attention import AttentionMetadata, paged_attention_ref, prefill_attention_sdpa  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
@@ -42,16 +43,6 @@ def timed(fn, iters: int = 20, warmup: int = 3) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def model_cfg(name: str):
-    from hydra import compose, initialize_config_dir
-
-    from epd.config import register_configs, to_run_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose("config", overrides=[f"model={name}", "paths.output_dir=unused"])).model
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -124,7 +115,7 @@ def check_graphs_match_eager() -> None:
     from epd.models.decode_graphs import DecodeGraphs
     from epd.models.generate import lm_step
 
-    cfg = model_cfg("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     rt = ModelRuntime(cfg, {"lm"})
     rt.lm.fuse()
     kv = rt.allocate_kv_cache(2049, 16)
@@ -159,7 +150,7 @@ def ceilings() -> dict:
 def bench_decode(batches: list[int], ctx: int) -> None:
     from epd.models.decode_graphs import DecodeGraphs
 
-    cfg = model_cfg("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     rt = ModelRuntime(cfg, {"lm"})
     rt.lm.fuse()
     weights = rt.weight_bytes()["lm"]
@@ -204,7 +195,7 @@ def bench_decode(batches: list[int], ctx: int) -> None:
 def bench_prefill(lens: list[int]) -> None:
     from epd.models.generate import lm_step
 
-    cfg = model_cfg("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     rt = ModelRuntime(cfg, {"lm"})
     rt.lm.fuse()
     shape = ModelShape.of(rt.family, "bfloat16")
@@ -222,7 +213,7 @@ def bench_prefill(lens: list[int]) -> None:
 
 
 def bench_encode(counts: list[int]) -> None:
-    cfg = model_cfg("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     rt = ModelRuntime(cfg, {"vision"})
     shape = ModelShape.of(rt.family, "bfloat16")
     peak = RESULTS["ceilings"]["bf16_matmul_TFLOPs"] * 1e12
@@ -243,7 +234,7 @@ def bench_e2e(n_req: int, out_tokens: int) -> None:
     from epd.request import ImageInput, Request, SamplingParams
     from epd.serve.offline import OfflineLLM
 
-    cfg = model_cfg("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     probe = ModelRuntime(cfg, {"lm"})
     weights = probe.weight_bytes()["lm"]
     per_tok = probe.kv_bytes_per_token()
@@ -311,7 +302,7 @@ def bench_hf(n_req: int, out_tokens: int, batch: int, cb_requests: int) -> None:
 
     from epd.models.runtime import load_family
 
-    hf_cfg = load_family(model_cfg("llava-1.5-7b")).hf
+    hf_cfg = load_family(model_config("llava-1.5-7b")).hf
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlavaForConditionalGeneration(hf_cfg).eval()

@@ -13,20 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from epd.config import DeploymentConfig, PoolConfig, register_configs, to_run_config  # noqa: E402
+from bench.configs import model_config  # noqa: E402
+from epd.config import DeploymentConfig, PoolConfig  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
 from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
 from epd.serve.offline import OfflineLLM  # noqa: E402
-
-
-def model_config(name: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose("config", overrides=[f"model={name}", "paths.output_dir=unused"])).model
 
 
 def main() -> None:
@@ -34,7 +29,6 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "internvl2-8b"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    register_configs()
     card = torch.cuda.get_device_name(0)
     results = []
     for name in args.models:

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.configs import model_config  # noqa: E402
 from epd.config import DeploymentConfig, ModelConfig, PoolConfig  # noqa: E402
 from epd.csrc import block_ops  # noqa: E402
 
@@ -101,7 +102,7 @@ def _tp_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device(f"cuda:{rank}"))
-    cfg = _model("llava-1.5-7b")
+    cfg = model_config("llava-1.5-7b")
     rt = ModelRuntime(cfg, {"lm"}, f"cuda:{rank}")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 30000, (n,), generator=g).tolist() for n in (600, 37, 1200, 5)]
@@ -139,17 +140,6 @@ def tp() -> dict:
     out = "/tmp/epd_tp.json"
     mp.spawn(_tp_rank, args=(free_port(), out), nprocs=2, join=True)
     return json.loads(Path(out).read_text())
-
-
-def _model(name: str, **over) -> ModelConfig:
-    from hydra import compose, initialize_config_dir
-
-    from epd.config import register_configs, to_run_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_run_config(compose("config", overrides=[f"model={name}", "paths.output_dir=unused"])).model
-    return ModelConfig(**{**cfg.__dict__, **over})
 
 
 def _requests(n: int, images: int, width: int, height: int, max_tokens: int):
@@ -245,7 +235,7 @@ def _engine_tiny(gpus: int, res: dict) -> None:
 
 def _engine_llava(gpus: int, res: dict) -> None:
     gpu = dict(num_gpus=1, num_cpus=2)
-    big = _model("llava-1.5-7b")
+    big = model_config("llava-1.5-7b")
     reqs = _requests(16, 4, 4032, 3024, 10)
     ref, _, ref_wall = _run(
         big,

@@ -27,26 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from epd.config import ModelConfig  # noqa: E402
+from bench.configs import model_config  # noqa: E402
 from epd.models.image_processing import load_image  # noqa: E402
 from epd.models.runtime import load_family  # noqa: E402
 from epd.request import ImageInput  # noqa: E402
 
 SIZES = ((4032, 3024), (2016, 1512), (1008, 756))
-
-
-def _model(name: str) -> ModelConfig:
-    from hydra import compose, initialize_config_dir
-
-    from epd.config import register_configs, to_run_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose("config", overrides=[f"model={name}", "paths.output_dir=unused"])).model
-
-
-def _prepare(family, image: ImageInput) -> int:
-    return int(family.preprocess(load_image(image)).shape[0])
 
 
 def _decode_and_resize(family, image: ImageInput) -> tuple[float, float, int]:
@@ -66,15 +52,15 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name in ("llava-1.5-7b", "internvl2-8b"):
-        family = load_family(_model(name))
+        family = load_family(model_config(name))
         for w, h in SIZES:
             images = [ImageInput(width=w, height=h, seed=s) for s in range(max(args.repeats, args.threads))]
-            _prepare(family, images[0])  # warm up
+            _decode_and_resize(family, images[0])  # warm up
             timed = [_decode_and_resize(family, im) for im in images[: args.repeats]]
             decode, resize, tiles = statistics.median(t[0] for t in timed), statistics.median(t[1] for t in timed), timed[0][2]
             with ThreadPoolExecutor(args.threads) as pool:
                 t0 = time.perf_counter()
-                list(pool.map(_prepare, [family] * args.threads, images[: args.threads]))
+                list(pool.map(_decode_and_resize, [family] * args.threads, images[: args.threads]))
                 batch = time.perf_counter() - t0
             row = {"model": name, "width": w, "height": h, "mpixels": w * h / 1e6, "tiles": tiles, "decode_s": decode, "resize_s": resize}
             row[f"batch_of_{args.threads}_seconds"] = batch
