@@ -63,13 +63,11 @@ __global__ void __launch_bounds__(kThreads) copy_runs_kernel(const char* __restr
   }
 }
 
-// Chunk bytes for a launch moving `total` bytes whose longest run (per outer slice) has `longest`:
-// about kCtasPerSm CTAs per SM in all, 16 KiB to 1 MiB each, at most 65535 chunks per run.
-int64_t chunk_bytes(int64_t total, int64_t longest, int sms) {
-  int64_t chunk = total / std::max<int64_t>(1, (int64_t)sms * kCtasPerSm);
-  chunk = std::min(kMaxChunk, std::max(kMinChunk, chunk));
-  chunk = std::max(chunk, (longest + 65534) / 65535);
-  return (chunk + 15) / 16 * 16;
+// Chunk bytes for a launch moving `total` bytes: about kCtasPerSm CTAs per SM in all, 16 KiB to 1 MiB
+// each (the caller raises it where a run would need more than 65535 chunks).
+int64_t chunk_bytes(int64_t total, int sms) {
+  const int64_t chunk = total / std::max<int64_t>(1, (int64_t)sms * kCtasPerSm);
+  return (std::min(kMaxChunk, std::max(kMinChunk, chunk)) + 15) / 16 * 16;
 }
 
 int sm_count(int device) {
@@ -93,10 +91,8 @@ void copy_blocks_cuda_launch(int64_t src_ptr, torch::Tensor dst, int64_t src_blo
     total += n;
   }
   const int64_t max_bytes = longest * dv.inner_bytes;
-  if (chunk <= 0) {
-    chunk = chunk_bytes(total * dv.inner_bytes * dv.outer, max_bytes, sm_count(dst.device().index()));
-  }
-  chunk = std::max(chunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);
+  if (chunk <= 0) chunk = chunk_bytes(total * dv.inner_bytes * dv.outer, sm_count(dst.device().index()));
+  chunk = std::max(chunk, ((max_bytes + 65534) / 65535 + 15) / 16 * 16);  // at most 65535 chunks per run
   const int64_t chunks = (max_bytes + chunk - 1) / chunk;
   TORCH_CHECK(runs.size() <= 2147483647 && dv.outer <= 65535, "copy_blocks_cuda: too many runs or layers for one launch");
   // Pinned staging: the copy of the run list is asynchronous (the caching host allocator keeps the
