@@ -33,15 +33,21 @@ def workload(n=7):
     ]
 
 
-def reference(reqs):
-    """The single-process runtime: no engine, no Ray."""
-    rt = ModelRuntime(MODEL, {"vision", "lm"})
+def reference(reqs, model=MODEL):
+    """The single-process runtime: no engine, no Ray (images resized where `model.image_resize` says)."""
+    from epd.models.image_processing import TorchOps, image_tensor
+
+    rt = ModelRuntime(model, {"vision", "lm"})
     prompts, mm = [], []
     for r in reqs:
         images = [load_image(im) for im in r.images]
         sizes = [im.size for im in images]
         prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes))
-        emb = rt.encode([rt.family.preprocess(im) for im in images])
+        if model.image_resize == "device":
+            pixels = [rt.family.preprocess(image_tensor(im), TorchOps) for im in images]
+        else:
+            pixels = [rt.family.preprocess(im) for im in images]
+        emb = rt.encode(pixels)
         mm.append(torch.cat(emb) if emb else None)
     return generate(rt, prompts, mm, [r.sampling for r in reqs])
 
@@ -170,18 +176,9 @@ def test_images_resized_on_the_device_match_the_runtime_doing_the_same():
     """model.image_resize=device: E workers decode on the host and resize with torch on their device."""
     import dataclasses
 
-    from epd.models.image_processing import TorchOps, image_tensor
-
     model = dataclasses.replace(MODEL, image_resize="device")
     reqs = workload()
-    rt = ModelRuntime(model, {"vision", "lm"})
-    prompts, mm = [], []
-    for r in reqs:
-        images = [load_image(im) for im in r.images]
-        prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), [im.size for im in images]))
-        emb = rt.encode([rt.family.preprocess(image_tensor(im), TorchOps) for im in images])
-        mm.append(torch.cat(emb) if emb else None)
-    expected = dict(zip([r.request_id for r in reqs], generate(rt, prompts, mm, [r.sampling for r in reqs])))
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
     with OfflineLLM(model, EPD, "local") as llm:
         outs = llm.generate(reqs)
         llm.core.drain_check()
