@@ -12,9 +12,9 @@ import io
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from epd.models.pil_resample import resize_crop
 from epd.request import ImageInput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -86,7 +86,11 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 class PILOps:
-    """Resizing on the host with PIL: pixel for pixel what the transformers processors produce."""
+    """Resizing on the host with Pillow: pixel for pixel what the transformers processors produce."""
+
+    # Beyond this many pixels in a resized image that is cropped at once (CLIP stretching a 1 px wide
+    # strip), only the crop is computed, with the bit-exact torch resampler.
+    max_intermediate_pixels = 16_000_000
 
     @staticmethod
     def size(im: Image.Image) -> tuple[int, int]:
@@ -96,19 +100,25 @@ class PILOps:
     def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         return im.resize(size, Image.BICUBIC)
 
+    @classmethod
+    def resize_crop(cls, im: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int]):
+        if size[0] * size[1] > cls.max_intermediate_pixels:
+            return TorchOps.resize_crop(_to_tensor(im), size, box)
+        return im.resize(size, Image.BICUBIC).crop(box)
+
     @staticmethod
     def crop(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
         return im.crop(box)
 
     @staticmethod
-    def tensor(im: Image.Image) -> torch.Tensor:
-        return _to_tensor(im)
+    def tensor(im) -> torch.Tensor:
+        return im if isinstance(im, torch.Tensor) else _to_tensor(im)
 
 
 class TorchOps:
-    """Resizing with torch on the tensor's device (a GPU takes ~1 ms where PIL takes ~0.1 s per 12 MP
-    image): antialiased bicubic like PIL's, mean difference < 0.3 levels; PIL rounds and clamps between
-    its two passes, so at rare pixels on sharp edges the two differ by up to ~20 levels."""
+    """Resizing with torch where the tensor lies (a GPU resizes a 12 MP photo in about a millisecond
+    where Pillow takes ~0.1 s): Pillow's bicubic resampling reproduced bit for bit (`pil_resample`),
+    so the device path gives the host path's pixels exactly."""
 
     @staticmethod
     def size(x: torch.Tensor) -> tuple[int, int]:
@@ -116,8 +126,11 @@ class TorchOps:
 
     @staticmethod
     def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        y = F.interpolate(x[None].float(), size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
-        return y[0].round_().clamp_(0, 255).to(torch.uint8)
+        return resize_crop(x, size)
+
+    @staticmethod
+    def resize_crop(x: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+        return resize_crop(x, size, box)
 
     @staticmethod
     def crop(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -135,36 +148,36 @@ def image_tensor(im: Image.Image) -> torch.Tensor:
     return x.pin_memory() if torch.cuda.is_available() else x
 
 
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the shortest edge to `size`, as transformers computes it: the
+    long edge is int(size * long / short), truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
 def clip_preprocess(im, size: int, ops=PILOps) -> torch.Tensor:
     """[1, 3, size, size] uint8: shortest edge to size (bicubic), centre crop; CLIP mean/std at `normalize`.
     `im`: a PIL image (PILOps) or a [3, H, W] uint8 tensor (TorchOps)."""
-    if ops.size(im) == (size, size):
-        return ops.tensor(im)[None]
     w, h = ops.size(im)
-    scale = size / min(w, h)
-    im = ops.resize(im, (max(size, round(w * scale)), max(size, round(h * scale))))
-    w, h = ops.size(im)
-    left, top = (w - size) // 2, (h - size) // 2
-    return ops.tensor(ops.crop(im, (left, top, left + size, top + size)))[None]
+    rw, rh = shortest_edge_size(w, h, size)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    return ops.tensor(ops.resize_crop(im, (rw, rh), (left, top, left + size, top + size)))[None]
+
+
+def tile_ratios(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
+    """Every (columns, rows) grid with min..max tiles, in the order InternVL's processor tries them."""
+    grids = [(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1) if min_tiles <= i * j <= max_tiles]
+    return sorted(grids, key=lambda r: r[0] * r[1])
 
 
 @functools.lru_cache(maxsize=4096)
 def tile_grid(width: int, height: int, max_tiles: int, tile: int, min_tiles: int = 1) -> tuple[int, int]:
     """InternVL's choice of (columns, rows): the ratio closest to the image's aspect ratio."""
     aspect = width / height
-    ratios = sorted(
-        {
-            (i, j)
-            for n in range(min_tiles, max_tiles + 1)
-            for i in range(1, n + 1)
-            for j in range(1, n + 1)
-            if min_tiles <= i * j <= max_tiles
-        },
-        key=lambda r: r[0] * r[1],
-    )
     best, best_diff = (1, 1), float("inf")
     area = width * height
-    for cols, rows in ratios:
+    for cols, rows in tile_ratios(max_tiles, min_tiles):
         diff = abs(aspect - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
@@ -180,7 +193,8 @@ def num_tiles(width: int, height: int, max_tiles: int, tile: int, use_thumbnail:
 
 
 def internvl_preprocess(im, tile: int, max_tiles: int, use_thumbnail: bool, ops=PILOps) -> torch.Tensor:
-    """[tiles, 3, tile, tile] uint8; ImageNet mean/std at `normalize`. `im` as for `clip_preprocess`."""
+    """[tiles, 3, tile, tile] uint8; ImageNet mean/std at `normalize`. `im` as for `clip_preprocess`.
+    One tile (max_tiles 1, or a grid of 1x1) is the image resized to tile x tile, with no thumbnail."""
     cols, rows = tile_grid(*ops.size(im), max_tiles, tile)
     resized = ops.resize(im, (tile * cols, tile * rows))
     tiles = [ops.crop(resized, (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
