@@ -157,13 +157,13 @@ def tiny_checkpoint(request, tmp_path_factory):
 def test_greedy_tokens_equal_transformers_for_photo_sizes(tiny_checkpoint, resize):
     """Encoded images of awkward sizes through the engine (E -> P -> D) give transformers' tokens, with
     transformers' own processor making its pixels."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
     from epd.config import DeploymentConfig, ModelConfig, PoolConfig
     from epd.models.runtime import load_family
     from epd.request import Request, SamplingParams
     from epd.serve.offline import OfflineLLM
-
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     family, path, hf = tiny_checkpoint
     model = ModelConfig(load_format="hf", path=str(path), image_resize=resize, max_tiles=6)

@@ -56,7 +56,8 @@ def generate(
         tables.append(pool[i : i + n])
         i += n
     logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds)
-    outs = [[t] for t in sample(logits, params, [0] * len(prompts))]
+    history = dict(prompts=prompts, eos_token_id=eos)
+    outs = [[t] for t in sample(logits, params, [0] * len(prompts), outputs=[[] for _ in prompts], **history)]
     live = [i for i in range(len(prompts)) if not _done(outs[i], params[i], eos)]
     while live:
         logits = lm_step(
@@ -67,7 +68,11 @@ def generate(
             [tables[i] for i in live],
             block_size,
         )
-        for i, tok in zip(live, sample(logits, [params[i] for i in live], [len(outs[i]) for i in live])):
+        steps = [len(outs[i]) for i in live]
+        toks = sample(
+            logits, [params[i] for i in live], steps, prompts=[prompts[i] for i in live], outputs=[outs[i] for i in live], eos_token_id=eos
+        )
+        for i, tok in zip(live, toks):
             outs[i].append(tok)
         live = [i for i in live if not _done(outs[i], params[i], eos)]
     return outs

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
-from epd.request import Request
+from epd.request import INTERNAL, Request, TokenLogprob
 from epd.stages.engine import EngineCore
 
 
@@ -23,6 +23,9 @@ class TokenDelta:
     token_ids: list[int]
     finish_reason: Optional[str]  # stop | length | abort, on the last delta
     abort_reason: Optional[str] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token id, when the request asked for them
+    prompt_tokens: int = 0  # the prompt's length with image placeholders, once admitted
+    error_kind: Optional[str] = None  # with an abort: invalid | internal | cancelled
 
 
 class AsyncLLM:
@@ -50,26 +53,35 @@ class AsyncLLM:
             self._error = exc
             with self._lock:
                 for rid, (loop, q) in self._streams.items():
-                    loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, [], "abort"))
+                    loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, [], "abort", "the engine stopped", error_kind=INTERNAL))
 
-    def _on_output(self, rid: str, tokens: list[int], finish: Optional[str]) -> None:
+    def _on_output(self, rid: str, tokens: list[int], finish: Optional[str], logprobs: Optional[list[TokenLogprob]] = None) -> None:
         with self._lock:
             entry = self._streams.get(rid)
-        if entry:
+        if entry:  # called on the engine thread, inside the pipeline: its state is current
             loop, q = entry
-            why = None
+            why = kind = None
             if finish == "abort":
                 out = self.core.pipeline.outputs.get(rid)
-                why = out.abort_reason if out else None
-            loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, tokens, finish, why))
+                why, kind = (out.abort_reason, out.error_kind) if out else (None, None)
+            state = self.core.pipeline.states.get(rid)
+            prompt = state.prompt_len if state is not None else 0
+            loop.call_soon_threadsafe(q.put_nowait, TokenDelta(rid, tokens, finish, why, logprobs, prompt, kind))
 
     async def generate(self, req: Request) -> AsyncIterator[TokenDelta]:
         if self._error is not None:
             raise RuntimeError("engine loop crashed") from self._error
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if req.request_id in self._streams:
+                raise ValueError(f"request id {req.request_id!r} is already being served")
             self._streams[req.request_id] = (asyncio.get_running_loop(), q)
-        self.core.add_request(req)
+        try:
+            self.core.add_request(req)
+        except ValueError:
+            with self._lock:
+                self._streams.pop(req.request_id, None)
+            raise
         finished = False
         try:
             while True:

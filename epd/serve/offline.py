@@ -21,10 +21,27 @@ class OfflineLLM:
         self.core = EngineCore(model, deployment, executor, backend, allocation=allocation)
 
     def generate(self, requests: list[Request], timeout_s: float = 600.0) -> list[RequestOutput]:
+        """Outputs in the order of `requests`. Ids must be unique among them and among requests still
+        active; a finished request is forgotten once returned, so its id may be used again."""
+        ids = [getattr(r, "request_id", None) for r in requests]
+        for r in requests:
+            if not isinstance(r, Request) or not isinstance(r.request_id, str) or not r.request_id:
+                raise ValueError(f"not a request with a non-empty string id: {r!r}"[:200])
+        dups = sorted({i for i in ids if ids.count(i) > 1})
+        if dups:
+            raise ValueError(f"duplicate request ids: {dups[:10]}; nothing was submitted")
+        active = sorted(i for i in ids if i in self.core.pipeline.states and not self.core.pipeline.states[i].done)
+        if active:
+            raise ValueError(f"request ids still active in the engine: {active[:10]}; nothing was submitted")
+        for rid in ids:
+            self.core.pipeline.forget(rid)  # a finished request of an earlier call that was not forgotten
         for req in requests:
             self.core.add_request(req)
         self.core.run_until_idle(timeout_s)
-        return [self.core.pipeline.outputs[r.request_id] for r in requests]
+        outputs = [self.core.pipeline.outputs[r.request_id] for r in requests]
+        for rid in ids:
+            self.core.pipeline.forget(rid)
+        return outputs
 
     def close(self) -> None:
         self.core.close()

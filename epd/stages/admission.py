@@ -7,9 +7,12 @@ waiting forever in a queue.
 
 from __future__ import annotations
 
+import math
+
 from epd.config import TextModelConfig
 from epd.models.family import ModelFamily
 from epd.models.image_processing import image_size
+from epd.request import ImageInput, Request, SamplingParams
 from epd.stages.instance import Instance
 from epd.stages.state import RequestState
 
@@ -21,7 +24,7 @@ class AdmissionError(ValueError):
 def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tokenizer, by_role: dict[str, list[Instance]]) -> None:
     """Validate the request and build its prompt (BOS, each image's placeholders, the text)."""
     req = state.req
-    req.sampling.validate()
+    check_request(req, text.vocab_size)
     if req.prompt_token_ids is not None:
         text_ids = list(req.prompt_token_ids)
     elif req.prompt is not None:
@@ -30,8 +33,8 @@ def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tok
         text_ids = tokenizer.encode(req.prompt)
     else:
         text_ids = []
-    if any(t < 0 or t >= text.vocab_size for t in text_ids):
-        raise AdmissionError(f"prompt token ids must be in [0, {text.vocab_size})")
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= text.vocab_size for t in text_ids):
+        raise AdmissionError(f"prompt token ids must be integers in [0, {text.vocab_size})")
     if family.image_token_id in text_ids:
         raise AdmissionError(
             f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
@@ -47,6 +50,24 @@ def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tok
             f"context of {text.max_position_embeddings}"
         )
     check_fits(state, by_role)
+
+
+def check_request(req: Request, vocab_size: int) -> None:
+    """Types and bounds of every field, before anything reads them (a bad field is this request's
+    error, never an exception in the engine loop)."""
+    if not isinstance(req.request_id, str) or not req.request_id:
+        raise AdmissionError(f"request_id must be a non-empty string, got {req.request_id!r}")
+    if not isinstance(req.sampling, SamplingParams):
+        raise AdmissionError(f"sampling must be SamplingParams, got {type(req.sampling).__name__}")
+    req.sampling.validate(vocab_size)
+    if req.prompt is not None and not isinstance(req.prompt, str):
+        raise AdmissionError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    if req.prompt_token_ids is not None and not isinstance(req.prompt_token_ids, (tuple, list)):
+        raise AdmissionError(f"prompt_token_ids must be a sequence of ints, got {type(req.prompt_token_ids).__name__}")
+    if not isinstance(req.images, (tuple, list)) or not all(isinstance(im, ImageInput) for im in req.images):
+        raise AdmissionError("images must be a sequence of ImageInput")
+    if isinstance(req.arrival_time, bool) or not isinstance(req.arrival_time, (int, float)) or not math.isfinite(req.arrival_time):
+        raise AdmissionError(f"arrival_time must be a finite number, got {req.arrival_time!r}")
 
 
 def check_fits(state: RequestState, by_role: dict[str, list[Instance]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -11,11 +12,13 @@ from epd.config import BackendConfig, DeploymentConfig, ModelConfig
 from epd.lifetime import EventLog
 from epd.models.runtime import load_family
 from epd.models.tokenizer import load_tokenizer
-from epd.request import Request
+from epd.request import CANCELLED, Request
 from epd.stages.executor import make_executor
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -63,7 +66,10 @@ class EngineCore:
         self.reset_clock()
 
     def add_request(self, req: Request) -> None:
-        """Thread-safe: the request is admitted at the next step."""
+        """Thread-safe: the request is admitted at the next step (a request that is not a Request with
+        a non-empty string id raises here; every other defect aborts it with a reason at admission)."""
+        if not isinstance(req, Request) or not isinstance(req.request_id, str) or not req.request_id:
+            raise ValueError(f"not a request with a non-empty string id: {req!r}"[:200])
         self._incoming.put((req, time.time()))
         self._wake.set()
 
@@ -86,14 +92,17 @@ class EngineCore:
                 req, submitted = self._incoming.get_nowait()
             except queue.Empty:
                 break
-            self.pipeline.add_request(req, submitted)
+            try:
+                self.pipeline.add_request(req, submitted)
+            except ValueError as exc:  # a duplicate id: the one already known keeps it, this one is dropped
+                log.error("request refused: %s", exc)
         while True:
             try:
                 rid, reason = self._aborts.get_nowait()
             except queue.Empty:
                 break
             if rid in self.pipeline.states:
-                self.pipeline.abort(self.pipeline.states[rid], reason, time.time())
+                self.pipeline.abort(self.pipeline.states[rid], reason, time.time(), CANCELLED)
         for inst in self.pipeline.instances.values():
             if not inst.busy:
                 batch = self.pipeline.next_batch(inst)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -254,6 +255,10 @@ def make_executor(kind: str, deployment: DeploymentConfig, model: ModelConfig, b
         tp = {n: p.tp for n, p in deployment.pools().items() if p.tp > 1}
         if tp:
             raise ValueError(f"tensor parallelism ({tp}) needs backend=ray: one process per rank")
+        try:  # in one process every hand-off is a local block copy, whatever deployment.transfer says
+            dataclasses.replace(deployment, transfer=LocalExecutor.transfer).validate()
+        except ValueError as exc:
+            raise ValueError(f"the in-process executor (backend=local) moves caches by block copies: {exc}") from exc
         return LocalExecutor(deployment, model)
     if kind == "ray":
         return RayExecutor(deployment, model, backend or BackendConfig())

@@ -16,7 +16,7 @@ from epd.lifetime import SYSTEM, EventLog
 from epd.lifetime import LifetimeEvent as E
 from epd.models.family import ModelFamily
 from epd.models.image_processing import ImageError
-from epd.request import Request, RequestOutput
+from epd.request import INTERNAL, INVALID, Request, RequestOutput, TokenLogprob
 from epd.stages.admission import AdmissionError, prepare
 from epd.stages.instance import EncodeWork, Instance
 from epd.stages.router import Router
@@ -36,7 +36,8 @@ from epd.stages.work import (
     SwitchBatch,
 )
 
-OutputCallback = Callable[[str, list[int], Optional[str]], None]
+# (request id, new tokens, finish reason or None, their logprobs when the request asked for them)
+OutputCallback = Callable[[str, list[int], Optional[str], Optional[list[TokenLogprob]]], None]
 
 
 class Pipeline:
@@ -114,8 +115,24 @@ class Pipeline:
         for inst in self.instances.values():
             inst.assert_drained()
 
+    def forget(self, rid: str) -> None:
+        """Drop a finished request's state and output (its events stay in the log). A request whose
+        senders' blocks a batch in flight still reads is dropped once that batch completes."""
+        state = self.states.get(rid)
+        if state is None:
+            return
+        if not state.done:
+            raise ValueError(f"request {rid!r} is still active")
+        self.outputs.pop(rid, None)
+        if state.pulling:
+            state.forgotten = True
+        else:
+            del self.states[rid]
+
     # ---- admission ---------------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> None:
+        if not isinstance(req, Request) or not isinstance(req.request_id, str) or not req.request_id:
+            raise ValueError(f"not a request with a non-empty string id: {req!r}"[:200])
         if req.request_id in self.states:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         state = RequestState(req, [], [])
@@ -185,10 +202,12 @@ class Pipeline:
         else:
             return
         for rid in rids:
-            state = self.states[rid]
-            if state.pulling:
+            state = self.states.get(rid)
+            if state is not None and state.pulling:
                 state.pulling = False
                 self._release_senders(state)
+                if state.forgotten:
+                    del self.states[rid]
 
     # ---- scheduling --------------------------------------------------------------------
     def next_batch(self, inst: Instance) -> Optional[Batch]:
@@ -226,11 +245,11 @@ class Pipeline:
     def _encoded(self, inst: Instance, result: EncodeResult) -> None:
         b, e = result.span
         for item in result.items:
-            state = self.states[item.request_id]
-            if state.done:
+            state = self.states.get(item.request_id)
+            if state is None or state.done:
                 continue
             if item.error:
-                self.abort(state, item.error, e)
+                self.abort(state, item.error, e, item.error_kind)
                 continue
             self.emit(b, state, E.ENCODE_BEGIN, inst.id, image=item.image_index)
             self.emit(e, state, E.ENCODE_END, inst.id, image=item.image_index)
@@ -250,8 +269,11 @@ class Pipeline:
     def _prefilled(self, inst: Instance, result: PrefillResult) -> None:
         b, e = result.span
         for item in result.items:
-            state = self.states[item.request_id]
-            if state.done:
+            state = self.states.get(item.request_id)
+            if state is None or state.done:
+                continue
+            if item.error:
+                self.abort(state, f"prefill on {inst.id} failed: {item.error}", e, INTERNAL)
                 continue
             if item.mm_transfer:
                 nbytes = sum(state.image_tokens) * self.mm_bytes_per_token
@@ -262,7 +284,7 @@ class Pipeline:
             self.emit(e, state, E.FIRST_TOKEN, inst.id)
             for i in range(len(state.image_tokens)):  # embeddings consumed
                 state.release(f"mm:{inst.id}:{i}")
-            if self._append_token(state, item.first_token, e, inst):
+            if self._append_token(state, item.first_token, e, inst, item.logprob):
                 continue
             if not inst.has("decode"):
                 state.kv_handle = item.kv_handle
@@ -275,22 +297,27 @@ class Pipeline:
     def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
         b, e = result.span
         for rid, (tb, te) in result.kv_transfers.items():
-            state = self.states[rid]
-            if not state.done:
+            state = self.states.get(rid)
+            if state is not None and not state.done:
                 self.emit(tb, state, E.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
                 self.emit(te, state, E.KV_TRANSFER_END, inst.id)
+        for rid, why in result.errors.items():
+            if rid in self.states:
+                self.abort(self.states[rid], f"decode on {inst.id} failed: {why}", e, INTERNAL)
         for rid, tok in result.tokens.items():
-            state = self.states[rid]
-            if state.done:
+            state = self.states.get(rid)
+            if state is None or state.done:
                 continue
             if not state.decode_started:
                 state.decode_started = True
                 self.emit(b, state, E.DECODE_BEGIN, inst.id)
-            self._append_token(state, tok, e, inst)
+            self._append_token(state, tok, e, inst, result.logprobs.get(rid))
 
-    def _append_token(self, state: RequestState, tok: int, t: float, inst: Instance) -> bool:
+    def _append_token(self, state: RequestState, tok: int, t: float, inst: Instance, logprob: Optional[TokenLogprob] = None) -> bool:
         """Record a token; finish the request if it is done. Returns True when finished."""
         state.output.append(tok)
+        if logprob is not None:
+            state.logprobs.append(logprob)
         if len(state.output) > 1:
             self.emit(t, state, E.TOKEN, inst.id, index=len(state.output) - 1)
         sp = state.req.sampling
@@ -302,7 +329,7 @@ class Pipeline:
         if reason:
             self._finish(state, reason, t, inst)  # the output record exists before anyone hears of the end
         if self.on_output:
-            self.on_output(state.rid, [tok], reason)
+            self.on_output(state.rid, [tok], reason, None if logprob is None else [logprob])
         return reason is not None
 
     # ---- role switching ----------------------------------------------------------------
@@ -414,17 +441,20 @@ class Pipeline:
         self.emit(t, state, E.FINISHED, inst.id, num_output_tokens=len(state.output), finish_reason=reason)
         self._cleanup(state)
         text = self.tokenizer.decode(state.output) if self.tokenizer is not None else None
-        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), text, reason, None, state.prompt_len)
+        logprobs = list(state.logprobs) if state.req.sampling.logprobs is not None else None
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), text, reason, None, state.prompt_len, logprobs)
 
-    def abort(self, state: RequestState, reason: str, t: float) -> None:
+    def abort(self, state: RequestState, reason: str, t: float, kind: str = INVALID) -> None:
+        """End `state` without finishing it. `kind` says whose doing it was: INVALID (the request
+        cannot be served as given), INTERNAL (the engine failed serving it), CANCELLED (its client)."""
         if state.done:
             return
         state.done = True
-        self.emit(t, state, E.ABORTED, None, reason=reason)
+        self.emit(t, state, E.ABORTED, None, reason=reason, error_kind=kind)
         self._cleanup(state)
-        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), None, "abort", reason, state.prompt_len)
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), None, "abort", reason, state.prompt_len, error_kind=kind)
         if self.on_output:
-            self.on_output(state.rid, [], "abort")
+            self.on_output(state.rid, [], "abort", None)
 
     def _cleanup(self, state: RequestState) -> None:
         if state.pulling:  # a batch in flight still reads the senders' blocks: they go when it completes
@@ -447,4 +477,5 @@ class Pipeline:
     def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
         ids = [i.request_id for i in batch.items] if isinstance(batch, (EncodeBatch, PrefillBatch)) else list(batch.step)
         for rid in ids:
-            self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time)
+            if rid in self.states:
+                self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time, INTERNAL)

@@ -85,7 +85,9 @@ def select_decode(inst: Instance, pipe: Pipeline) -> Optional[DecodeBatch]:
             if blocks is None:
                 break
             state.hold(f"kv:{inst.id}", inst.kv, blocks)
-            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.prompt_len, state.output[-1], state.req.sampling))
+            sp = state.req.sampling
+            prompt = state.prompt_ids if sp.needs_history else None
+            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.prompt_len, state.output[-1], sp, prompt))
             state.kv_handle = None
             pipe.pulled(state)
         inst.decode_queue.popleft()

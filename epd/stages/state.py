@@ -25,8 +25,10 @@ class RequestState:
     senders: list[str] = field(default_factory=list)  # instances whose output awaits our pull
     pulling: bool = False  # a batch in flight is pulling from the senders' blocks
     output: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
     decode_started: bool = False
     done: bool = False
+    forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
     holds: dict[str, tuple[BlockPool, list[int]]] = field(default_factory=dict)
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from epd.request import ImageInput, SamplingParams
+from epd.request import ImageInput, SamplingParams, TokenLogprob
 
 Span = tuple[float, float]
 
@@ -62,6 +62,7 @@ class NewDecodeSeq:
     context_len: int  # tokens already in the KV cache (the prompt)
     last_token: int  # the first token, sampled by prefill
     sampling: SamplingParams
+    prompt_ids: Optional[list[int]] = None  # sent only when sampling needs the tokens so far (penalties)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class EncodedItem:
     image_index: int
     handle: Any = None
     error: Optional[str] = None
+    error_kind: str = "invalid"  # an unreadable image; "internal" when encoding itself failed
 
 
 @dataclass
@@ -104,6 +106,8 @@ class PrefilledItem:
     first_token: int
     mm_transfer: Optional[Span] = None
     kv_handle: Any = None
+    logprob: Optional[TokenLogprob] = None
+    error: Optional[str] = None  # this request failed on the worker; the rest of the batch did not
 
 
 @dataclass
@@ -117,6 +121,8 @@ class DecodeResult:
     span: Span
     tokens: dict[str, int]
     kv_transfers: dict[str, Span] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # requests that asked for them
+    errors: dict[str, str] = field(default_factory=dict)  # requests that failed this step, alone
 
 
 @dataclass
@@ -130,7 +136,9 @@ Result = Union[EncodeResult, PrefillResult, DecodeResult, SwitchResult]
 
 @dataclass
 class BatchFailure:
-    """A worker raised while running a batch: every request in it is aborted with this reason."""
+    """A worker failed as a whole while running a batch (its process died, a transfer broke): every
+    request in it is aborted with this reason. A failure of one request's work comes back as that
+    item's error instead (`isolation.isolated`)."""
 
     reason: str
     time: float

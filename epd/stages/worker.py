@@ -20,8 +20,9 @@ from epd.distributed import CommSpec, join, leave
 from epd.models.generate import lm_step
 from epd.models.image_processing import ImageError, TorchOps, image_tensor, load_image
 from epd.models.runtime import ModelRuntime
-from epd.models.sampling import sample
-from epd.request import SamplingParams
+from epd.models.sampling import sample_full
+from epd.request import INTERNAL, SamplingParams, TokenLogprob
+from epd.stages.isolation import Failed, describe, isolated
 from epd.stages.work import (
     Batch,
     DecodeBatch,
@@ -46,6 +47,8 @@ class _Seq:
     last_token: int
     generated: int
     sampling: SamplingParams
+    prompt_ids: Optional[list[int]] = None  # kept only for penalties, which read the tokens so far
+    output_ids: Optional[list[int]] = None
 
 
 def assigned_gpu() -> Optional[int]:
@@ -193,19 +196,37 @@ class Worker:
             else:
                 pixels.append(px)
                 ok.append(item)
-        if self.model_cfg.image_resize == "device":
-            pixels = [self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps) for x in pixels]
-        for item, emb in zip(ok, self.rt.encode(pixels)):
+        embeddings = isolated(lambda idx: self._encode_images([pixels[i] for i in idx]), len(ok), f"{self.worker_id} encode")
+        for item, emb in zip(ok, embeddings):
+            if isinstance(emb, Failed):
+                results.append(EncodedItem(item.request_id, item.image_index, error=emb.reason, error_kind=INTERNAL))
+                continue
             if emb.shape[0] != item.num_tokens:
                 results.append(
-                    EncodedItem(item.request_id, item.image_index, error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}")
+                    EncodedItem(
+                        item.request_id,
+                        item.image_index,
+                        error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}",
+                        error_kind=INTERNAL,
+                    )
                 )
                 continue
-            write_rows(self.mm, item.mm_blocks, emb)
-            handle = self.transfer.send("mm", item.mm_blocks, item.num_tokens) if item.send else None
+            try:
+                write_rows(self.mm, item.mm_blocks, emb)
+                handle = self.transfer.send("mm", item.mm_blocks, item.num_tokens) if item.send else None
+            except Exception as exc:
+                results.append(
+                    EncodedItem(item.request_id, item.image_index, error=describe(exc, f"{self.worker_id} encode"), error_kind=INTERNAL)
+                )
+                continue
             results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
         self._sync()
         return EncodeResult((begin, time.time()), results)
+
+    def _encode_images(self, pixels: list) -> list[torch.Tensor]:
+        if self.model_cfg.image_resize == "device":
+            pixels = [self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps) for x in pixels]
+        return self.rt.encode(pixels)
 
     def _preprocess(self, item) -> torch.Tensor | str:
         try:
@@ -228,27 +249,53 @@ class Worker:
                 self._sync()
                 transfers[item.request_id] = (t0, time.time())
         begin = time.time()
-        mm = [torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images]) if it.images else None for it in batch.items]
-        logits = lm_step(
-            self.rt,
-            self.kv,
-            [it.prompt_ids for it in batch.items],
-            [0] * len(batch.items),
-            [it.kv_blocks for it in batch.items],
-            self.pool.kv_block_size,
-            mm,
-        )
-        firsts = sample(logits, [it.sampling for it in batch.items], [0] * len(batch.items))
+        items = batch.items
+        sampled = isolated(lambda idx: self._prefill_compute([items[i] for i in idx]), len(items), f"{self.worker_id} prefill")
         out = []
-        for it, tok in zip(batch.items, firsts):
-            done = PrefilledItem(it.request_id, tok, mm_transfer=transfers.get(it.request_id))
-            if it.send_kv:
-                done.kv_handle = self.transfer.send("kv", it.kv_blocks, len(it.prompt_ids))
+        for it, first in zip(items, sampled):
+            done = PrefilledItem(it.request_id, -1, mm_transfer=transfers.get(it.request_id))
+            if isinstance(first, Failed):
+                done.error = first.reason
+                out.append(done)
+                continue
+            done.first_token, done.logprob = first
+            try:
+                if it.send_kv:
+                    done.kv_handle = self.transfer.send("kv", it.kv_blocks, len(it.prompt_ids))
+            except Exception as exc:
+                done.error = describe(exc, f"{self.worker_id} prefill")
+                out.append(done)
+                continue
             if it.keep_for_decode:
-                self.seqs[it.request_id] = _Seq(it.kv_blocks, len(it.prompt_ids), tok, 1, it.sampling)
+                history = it.sampling.needs_history
+                self.seqs[it.request_id] = _Seq(
+                    it.kv_blocks,
+                    len(it.prompt_ids),
+                    done.first_token,
+                    1,
+                    it.sampling,
+                    it.prompt_ids if history else None,
+                    [done.first_token] if history else None,
+                )
             out.append(done)
         self._sync()
         return PrefillResult((begin, time.time()), out)
+
+    def _prefill_compute(self, items: list) -> list[tuple[int, Optional[TokenLogprob]]]:
+        """Forward over the prompts (writing their KV) and the first token of each."""
+        mm = [torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images]) if it.images else None for it in items]
+        logits = lm_step(
+            self.rt, self.kv, [it.prompt_ids for it in items], [0] * len(items), [it.kv_blocks for it in items], self.pool.kv_block_size, mm
+        )
+        sampled = sample_full(
+            logits,
+            [it.sampling for it in items],
+            [0] * len(items),
+            prompts=[it.prompt_ids for it in items],
+            outputs=[[]] * len(items),
+            eos_token_id=self.rt.text_cfg.eos_token_id,
+        )
+        return list(zip(sampled.tokens, sampled.logprobs))
 
     # ---- D -----------------------------------------------------------------------------
     def _decode(self, batch: DecodeBatch) -> DecodeResult:
@@ -260,22 +307,50 @@ class Worker:
                 self.transfer.recv(new.kv_handle, new.kv_blocks)
                 self._sync()
             transfers[new.request_id] = (t0, time.time())
-            self.seqs[new.request_id] = _Seq(new.kv_blocks, new.context_len, new.last_token, 1, new.sampling)
+            history = new.sampling.needs_history
+            self.seqs[new.request_id] = _Seq(
+                new.kv_blocks, new.context_len, new.last_token, 1, new.sampling, new.prompt_ids, [new.last_token] if history else None
+            )
         begin = time.time()
-        seqs = [self.seqs[r] for r in batch.step]
+        step = batch.step
+        sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+        tokens, logprobs, errors = {}, {}, {}
+        for rid, res in zip(step, sampled):
+            if isinstance(res, Failed):
+                errors[rid] = res.reason
+                self.seqs.pop(rid, None)  # the driver aborts it
+                continue
+            tok, logprob = res
+            s = self.seqs[rid]
+            s.context_len += 1
+            s.last_token = tok
+            s.generated += 1
+            if s.output_ids is not None:
+                s.output_ids.append(tok)
+            tokens[rid] = tok
+            if logprob is not None:
+                logprobs[rid] = logprob
+        return DecodeResult((begin, time.time()), tokens, transfers, logprobs, errors)
+
+    def _decode_compute(self, rids: list[str]) -> list[tuple[int, Optional[TokenLogprob]]]:
+        """One step of the sequences `rids`: writes each one's next KV position, samples its next token."""
+        seqs = [self.seqs[r] for r in rids]
         tables = [s.blocks for s in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=tuple(batch.step))
+            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=tuple(rids))
         else:
             logits = lm_step(
                 self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
             )
-        tokens = sample(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
-        for s, tok in zip(seqs, tokens):
-            s.context_len += 1
-            s.last_token = tok
-            s.generated += 1
-        return DecodeResult((begin, time.time()), dict(zip(batch.step, tokens)), transfers)
+        sampled = sample_full(
+            logits,
+            [s.sampling for s in seqs],
+            [s.generated for s in seqs],
+            prompts=[s.prompt_ids for s in seqs],
+            outputs=[s.output_ids for s in seqs],
+            eos_token_id=self.rt.text_cfg.eos_token_id,
+        )
+        return list(zip(sampled.tokens, sampled.logprobs))
 
     def _release(self, ids: list[str]) -> None:
         for rid in ids:
