@@ -329,6 +329,7 @@ class ServerConfig:
     max_concurrent_requests: int = 64  # beyond this: 429 with Retry-After
     max_images_per_request: int = 8
     max_image_bytes: int = 20_000_000
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger request body gets 413 before it is parsed
     image_root: Optional[str] = None  # local image files are allowed only under this directory
     allow_remote_images: bool = False
     default_max_tokens: int = 64

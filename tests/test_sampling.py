@@ -224,7 +224,9 @@ def test_a_failure_inside_a_batch_aborts_only_its_request(monkeypatch):
                 raise RuntimeError(f"poisoned row at step {s}")
         return real(logits, params, steps, **kw)
 
-    reqs = [Request(f"r{i}", prompt_token_ids=(10 + i, 11), sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=i)) for i in range(4)]
+    reqs = [
+        Request(f"r{i}", prompt_token_ids=(10 + i, 11), sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=i)) for i in range(4)
+    ]
     poison = [
         Request("at_prefill", prompt_token_ids=(12, 13), sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=666)),
         Request("at_decode", prompt_token_ids=(14, 15), sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=667)),

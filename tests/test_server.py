@@ -131,8 +131,8 @@ def test_several_images_local_file_and_sampling_seed(client, server):
             ],
         }
     ]
-    a = client.chat.completions.create(model="m", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
-    b = client.chat.completions.create(model="m", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    b = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.prompt_tokens > 3 * 16
 
@@ -148,7 +148,7 @@ def test_concurrent_requests(client, engine):
                 ],
             }
         ]
-        return client.chat.completions.create(model="m", messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        return client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
 
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(one, range(8)))
@@ -214,7 +214,7 @@ BAD = [
     ("beyond context", {"messages": [{"role": "user", "content": "x" * 5000}]}, "context"),
     ("bad temperature", {"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ("bad top_p", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
-    ("n > 1", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ("n > 16", {"messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
 ]
 
 
@@ -236,7 +236,7 @@ def test_api_key(engine):
         assert httpx.post(live.url + "/v1/chat/completions", json=body).status_code == 401
         bad = httpx.post(live.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
-        ok = openai.OpenAI(base_url=live.url + "/v1", api_key="sekrit").chat.completions.create(model="m", **body)
+        ok = openai.OpenAI(base_url=live.url + "/v1", api_key="sekrit").chat.completions.create(model="tiny-llava", **body)
         assert ok.usage.completion_tokens >= 1
     finally:
         live.stop()
@@ -293,12 +293,12 @@ def test_fuzz_openapi_schema_finds_no_5xx(server):
 
 def test_stop_string_ends_the_answer_early(client, engine):
     msg = [{"role": "user", "content": "say something"}]
-    full = client.chat.completions.create(model="m", messages=msg, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     text = full.choices[0].message.content
     assert len(text) > 4
     stop = text[2:4]
     cut = client.chat.completions.create(
-        model="m", messages=msg, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+        model="tiny-llava", messages=msg, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
     )
     assert cut.choices[0].finish_reason == "stop"
     content = cut.choices[0].message.content

@@ -145,7 +145,7 @@ def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[i
     lp = torch.log_softmax(logits[idx].float(), dim=-1)
     k = max(params[i].logprobs for i in rows)
     chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))[:, 0].tolist()
-    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()
     for j, i in enumerate(rows):
         n = params[i].logprobs

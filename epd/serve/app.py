@@ -1,51 +1,96 @@
-"""The OpenAI-compatible HTTP server: `/v1/chat/completions` (streaming and not), `/v1/models`,
-`/health`, `/metrics`; bad input gets a 4xx naming the problem, overload a 429 with Retry-After."""
+"""The OpenAI-compatible HTTP server: `/v1/chat/completions` and `/v1/completions` (streaming and not,
+n choices, logprobs), `/v1/models`, `/health`, `/metrics`.
+
+Every error is OpenAI's error JSON: a malformed or unsupported request gets a 4xx naming the field,
+an unknown model 404, an oversized body 413, overload 429 with Retry-After; a failure inside the
+engine is a 500 that shows no internals. Tokenisation and image decoding run off the event loop and
+off the engine's thread; a client that goes away, streaming or not, has its requests aborted.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
-from typing import Optional
+from dataclasses import replace
+from typing import Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from epd.config import RunConfig
+from epd.request import INTERNAL, MAX_SEED, SamplingParams
 from epd.request import Request as EngineRequest
-from epd.request import SamplingParams
 from epd.serve.async_llm import AsyncLLM
+from epd.serve.body_limit import BodyLimit
+from epd.serve.choice import ChoiceRun, EngineRefusal
 from epd.serve.images import BadImage, resolve_image
 from epd.serve.prometheus import ServerMetrics
-from epd.serve.protocol import ChatCompletion, ChatCompletionRequest, Choice, ChoiceMessage, ModelCard, ModelList, Usage
+from epd.serve.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChoiceMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
+ERRORS |= {429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None, code=None, headers=None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400, code: Optional[str] = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     srv = cfg.server
     model_name = srv.served_model_name or cfg.model.name
     metrics = ServerMetrics()
+    tokenizer = llm.core.pipeline.tokenizer
     app = FastAPI(title="EPD", version="0.1.0", description="OpenAI-compatible serving of multimodal models with disaggregated E/P/D")
+    app.add_middleware(BodyLimit, limit=srv.max_body_bytes)
     state = {"inflight": 0, "started": int(time.time())}
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_req: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
-            return error(400, f"malformed JSON: {first.get('msg')}")
+        first = most_specific(exc.errors())
+        where = field_path(first.get("loc", ()))
+        kind = first.get("type")
+        if kind == "json_invalid":
+            return error(400, f"malformed JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+        if kind == "extra_forbidden":
+            return error(400, f"unsupported parameter {where!r}: this server does not implement it", param=where or None)
         return error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_req: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), kind=kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(_req: Request, exc: Exception):
+        log.exception("request failed")
+        return error(500, "the server failed while handling this request", kind="server_error")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -66,8 +111,15 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     async def models():
         return ModelList(data=[ModelCard(id=model_name, created=state["started"])])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={400: {}, 401: {}, 429: {}})
-    async def chat(body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await serve(body, request, chat=True)
+
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request):
+        return await serve(body, request, chat=False)
+
+    async def serve(body: Union[ChatCompletionRequest, CompletionRequest], request: Request, chat: bool):
         if state["inflight"] >= srv.max_concurrent_requests:
             metrics.requests.labels("rejected").inc()
             return error(
@@ -76,44 +128,133 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
                 kind="rate_limit_error",
                 headers={"Retry-After": "1"},
             )
-        try:
-            req, stops = to_engine_request(body, cfg)
-        except BadRequest as exc:
-            metrics.requests.labels("invalid").inc()
-            return error(400, str(exc), param=exc.param)
         state["inflight"] += 1
         metrics.inflight.set(state["inflight"])
-        stream = Completion(llm, req, stops, metrics, model_name)
+        runs: list[ChoiceRun] = []
+        streaming = False
         try:
-            first = await stream.start()
-        except Exception:
-            stream.release(state)
-            raise
-        if first is not None:  # refused by the engine before any token: a 400 with its reason
-            stream.release(state)
+            if body.model is not None and body.model != model_name:
+                raise BadRequest(
+                    f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model", 404, "model_not_found"
+                )
+            sampling, stops = sampling_params(body, chat, cfg)
+            prompts = await asyncio.to_thread(render_chat if chat else render_prompts, body, cfg, tokenizer)
+            runs = start_runs(llm, prompts, sampling, body, stops, tokenizer, metrics)
+            refusal = await first_refusal(runs)
+            if refusal is not None:
+                raise refusal
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                streaming = True  # the stream owns the runs and the inflight slot now
+                return StreamingResponse(
+                    sse(runs, chat, include_usage, model_name, prompts, state, metrics), media_type="text/event-stream"
+                )
+            done = await collect_unless_disconnected(runs, request)
+            if not done:
+                return Response(status_code=499)  # nobody is listening
+            return respond(runs, chat, model_name, prompts)
+        except BadRequest as exc:
             metrics.requests.labels("invalid").inc()
-            return error(400, first)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream.sse(state, include_usage), media_type="text/event-stream")
-        try:
-            text, finish = await stream.collect()
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            return error(exc.status, str(exc), param=exc.param, code=exc.code, kind=kind)
+        except EngineRefusal as exc:
+            metrics.requests.labels("invalid" if exc.kind != INTERNAL else "failed").inc()
+            if exc.kind == INTERNAL:
+                log.error("engine failed a request: %s", exc.reason)
+                return error(500, "the engine failed while serving this request", kind="server_error")
+            return error(400, exc.reason)
         finally:
-            stream.release(state)
-        usage = stream.usage()
-        return ChatCompletion(
-            id=stream.id,
-            created=stream.created,
-            model=model_name,
-            choices=[Choice(message=ChoiceMessage(content=text), finish_reason=finish)],
-            usage=usage,
-        )
+            if not streaming:
+                await asyncio.gather(*(r.close() for r in runs))
+                release(state, metrics)
 
     return app
 
 
-def render_chat(body: ChatCompletionRequest, cfg: RunConfig):
-    """Messages -> (prompt text, images). Images are spliced in by the model family, in order."""
+_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def most_specific(errors) -> dict:
+    """Of a union's errors, the one that went deepest into the value (the branch the client meant)."""
+    return max(errors, key=lambda e: (len(field_path(e.get("loc", ())).split(".")), e.get("type") != "missing")) if errors else {}
+
+
+def field_path(loc) -> str:
+    """'messages.0.content.1.image_url.url' from pydantic's location, without its union branch labels."""
+    parts = []
+    for p in loc:
+        p = str(p)
+        if p == "body" and not parts or "[" in p or p in _BRANCHES or (parts and parts[-1] == p):
+            continue
+        parts.append(p)
+    return ".".join(parts)
+
+
+def release(state: dict, metrics: ServerMetrics) -> None:
+    state["inflight"] -= 1
+    metrics.inflight.set(state["inflight"])
+
+
+# ---- requests -> engine requests -------------------------------------------------------------
+def sampling_params(body: Union[ChatCompletionRequest, CompletionRequest], chat: bool, cfg: RunConfig):
+    """The engine's sampling parameters for one choice (the seed is set per choice), and the stop strings."""
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stops):
+        raise BadRequest("stop strings must not be empty", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias.append((int(key), float(value)))
+        except ValueError as exc:
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from exc
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.response_format is not None and body.response_format.type != "text":
+            raise BadRequest(f"response_format {body.response_format.type!r} is not supported (only 'text')", "response_format")
+        if body.tools:
+            raise BadRequest("tools are not supported by this server", "tools")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice needs tools, which this server does not support", "tool_choice")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+    else:
+        logprobs = body.logprobs
+        if body.echo:
+            raise BadRequest("echo is not supported", "echo")
+        if body.suffix is not None:
+            raise BadRequest("suffix is not supported", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise BadRequest("best_of other than n is not supported", "best_of")
+        max_tokens = body.max_tokens
+    try:
+        sampling = SamplingParams(
+            max_tokens=max_tokens or cfg.server.default_max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
+            ignore_eos=body.ignore_eos,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            min_tokens=body.min_tokens,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=tuple(bias),
+            logprobs=logprobs,
+            seed=body.seed if body.seed is not None else 0,
+        )
+        sampling.validate()
+    except ValueError as exc:
+        raise BadRequest(str(exc), str(exc).split(" ")[0]) from exc
+    return sampling, stops
+
+
+def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple]]:
+    """Messages -> one (prompt token ids, images) pair. Images are spliced in by the model family, in order."""
     lines, images = [], []
     for i, msg in enumerate(body.messages):
         parts = [] if msg.content is None else ([msg.content] if isinstance(msg.content, str) else msg.content)
@@ -123,128 +264,150 @@ def render_chat(body: ChatCompletionRequest, cfg: RunConfig):
                 texts.append(part)
             elif part.type == "text":
                 texts.append(part.text)
-            elif part.type == "image_url":
+            else:
+                if len(images) >= cfg.server.max_images_per_request:
+                    raise BadRequest(f"more than {cfg.server.max_images_per_request} images in one request; this server takes at most "
+                                     f"{cfg.server.max_images_per_request}", f"messages.{i}.content.{j}")  # fmt: skip
                 try:
                     images.append(resolve_image(part.image_url.url, cfg.server))
                 except BadImage as exc:
                     raise BadRequest(str(exc), f"messages.{i}.content.{j}.image_url") from exc
-            else:
-                raise BadRequest(f"content part type {part.type!r} is not supported (text, image_url)", f"messages.{i}.content.{j}.type")
         lines.append(f"{msg.role}: {' '.join(texts)}")
-    if len(images) > cfg.server.max_images_per_request:
-        raise BadRequest(f"{len(images)} images in one request; this server takes at most {cfg.server.max_images_per_request}")
-    return "\n".join(lines) + "\nassistant:", tuple(images)
+    return [(tokenizer.encode("\n".join(lines) + "\nassistant:"), tuple(images))]
 
 
-def to_engine_request(body: ChatCompletionRequest, cfg: RunConfig) -> tuple[EngineRequest, list[str]]:
-    prompt, images = render_chat(body, cfg)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if any(not s for s in stops):
-        raise BadRequest("stop strings must not be empty", "stop")
-    sampling = SamplingParams(
-        max_tokens=body.max_completion_tokens or body.max_tokens or cfg.server.default_max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        seed=body.seed if body.seed is not None else uuid.uuid4().int % (2**62),
-        ignore_eos=body.ignore_eos,
-    )
-    return EngineRequest(f"chatcmpl-{uuid.uuid4().hex[:24]}", prompt=prompt, images=images, sampling=sampling), stops
+def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise BadRequest("prompt must not be empty", "prompt")
+    return [(tokenizer.encode(p) if isinstance(p, str) else list(p), ()) for p in prompts]
 
 
-class Completion:
-    """One request's stream of tokens, decoded to text with stop strings applied."""
+def start_runs(llm, prompts, sampling: SamplingParams, body, stops, tokenizer, metrics) -> list[ChoiceRun]:
+    """n choices per prompt, each its own engine request; seeds seed, seed+1, ... (random without a seed)."""
+    base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    runs = []
+    for p, (ids, images) in enumerate(prompts):
+        for i in range(body.n):
+            if body.seed is not None:
+                seed = (body.seed + i + MAX_SEED + 1) % (2 * (MAX_SEED + 1)) - (MAX_SEED + 1)
+            else:
+                seed = uuid.uuid4().int % MAX_SEED
+            req = EngineRequest(f"{base}-{p}-{i}", prompt_token_ids=tuple(ids), images=images, sampling=replace(sampling, seed=seed))
+            runs.append(ChoiceRun(llm, req, stops, tokenizer, p * body.n + i, p, metrics, base))
+    return runs
 
-    def __init__(self, llm: AsyncLLM, req: EngineRequest, stops: list[str], metrics: ServerMetrics, model: str):
-        self.llm, self.req, self.stops, self.metrics, self.model = llm, req, stops, metrics, model
-        self.id, self.created = req.request_id, int(time.time())
-        self.tokens: list[int] = []
-        self.sent = ""
-        self.finish: Optional[str] = None
-        self._gen = llm.generate(req)
-        self._first = None
-        self._t0 = time.time()
-        self._t_first: Optional[float] = None
-        self._released = False
 
-    async def start(self) -> Optional[str]:
-        """Wait for the first delta; returns the refusal reason if the engine aborted the request at once."""
-        self._first = await self._gen.__anext__()
-        if self._first.finish_reason == "abort" and not self._first.token_ids:
-            return self._first.abort_reason or "request refused by the engine"
-        return None
+async def first_refusal(runs: list[ChoiceRun]) -> Optional[EngineRefusal]:
+    """Start every choice; the first that the engine refused outright, if any."""
+    refusals = await asyncio.gather(*(r.start() for r in runs))
+    return next((r for r in refusals if r is not None), None)
 
-    async def deltas(self):
-        """Text pieces as they become final; sets `finish`."""
-        tokenizer = self.llm.core.pipeline.tokenizer
-        delta = self._first
-        while True:
-            if delta.token_ids and self._t_first is None:
-                self._t_first = time.time()
-                self.metrics.ttft.observe(self._t_first - self._t0)
-            self.tokens.extend(delta.token_ids)
-            text = tokenizer.decode(self.tokens)
-            for s in self.stops:
-                cut = text.find(s)
-                if cut >= 0:
-                    text, self.finish = text[:cut], "stop"
-            if self.finish is None and delta.finish_reason is not None:
-                self.finish = "length" if delta.finish_reason == "length" else delta.finish_reason
-            if text.endswith("\ufffd") and self.finish is None:  # an unfinished UTF-8 sequence: wait for more
-                text = text[:-1]
-            if len(text) > len(self.sent):
-                piece, self.sent = text[len(self.sent) :], text
-                yield piece
-            if self.finish is not None:
-                if delta.finish_reason is None:
-                    await self._gen.aclose()  # a stop string ended it early: the engine drops the request
-                self._observe()
-                return
-            delta = await self._gen.__anext__()
 
-    def _observe(self) -> None:
-        outcome = "aborted" if self.finish == "abort" else "finished"
-        self.metrics.requests.labels(outcome).inc()
-        if self._t_first is not None and len(self.tokens) > 1:
-            self.metrics.tpot.observe((time.time() - self._t_first) / (len(self.tokens) - 1))
+async def collect_unless_disconnected(runs: list[ChoiceRun], request: Request) -> bool:
+    """Run every choice to its end; False (with the choices aborted) if the client left first."""
+    task = asyncio.ensure_future(asyncio.gather(*(r.collect() for r in runs)))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            task.result()
+            return True
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
 
-    async def collect(self) -> tuple[str, str]:
-        async for _ in self.deltas():
-            pass
-        return self.sent, self.finish or "stop"
 
-    def usage(self) -> Usage:
-        out = self.llm.core.pipeline.outputs.get(self.id)
-        prompt = out.prompt_tokens if out else 0
-        return Usage(prompt_tokens=prompt, completion_tokens=len(self.tokens), total_tokens=prompt + len(self.tokens))
+# ---- responses ---------------------------------------------------------------------------------
+def usage(runs: list[ChoiceRun], prompts) -> Usage:
+    """Each prompt counted once (its choices share it), every generated token counted."""
+    prompt = sum(next((r.prompt_tokens for r in runs if r.prompt_index == p and r.prompt_tokens), 0) for p in range(len(prompts)))
+    completion = sum(r.completion_tokens for r in runs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def release(self, state: dict) -> None:
-        if not self._released:
-            self._released = True
-            state["inflight"] -= 1
-            self.metrics.inflight.set(state["inflight"])
 
-    def _chunk(self, delta: dict, finish: Optional[str], usage: Optional[Usage] = None) -> str:
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
-        }
-        if usage is not None:
-            body["usage"] = usage.model_dump()
+def respond(runs: list[ChoiceRun], chat: bool, model: str, prompts) -> Union[ChatCompletion, Completion, JSONResponse]:
+    failed = next((r for r in runs if r.finish == "abort"), None)
+    if failed is not None:
+        raise failed.refusal()
+    created = int(time.time())
+    if chat:
+        choices = [
+            Choice(
+                index=r.index,
+                message=ChoiceMessage(content=r.text.output),
+                finish_reason=r.finish,
+                logprobs=ChoiceLogprobs(content=r.chat_logprobs(r.all_logprobs)) if r.wants_logprobs else None,
+            )
+            for r in runs
+        ]
+        return ChatCompletion(id=runs[0].base, created=created, model=model, choices=choices, usage=usage(runs, prompts))
+    choices = [
+        CompletionChoice(
+            index=r.index,
+            text=r.text.output,
+            finish_reason=r.finish,
+            logprobs=r.completion_logprobs(r.all_logprobs) if r.wants_logprobs else None,
+        )
+        for r in runs
+    ]
+    return Completion(id=runs[0].base, created=created, model=model, choices=choices, usage=usage(runs, prompts))
+
+
+async def sse(runs: list[ChoiceRun], chat: bool, include_usage: bool, model: str, prompts, state: dict, metrics: ServerMetrics):
+    """Server-sent events of every choice as its text becomes final; on disconnect, every choice aborts."""
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], use: Optional[Usage] = None) -> str:
+        body = {"id": runs[0].base, "object": kind, "created": created, "model": model, "choices": choices}
+        if use is not None:
+            body["usage"] = use.model_dump()
         return f"data: {json.dumps(body)}\n\n"
 
-    async def sse(self, state: dict, include_usage: bool):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(run: ChoiceRun) -> None:
         try:
-            yield self._chunk({"role": "assistant", "content": ""}, None)
-            async for piece in self.deltas():
-                yield self._chunk({"content": piece}, None)
-            yield self._chunk({}, self.finish)
-            if include_usage:
-                yield self._chunk({}, None, self.usage())
-            yield "data: [DONE]\n\n"
-        finally:  # also on client disconnect: closing the generator aborts the engine request
-            await self._gen.aclose()
-            self.release(state)
+            async for piece in run.pieces():
+                await queue.put((run, piece))
+        finally:
+            await queue.put((run, None))
+
+    tasks = [asyncio.ensure_future(pump(r)) for r in runs]
+    try:
+        if chat:
+            yield chunk(
+                [{"index": r.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for r in runs]
+            )
+        open_runs = len(runs)
+        while open_runs:
+            run, piece = await queue.get()
+            if piece is None:
+                open_runs -= 1
+                finish = "abort" if run.finish is None else run.finish
+                yield chunk([{"index": run.index, **({"delta": {}} if chat else {"text": ""}), "logprobs": None, "finish_reason": finish}])
+                continue
+            entry = {"index": run.index, "finish_reason": None}
+            if chat:
+                entry["delta"] = {"content": piece.text}
+                entry["logprobs"] = {"content": [x.model_dump() for x in run.chat_logprobs(piece.logprobs)]} if run.wants_logprobs else None
+            else:
+                entry["text"] = piece.text
+                entry["logprobs"] = run.completion_logprobs(piece.logprobs).model_dump() if run.wants_logprobs else None
+            yield chunk([entry])
+        if include_usage:
+            yield chunk([], usage(runs, prompts))
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects: closing the generators aborts the engine requests
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in runs))
+        release(state, metrics)

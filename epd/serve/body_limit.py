@@ -1,0 +1,59 @@
+"""A request body limit: 413 as soon as the declared or received bytes pass it (ASGI middleware)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import HTTPException
+
+
+class BodyLimit:
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # raised inside the app: its HTTPException handler answers 413
+                    raise HTTPException(status_code=413, detail=self._message())
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except HTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": self._message(),
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        ).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _message(self) -> str:
+        return f"request body larger than this server's limit of {self.limit} bytes"
