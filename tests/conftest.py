@@ -20,3 +20,15 @@ def ray_cluster():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine(ray_cluster):
+    """One AsyncLLM (tiny LLaVA, EPD on Ray) for the server tests."""
+    from epd.config import RunConfig
+    from epd.serve.async_llm import AsyncLLM
+    from tests.serving import DEPLOYMENT
+
+    llm = AsyncLLM(RunConfig().model, DEPLOYMENT, "ray")
+    yield llm
+    llm.close()

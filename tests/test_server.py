@@ -1,66 +1,14 @@
 """The OpenAI-compatible server: a live uvicorn server on loopback over the real engine (Ray, EPD),
 driven by the official `openai` client and raw HTTP for the bad cases."""
 
-import base64
-import dataclasses
-import io
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
-from epd.config import DeploymentConfig, PoolConfig, RunConfig, ServerConfig
-from epd.serve.app import build_app
-from epd.serve.async_llm import AsyncLLM
-
-DEPLOYMENT = DeploymentConfig(name="epd", encode=PoolConfig(), prefill=PoolConfig(kv_blocks=256), decode=PoolConfig(kv_blocks=256))
-
-
-def png_data_url(w=64, h=48, color=(200, 30, 60)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def engine(ray_cluster):
-    llm = AsyncLLM(RunConfig().model, DEPLOYMENT, "ray")
-    yield llm
-    llm.close()
-
-
-def _serve(engine, **server):
-    cfg = dataclasses.replace(RunConfig(deployment=DEPLOYMENT), server=ServerConfig(**server))
-    return LiveServer(build_app(cfg, engine))
+from tests.serving import _serve, _wait_drained, png_data_url
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +24,6 @@ def server(engine, tmp_path_factory):
 @pytest.fixture()
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def _wait_drained(engine, timeout=10.0):
-    deadline = time.time() + timeout
-    while engine.core.pipeline.num_active or any(i.busy for i in engine.core.pipeline.instances.values()):
-        assert time.time() < deadline, f"{engine.core.pipeline.num_active} requests still active"
-        time.sleep(0.05)
-    for inst in engine.core.pipeline.instances.values():
-        for pool in (inst.kv, inst.mm):
-            if pool is not None:
-                pool.assert_all_free()
 
 
 def test_plain_completion_with_an_image(client, engine):
@@ -131,8 +68,12 @@ def test_several_images_local_file_and_sampling_seed(client, server):
             ],
         }
     ]
-    a = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
-    b = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(
+        model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True}
+    )
+    b = client.chat.completions.create(
+        model="tiny-llava", messages=msg, max_tokens=8, temperature=0.9, seed=5, extra_body={"ignore_eos": True}
+    )
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.prompt_tokens > 3 * 16
 
@@ -148,7 +89,9 @@ def test_concurrent_requests(client, engine):
                 ],
             }
         ]
-        return client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        return client.chat.completions.create(
+            model="tiny-llava", messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
 
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(one, range(8)))

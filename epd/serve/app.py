@@ -26,9 +26,9 @@ from epd.config import RunConfig
 from epd.request import INTERNAL, MAX_SEED, SamplingParams
 from epd.request import Request as EngineRequest
 from epd.serve.async_llm import AsyncLLM
-from epd.serve.body_limit import BodyLimit
 from epd.serve.choice import ChoiceRun, EngineRefusal
 from epd.serve.images import BadImage, resolve_image
+from epd.serve.middleware import ApiKey, BodyLimit
 from epd.serve.prometheus import ServerMetrics
 from epd.serve.protocol import (
     ChatCompletion,
@@ -69,6 +69,8 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     tokenizer = llm.core.pipeline.tokenizer
     app = FastAPI(title="EPD", version="0.1.0", description="OpenAI-compatible serving of multimodal models with disaggregated E/P/D")
     app.add_middleware(BodyLimit, limit=srv.max_body_bytes)
+    if srv.api_key:
+        app.add_middleware(ApiKey, key=srv.api_key)
     state = {"inflight": 0, "started": int(time.time())}
 
     @app.exception_handler(RequestValidationError)
@@ -91,13 +93,6 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     async def on_crash(_req: Request, exc: Exception):
         log.exception("request failed")
         return error(500, "the server failed while handling this request", kind="server_error")
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if srv.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {srv.api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
-        return await call_next(request)
 
     @app.get("/health")
     async def health():

@@ -1,4 +1,5 @@
-"""A request body limit: 413 as soon as the declared or received bytes pass it (ASGI middleware)."""
+"""Plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which hides a client's disconnect from
+the endpoint): the API key, and the request body limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,28 @@ import json
 from fastapi import HTTPException
 
 
+async def send_error(send, status: int, message: str, kind: str, code=None) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKey:
+    """/v1/ routes need "Authorization: Bearer <key>"."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope.get("headers") or []).get(b"authorization", b"") != self.expected:
+                return await send_error(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
+    """413 as soon as the declared or received bytes of a request body pass `limit`."""
+
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
@@ -42,18 +64,7 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": self._message(),
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "request_too_large",
-                }
-            }
-        ).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, self._message(), "invalid_request_error", "request_too_large")
 
     def _message(self) -> str:
         return f"request body larger than this server's limit of {self.limit} bytes"
