@@ -196,6 +196,10 @@ def test_every_bad_field_is_refused_alone_and_huge_top_k_means_off():
         Request("str_tokens", prompt_token_ids=("a", "b")),
         Request("bad_image", prompt_token_ids=(5,), images=("not an image",)),
         Request("nan_arrival", arrival_time=float("nan"), prompt_token_ids=(5,)),
+        Request("no_images", prompt_token_ids=(5,), images=None),
+        Request("giant_image", prompt_token_ids=(5,), images=(ImageInput(width=100_000, height=100_000),)),
+        # passes admission, fails on the E worker (numpy refuses negative seeds): aborted alone
+        Request("bad_image_seed", prompt_token_ids=(5,), images=(ImageInput(width=50, height=40, seed=-5), ImageInput(width=9, height=9))),
     ]
     with OfflineLLM(ModelConfig(), EPD, "local") as llm:
         alone = {r.request_id: o.token_ids for r in good for o in llm.generate([r])}
@@ -204,8 +208,9 @@ def test_every_bad_field_is_refused_alone_and_huge_top_k_means_off():
     for i, (_, field) in enumerate(BAD):
         o = outs[f"bad{i}"]
         assert o.finish_reason == "abort" and field in o.abort_reason and o.error_kind == INVALID, (field, o.abort_reason)
-    for name in ("str_tokens", "bad_image", "nan_arrival"):
-        assert outs[name].finish_reason == "abort" and outs[name].error_kind == INVALID
+    for name in ("str_tokens", "bad_image", "nan_arrival", "no_images", "giant_image", "bad_image_seed"):
+        assert outs[name].finish_reason == "abort" and outs[name].error_kind == INVALID, (name, outs[name])
+    assert "exceeds the limit" in outs["giant_image"].abort_reason and "could not be prepared" in outs["bad_image_seed"].abort_reason
     for r in good:
         assert outs[r.request_id].token_ids == alone[r.request_id]
     assert outs["huge_k"].token_ids == outs["no_k"].token_ids and len(outs["huge_k"].token_ids) == 6

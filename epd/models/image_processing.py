@@ -27,19 +27,28 @@ class ImageError(ValueError):
     """An image that cannot be read or used."""
 
 
+# Pillow refuses to open images beyond twice its decompression-bomb threshold; procedural images too.
+MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 def image_size(image: ImageInput) -> tuple[int, int]:
     """(width, height) without decoding the pixels."""
     if image.is_procedural:
-        if not image.width or not image.height or image.width < 1 or image.height < 1:
-            raise ImageError(f"procedural image needs a positive width and height, got {image.width}x{image.height}")
-        return image.width, image.height
-    try:
-        with _open(image) as im:
-            return im.size
-    except ImageError:
-        raise
-    except Exception as exc:  # PIL raises many types for bad files
-        raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
+        w, h = image.width, image.height
+        if isinstance(w, bool) or isinstance(h, bool) or not isinstance(w, int) or not isinstance(h, int) or w < 1 or h < 1:
+            raise ImageError(f"procedural image needs a positive integer width and height, got {w!r}x{h!r}")
+        size = (w, h)
+    else:
+        try:
+            with _open(image) as im:
+                size = im.size
+        except ImageError:
+            raise
+        except Exception as exc:  # PIL raises many types for bad files
+            raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageError(f"image of {size[0]}x{size[1]} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+    return size
 
 
 def load_image(image: ImageInput) -> Image.Image:

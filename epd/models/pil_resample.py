@@ -25,7 +25,7 @@ import torch
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
 _A = -0.5  # Pillow's bicubic parameter
 _SUPPORT = 2.0
-_BLOCK = 256  # output pixels per matrix product: each block reads only its band of the input
+_MIN_BLOCK, _MAX_BLOCK = 16, 512  # output pixels per matrix product: each block reads only its band of the input
 _PILLOW_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
 
 
@@ -70,16 +70,39 @@ def coefficients(in_size: int, out_size: int, start: int, stop: int) -> tuple[in
     return lo, dense
 
 
+def _block(in_size: int, out_size: int) -> int:
+    """Outputs per product: a block's band of inputs is about three filter widths, so the dense
+    matrix is mostly the filter (a wider block multiplies more zeros; a narrower one launches more)."""
+    scale = in_size / out_size
+    taps = 2 * math.ceil(_SUPPORT * max(scale, 1.0)) + 1
+    return int(min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * taps / scale)))
+
+
 def _pass(x: torch.Tensor, in_size: int, out_size: int, start: int, stop: int, offset: int = 0) -> torch.Tensor:
     """Resample the last dimension of float64 `x` (input pixels [offset, offset + x.shape[-1]) of
-    in_size) to outputs [start, stop), rounded to uint8 values as Pillow does (still float64)."""
-    out = []
-    for b in range(start, stop, _BLOCK):
-        lo, dense = coefficients(in_size, out_size, b, min(stop, b + _BLOCK))
-        m = torch.from_numpy(dense).to(device=x.device, dtype=torch.float64)
-        acc = x[..., lo - offset : lo - offset + m.shape[1]] @ m.T
-        out.append(torch.floor((acc + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255))
-    return torch.cat(out, dim=-1)
+    in_size) to outputs [start, stop), rounded to uint8 values as Pillow does (still float64).
+    One gather and one batched product: blocks of outputs, each over its own band of inputs."""
+    index, weights = _banded(in_size, out_size, start, stop, offset, x.shape[-1], x.device)
+    bands = x[..., index]  # [..., blocks, band]
+    acc = torch.einsum("...kw,kwb->...kb", bands, weights).flatten(-2)[..., : stop - start]
+    return torch.floor((acc + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)
+
+
+@functools.lru_cache(maxsize=256)
+def _banded(in_size: int, out_size: int, start: int, stop: int, offset: int, width: int, device: torch.device):
+    """(input index [blocks, band], fixed-point weights [blocks, band, block]) on `device`: block k
+    reads `band` inputs from index[k, 0]; weights past a block's own band are zero."""
+    block = _block(in_size, out_size)
+    parts = [coefficients(in_size, out_size, b, min(stop, b + block)) for b in range(start, stop, block)]
+    band = max(dense.shape[1] for _, dense in parts)
+    index = np.zeros((len(parts), band), dtype=np.int64)
+    weights = np.zeros((len(parts), band, block), dtype=np.float64)
+    for k, (lo, dense) in enumerate(parts):
+        first = min(lo - offset, width - band) if width >= band else 0  # keep the band inside x
+        index[k] = np.minimum(np.arange(first, first + band), width - 1)
+        shift = lo - offset - first
+        weights[k, shift : shift + dense.shape[1], : dense.shape[0]] = dense.T
+    return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device)
 
 
 def vertical_first(in_w: int, in_h: int, width: int, height: int) -> bool:

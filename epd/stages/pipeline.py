@@ -137,11 +137,14 @@ class Pipeline:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         state = RequestState(req, [], [])
         self.states[req.request_id] = state
-        self.emit(now, state, E.ISSUED, num_images=len(req.images))
+        self.emit(now, state, E.ISSUED, num_images=len(req.images) if isinstance(req.images, (tuple, list)) else 0)
         try:
             prepare(state, self.family, self.text, self.tokenizer, self.by_role)
         except (AdmissionError, ImageError, ValueError) as exc:
             self.abort(state, str(exc), now)
+            return
+        except Exception as exc:  # a defect admission did not foresee: this request's, not the engine's
+            self.abort(state, f"request could not be admitted: {type(exc).__name__}: {exc}", now)
             return
         if req.images:
             self._route_encode(state)

@@ -236,22 +236,28 @@ class Worker:
             return self.rt.family.preprocess(image)
         except ImageError as exc:
             return str(exc)
+        except Exception as exc:  # this image's failure, not the batch's
+            return f"image could not be prepared: {describe(exc, f'{self.worker_id} preprocess')}"
 
     # ---- P -----------------------------------------------------------------------------
     def _prefill(self, batch: PrefillBatch) -> PrefillResult:
         self._release(batch.release)
-        transfers = {}
+        transfers, failed = {}, {}
         for item in batch.items:
             pulls = [(m.handle, m.blocks) for m in item.images if m.handle is not None]
             if pulls:  # all of a request's images at once: one copy per sender
                 t0 = time.time()
-                self.transfer.recv_many(pulls)
-                self._sync()
+                try:
+                    self.transfer.recv_many(pulls)
+                    self._sync()
+                except Exception as exc:
+                    failed[item.request_id] = describe(exc, f"{self.worker_id} MM pull")
+                    continue
                 transfers[item.request_id] = (t0, time.time())
         begin = time.time()
-        items = batch.items
+        out = [PrefilledItem(rid, -1, error=why) for rid, why in failed.items()]
+        items = [it for it in batch.items if it.request_id not in failed]
         sampled = isolated(lambda idx: self._prefill_compute([items[i] for i in idx]), len(items), f"{self.worker_id} prefill")
-        out = []
         for it, first in zip(items, sampled):
             done = PrefilledItem(it.request_id, -1, mm_transfer=transfers.get(it.request_id))
             if isinstance(first, Failed):
@@ -300,21 +306,25 @@ class Worker:
     # ---- D -----------------------------------------------------------------------------
     def _decode(self, batch: DecodeBatch) -> DecodeResult:
         self._release(batch.release)
-        transfers = {}
+        transfers, errors = {}, {}
         for new in batch.new:
             t0 = time.time()
             if new.kv_handle is not None:
-                self.transfer.recv(new.kv_handle, new.kv_blocks)
-                self._sync()
+                try:
+                    self.transfer.recv(new.kv_handle, new.kv_blocks)
+                    self._sync()
+                except Exception as exc:
+                    errors[new.request_id] = describe(exc, f"{self.worker_id} KV pull")
+                    continue
             transfers[new.request_id] = (t0, time.time())
             history = new.sampling.needs_history
             self.seqs[new.request_id] = _Seq(
                 new.kv_blocks, new.context_len, new.last_token, 1, new.sampling, new.prompt_ids, [new.last_token] if history else None
             )
         begin = time.time()
-        step = batch.step
+        step = [rid for rid in batch.step if rid not in errors]
         sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
-        tokens, logprobs, errors = {}, {}, {}
+        tokens, logprobs = {}, {}
         for rid, res in zip(step, sampled):
             if isinstance(res, Failed):
                 errors[rid] = res.reason
