@@ -22,9 +22,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engine(ray_cluster):
-    """One AsyncLLM (tiny LLaVA, EPD on Ray) for the server tests."""
+    """An AsyncLLM (tiny LLaVA, EPD on Ray) per server test module; gone before other modules need
+    the cluster's CPUs."""
     from epd.config import RunConfig
     from epd.serve.async_llm import AsyncLLM
     from tests.serving import DEPLOYMENT
