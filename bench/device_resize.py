@@ -92,7 +92,8 @@ def main() -> None:
     (Path(args.out) / "device_resize.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{'model':14} {'size':>10} {'tiles':>5} {'exact':>5} {'Pillow ms':>10} {'device ms':>10}")
     for r in rows:
-        print(f"{r['model']:14} {r['size']:>10} {r['tiles']:>5} {str(r['exact']):>5} {r['host_pillow_s'] * 1e3:>10.1f} {r['device_s'] * 1e3:>10.2f}")
+        host, device = r["host_pillow_s"] * 1e3, r["device_s"] * 1e3
+        print(f"{r['model']:14} {r['size']:>10} {r['tiles']:>5} {str(r['exact']):>5} {host:>10.1f} {device:>10.2f}")
     assert all(r["exact"] for r in rows), "device pixels differ from Pillow's"
 
 
