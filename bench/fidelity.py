@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from epd.config import register_configs, to_run_config  # noqa: E402
 from epd.experiment import run_experiment  # noqa: E402
-from simulator.profile import run_profile  # noqa: E402
+from epd.profiling import run_profile  # noqa: E402
 
 METRICS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")
 

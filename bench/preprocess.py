@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.configs import model_config  # noqa: E402
-from epd.models.image_processing import load_image  # noqa: E402
+from epd.images import load_image  # noqa: E402
 from epd.models.runtime import load_family  # noqa: E402
 from epd.request import ImageInput  # noqa: E402
 

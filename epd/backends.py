@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from epd.allocation import make_allocation
 from epd.config import RunConfig
-from epd.lifetime import EventLog
-from epd.request import Request, RequestOutput
+from epd.request import Request
+from epd.run_result import RunResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    events: EventLog
-    outputs: dict[str, RequestOutput]
-    workers: list[dict] = field(default_factory=list)
-    timeseries: list[dict] = field(default_factory=list)
-    stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
 
 
 class EngineBackend:
@@ -41,7 +32,12 @@ class EngineBackend:
     def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
 
-        return AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg))
+        return AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, self._allocation())
+
+    def _allocation(self):
+        from simulator.backend import best_split
+
+        return make_allocation(self.cfg, functools.partial(best_split, self.cfg))
 
     @contextlib.contextmanager
     def session(self) -> Iterator[EngineBackend]:
@@ -66,7 +62,7 @@ class EngineBackend:
     def _run_offline(self, requests: list[Request]) -> RunResult:
         from epd.serve.offline import OfflineLLM
 
-        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, make_allocation(self.cfg)) as llm:
+        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, self._allocation()) as llm:
             workers = llm.core.worker_info()
             llm.core.reset_clock()
             llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)

@@ -17,8 +17,8 @@ from typing import Optional
 
 from epd.backends import EngineBackend
 from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig, compare_deployments
+from epd.engine.executor import ensure_ray
 from epd.experiment import format_summary, run_experiment
-from epd.stages.executor import ensure_ray
 
 log = logging.getLogger(__name__)
 COLUMNS = (

@@ -10,16 +10,13 @@ from epd.config import RunConfig
 from epd.metrics import summarize
 from epd.models.runtime import load_family
 from epd.tracking import make_logger, write_record
-from epd.workload import build_workload
+from epd.workload import requests_for
 
 log = logging.getLogger(__name__)
 
 
 def make_requests(cfg: RunConfig):
-    family = load_family(cfg.model)
-    text = family.text_config()
-    reserved = {family.image_token_id, text.bos_token_id, text.eos_token_id}
-    return build_workload(cfg.workload, text.vocab_size, reserved)
+    return requests_for(cfg.workload, load_family(cfg.model))
 
 
 def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) -> dict:

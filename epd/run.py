@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         run_cfg = to_run_config(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if run_cfg.task == "profile":
-            from simulator.profile import run_profile
+            from epd.profiling import run_profile
 
             run_profile(run_cfg, out_dir, resolved)
             return None

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from epd.backends import RunResult
 from epd.config import LoggerConfig
 from epd.metrics import stage_times, timelines
+from epd.run_result import RunResult
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from epd.config import WorkloadConfig
 from epd.request import ImageInput, Request, SamplingParams
+from epd.stages.model_view import ModelView
 
 
 def arrival_times(cfg: WorkloadConfig, n: int, rng: np.random.Generator) -> list[float]:
@@ -132,3 +133,10 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int])
     if cfg.kind == "dataset":
         return dataset(cfg)
     raise ValueError(f"unknown workload.kind {cfg.kind!r} (synthetic, dataset)")
+
+
+def requests_for(cfg: WorkloadConfig, model: ModelView) -> list[Request]:
+    """The workload for `model`: text tokens avoid its image placeholder, BOS and EOS ids."""
+    text = model.text_config()
+    reserved = {model.image_token_id, text.bos_token_id, text.eos_token_id}
+    return build_workload(cfg, text.vocab_size, reserved)

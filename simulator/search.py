@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from epd.config import DeploymentConfig, PoolConfig, RunConfig
-from epd.experiment import make_requests
 from epd.metrics import slo_attainment, timelines
+from epd.models.runtime import load_family
+from epd.workload import requests_for
 from simulator.backend import SimBackend
 
 
@@ -66,7 +67,7 @@ def candidates(cfg: RunConfig) -> list[DeploymentConfig]:
 
 def attainment_at(cfg: RunConfig, rate: float) -> tuple[float, int]:
     cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, rate=rate, num_requests=cfg.search.num_requests))
-    result = SimBackend(cfg, sample_interval=0).run(make_requests(cfg))
+    result = SimBackend(cfg, sample_interval=0).run(requests_for(cfg.workload, load_family(cfg.model)))
     tls = timelines(result.events)
     return slo_attainment(tls, cfg.slo.ttft, cfg.slo.tpot), len(tls)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import simpy
 
-from epd.backends import RunResult
 from epd.config import DeploymentConfig
 from epd.models.family import ModelFamily
 from epd.request import Request
+from epd.run_result import RunResult
 from epd.stages.instance import Instance
 from epd.stages.pipeline import Pipeline
 from epd.stages.work import (

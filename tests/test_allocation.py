@@ -1,6 +1,7 @@
 """Load estimation, allocation policies and role switching: engine (real Ray workers) and simulator."""
 
 import dataclasses
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -193,7 +194,9 @@ def test_simulated_policy_searches_off_the_engine_loop(requests):
     reqs, expected = requests
     run_cfg = _sim_cfg("simulated", window=16)
     run_cfg = dataclasses.replace(run_cfg, deployment=DEP, allocation=dataclasses.replace(run_cfg.allocation, interval_s=0.05))
-    policy = SimulatedPolicy(run_cfg.allocation, run_cfg)
+    from simulator.backend import best_split
+
+    policy = SimulatedPolicy(run_cfg.allocation, run_cfg, functools.partial(best_split, run_cfg))
     ctl = AllocationController(policy, 0.05, 0.0)
     steps_while_searching = 0
     with OfflineLLM(MODEL, DEP, "local", allocation=ctl) as llm:

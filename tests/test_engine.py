@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from epd.config import DeploymentConfig, ModelConfig, PoolConfig
+from epd.images import load_image
 from epd.models.generate import generate
-from epd.models.image_processing import load_image
 from epd.models.runtime import ModelRuntime
 from epd.request import ImageInput, Request, SamplingParams
 from epd.serve.offline import OfflineLLM

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from epd.images import load_image
 from epd.models.image_processing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -20,7 +21,6 @@ from epd.models.image_processing import (
     clip_preprocess,
     image_tensor,
     internvl_preprocess,
-    load_image,
     normalize,
     num_tiles,
 )

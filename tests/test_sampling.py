@@ -88,7 +88,7 @@ def test_penalties_and_bias_equal_transformers_processors(tiny_llava, deployment
         prompt = fam.build_prompt(text, [(64 + 9 * i, 48)] if images else [])
         pixels = None
         if images:
-            from epd.models.image_processing import load_image
+            from epd.images import load_image
 
             pixels = fam.preprocess(load_image(images[0])).float() / 255.0
             mean = torch.tensor(fam.pixel_mean)[:, None, None]
@@ -219,7 +219,7 @@ def test_every_bad_field_is_refused_alone_and_huge_top_k_means_off():
 def test_a_failure_inside_a_batch_aborts_only_its_request(monkeypatch):
     """A worker error that belongs to one request (here: the sampler raising for seed 666, at prefill
     and at decode) aborts that request alone; the others in its batches finish as if alone."""
-    import epd.stages.worker as worker
+    import epd.engine.worker as worker
 
     real = worker.sample_full
 

@@ -298,7 +298,7 @@ def test_streams_keep_flowing_while_a_large_prompt_is_tokenised(live, engine):
 def test_an_engine_failure_is_a_500_without_internals(monkeypatch):
     """A request whose work fails inside a worker gets a 500 that names nothing internal; the requests
     running beside it are served."""
-    import epd.stages.worker as worker
+    import epd.engine.worker as worker
 
     real = worker.sample_full
 

@@ -148,7 +148,7 @@ def test_deployment_validation(kw, msg):
 
 
 def test_tp_needs_ray():
-    from epd.stages.executor import make_executor
+    from epd.engine.executor import make_executor
 
     dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(tp=2))
     with pytest.raises(ValueError, match="needs backend=ray"):

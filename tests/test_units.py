@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from epd.cache.block_manager import KVBlockManager
 from epd.config import DeploymentConfig, PoolConfig, WorkloadConfig
 from epd.models.image_processing import num_tiles, tile_grid
+from epd.stages.blocks import KVBlockManager
 from epd.workload import arrival_times, build_workload
 
 

@@ -8,7 +8,7 @@ import logging
 from typing import Optional
 
 from epd.allocation.load import LoadEstimator
-from epd.allocation.policies import POLICIES, Policy
+from epd.allocation.policies import POLICIES, Policy, SplitSearch
 from epd.config import RunConfig
 from epd.stages.pipeline import Pipeline
 
@@ -58,10 +58,11 @@ class AllocationController:
         self.policy.close()
 
 
-def make_allocation(cfg: RunConfig) -> Optional[AllocationController]:
-    """None for the static policy (nothing to do while serving)."""
+def make_allocation(cfg: RunConfig, split_search: Optional[SplitSearch] = None) -> Optional[AllocationController]:
+    """None for the static policy (nothing to do while serving). `split_search`: what the simulated
+    policy searches with (given by the layer that owns a simulator)."""
     a = cfg.allocation
     if a.policy == "static":
         return None
-    policy = POLICIES.get(a.policy)(a, cfg)
+    policy = POLICIES.get(a.policy)(a, cfg, split_search)
     return AllocationController(policy, a.interval_s, a.cooldown_s)

@@ -15,6 +15,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from typing import Optional
 
 from epd.allocation.load import STAGES, StageLoad
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 Move = tuple[str, str]  # (instance id, target pool)
 
 
+# (recent requests, workers) -> the best {stage: workers} for them; the simulator provides one
+SplitSearch = Callable[[list, int], dict[str, int]]
+
+
 class Policy(ABC):
-    def __init__(self, cfg: AllocationConfig, run: Optional[RunConfig] = None):
+    def __init__(self, cfg: AllocationConfig, run: Optional[RunConfig] = None, split_search: Optional[SplitSearch] = None):
         self.cfg, self.run = cfg, run
 
     @abstractmethod
@@ -57,7 +62,7 @@ class StaticPolicy(Policy):
 class ScriptedPolicy(Policy):
     """`allocation.script`: "T:INSTANCE:POOL" entries, applied in time order once the run clock passes T."""
 
-    def __init__(self, cfg, run=None):
+    def __init__(self, cfg, run=None, split_search=None):
         super().__init__(cfg, run)
         entries = []
         for item in cfg.script:
@@ -77,7 +82,7 @@ class ScriptedPolicy(Policy):
 
 @POLICIES.register("queue")
 class QueuePolicy(Policy):
-    def __init__(self, cfg, run=None):
+    def __init__(self, cfg, run=None, split_search=None):
         super().__init__(cfg, run)
         self.streak: Optional[tuple[str, str]] = None
         self.count = 0
@@ -108,10 +113,11 @@ class QueuePolicy(Policy):
 class SimulatedPolicy(Policy):
     """Search in the simulator (off the serving thread), then move toward its best split."""
 
-    def __init__(self, cfg, run=None):
+    def __init__(self, cfg, run=None, split_search: Optional[SplitSearch] = None):
         super().__init__(cfg, run)
-        if run is None:
-            raise ValueError("allocation.policy=simulated needs the run's config (model, SLO, hardware, latency model)")
+        if split_search is None:
+            raise ValueError("allocation.policy=simulated needs a split search (the simulator's best_split for the run's config)")
+        self.split_search = split_search
         self.target: Optional[dict[str, int]] = None
         self.searches = 0
         self._thread: Optional[threading.Thread] = None
@@ -148,31 +154,8 @@ class SimulatedPolicy(Policy):
 
     def _search(self, window: list, workers: int) -> None:
         try:
-            self.target = best_split(self.run, window, workers)
+            self.target = self.split_search(window, workers)
             self.searches += 1
             log.info("simulated allocation: best split of %d workers for the last %d requests: %s", workers, len(window), self.target)
         except Exception:  # a failed search leaves the deployment as it is
             log.exception("simulated allocation search failed")
-
-
-def best_split(run: RunConfig, requests: list, workers: int) -> dict[str, int]:
-    """Simulate every E/P/D split of `workers` single-role workers on `requests`; the best by SLO
-    attainment, then by end-to-end latency (median and P90)."""
-    from epd.metrics import summarize
-    from simulator.backend import SimBackend
-
-    pools = {s: getattr(run.deployment, s) for s in STAGES}
-    best, best_key = None, None
-    for e in range(1, workers - 1):
-        for p in range(1, workers - e):
-            d = workers - e - p
-            counts = {"encode": e, "prefill": p, "decode": d}
-            dep = dataclasses.replace(run.deployment, **{s: dataclasses.replace(pools[s], instances=n) for s, n in counts.items()})
-            static = dataclasses.replace(run.allocation, policy="static")
-            cfg = dataclasses.replace(run, deployment=dep, backend=dataclasses.replace(run.backend, kind="sim"), allocation=static)
-            result = SimBackend(cfg).run(requests)
-            s = summarize(result.events, run.slo.ttft, run.slo.tpot, dep.describe())
-            key = (s["slo_attainment"], -((s["e2e_p50"] or 0.0) + (s["e2e_p90"] or 0.0)))
-            if best_key is None or key > best_key:
-                best, best_key = counts, key
-    return best

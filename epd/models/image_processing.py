@@ -8,77 +8,17 @@ thumbnail when there is more than one tile; ImageNet mean/std.
 from __future__ import annotations
 
 import functools
-import io
 
 import numpy as np
 import torch
 from PIL import Image
 
 from epd.models.pil_resample import resize_crop
-from epd.request import ImageInput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or used."""
-
-
-# Pillow refuses to open images beyond twice its decompression-bomb threshold; procedural images too.
-MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
-
-
-def image_size(image: ImageInput) -> tuple[int, int]:
-    """(width, height) without decoding the pixels."""
-    if image.is_procedural:
-        w, h = image.width, image.height
-        if isinstance(w, bool) or isinstance(h, bool) or not isinstance(w, int) or not isinstance(h, int) or w < 1 or h < 1:
-            raise ImageError(f"procedural image needs a positive integer width and height, got {w!r}x{h!r}")
-        size = (w, h)
-    else:
-        try:
-            with _open(image) as im:
-                size = im.size
-        except ImageError:
-            raise
-        except Exception as exc:  # PIL raises many types for bad files
-            raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
-    if size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ImageError(f"image of {size[0]}x{size[1]} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
-    return size
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    if image.is_procedural:
-        return _procedural(image.width or 1, image.height or 1, image.seed)
-    try:
-        with _open(image) as im:
-            return im.convert("RGB")
-    except Exception as exc:
-        raise ImageError(f"unreadable image {_name(image)}: {exc}") from exc
-
-
-def _name(image: ImageInput) -> str:
-    return repr(image.path) if image.path else f"<{len(image.data or b'')} bytes>"
-
-
-def _open(image: ImageInput) -> Image.Image:
-    if image.path is not None:
-        try:
-            return Image.open(image.path)
-        except FileNotFoundError as exc:
-            raise ImageError(f"image file not found: {image.path}") from exc
-    return Image.open(io.BytesIO(image.data or b""))
-
-
-def _procedural(width: int, height: int, seed: int) -> Image.Image:
-    """A seeded, textured image: coarse random colour cells upscaled, cheap at 4032x3024."""
-    rng = np.random.default_rng(seed)
-    cells = rng.integers(0, 256, size=(max(1, height // 32), max(1, width // 32), 3), dtype=np.uint8)
-    return Image.fromarray(cells).resize((width, height), Image.NEAREST)
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

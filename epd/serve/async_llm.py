@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.engine.core import EngineCore
 from epd.request import INTERNAL, Request, TokenLogprob
-from epd.stages.engine import EngineCore
 
 
 @dataclass

@@ -8,7 +8,7 @@ import binascii
 from pathlib import Path
 
 from epd.config import ServerConfig
-from epd.models.image_processing import ImageError, image_size
+from epd.images import ImageError, image_size
 from epd.request import ImageInput
 
 

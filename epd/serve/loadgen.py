@@ -15,12 +15,12 @@ import threading
 import time
 from typing import Optional
 
-from epd.backends import RunResult
 from epd.config import RunConfig
+from epd.images import load_image
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as E
-from epd.models.image_processing import load_image
 from epd.request import ImageInput, Request, RequestOutput
+from epd.run_result import RunResult
 
 
 def data_url(image: ImageInput) -> str:

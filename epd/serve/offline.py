@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.engine.core import EngineCore
 from epd.request import Request, RequestOutput
-from epd.stages.engine import EngineCore
 
 
 class OfflineLLM:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 from epd.config import TextModelConfig
-from epd.models.family import ModelFamily
-from epd.models.image_processing import image_size
+from epd.images import image_size
 from epd.request import ImageInput, Request, SamplingParams
 from epd.stages.instance import Instance
+from epd.stages.model_view import ModelView
 from epd.stages.state import RequestState
 
 
@@ -21,7 +21,7 @@ class AdmissionError(ValueError):
     pass
 
 
-def prepare(state: RequestState, family: ModelFamily, text: TextModelConfig, tokenizer, by_role: dict[str, list[Instance]]) -> None:
+def prepare(state: RequestState, family: ModelView, text: TextModelConfig, tokenizer, by_role: dict[str, list[Instance]]) -> None:
     """Validate the request and build its prompt (BOS, each image's placeholders, the text)."""
     req = state.req
     check_request(req, text.vocab_size)

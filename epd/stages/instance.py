@@ -6,8 +6,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from epd.cache.block_manager import KVBlockManager, MMBlockManager
 from epd.config import PoolConfig
+from epd.stages.blocks import KVBlockManager, MMBlockManager
 from epd.stages.state import RequestState
 
 

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from typing import Optional
 
 from epd.config import POOL_ROLES, DeploymentConfig, describe_layout
+from epd.images import ImageError
 from epd.lifetime import SYSTEM, EventLog
 from epd.lifetime import LifetimeEvent as E
-from epd.models.family import ModelFamily
-from epd.models.image_processing import ImageError
 from epd.request import INTERNAL, INVALID, Request, RequestOutput, TokenLogprob
 from epd.stages.admission import AdmissionError, prepare
 from epd.stages.instance import EncodeWork, Instance
+from epd.stages.model_view import ModelView
 from epd.stages.router import Router
 from epd.stages.schedulers import select_decode, select_encode, select_prefill
 from epd.stages.state import RequestState
@@ -44,7 +44,7 @@ class Pipeline:
     def __init__(
         self,
         deployment: DeploymentConfig,
-        family: ModelFamily,
+        family: ModelView,
         frees_on_send: bool = True,
         time_origin: float = 0.0,
         on_output: Optional[OutputCallback] = None,
@@ -220,15 +220,15 @@ class Pipeline:
         if inst.switching_to is not None:
             return self._drain_or_switch(inst)
         if inst.has("encode"):
-            batch = select_encode(inst, self)
+            batch = select_encode(inst, self.max_pending)
             if batch:
                 return batch
         if inst.has("prefill"):
-            batch = select_prefill(inst, self)
+            batch = select_prefill(inst, self.max_pending, self.pulled)
             if batch:
                 return batch
         if inst.has("decode"):
-            return select_decode(inst, self)
+            return select_decode(inst, self.pulled)
         return None
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
@@ -408,7 +408,7 @@ class Pipeline:
 
     def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
         if inst.has("decode") and inst.running:
-            return select_decode(inst, self)
+            return select_decode(inst, self.pulled)
         if inst.drained():
             target = inst.switching_to
             return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())

@@ -8,17 +8,19 @@ running batch can never run out of KV (no deadlock, no preemption needed).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from epd.stages.instance import Instance
+from epd.stages.state import RequestState
 from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, MMSource, NewDecodeSeq, PrefillBatch, PrefillItem
 
-if TYPE_CHECKING:
-    from epd.stages.pipeline import Pipeline
+# Told when a batch takes a request whose data another instance holds (the pipeline's hand-off bookkeeping).
+OnPull = Callable[[RequestState], None]
 
 
-def select_encode(inst: Instance, pipe: Pipeline) -> Optional[EncodeBatch]:
-    if inst.outgoing >= pipe.max_pending:
+def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
+    if inst.outgoing >= max_pending:
         return None  # back-pressure: prefill has not pulled what we already sent
     items: list[EncodeItem] = []
     send = not inst.has("prefill")
@@ -38,9 +40,9 @@ def select_encode(inst: Instance, pipe: Pipeline) -> Optional[EncodeBatch]:
     return EncodeBatch(items) if items else None
 
 
-def select_prefill(inst: Instance, pipe: Pipeline) -> Optional[PrefillBatch]:
+def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull) -> Optional[PrefillBatch]:
     decode_here = inst.has("decode")
-    if not decode_here and inst.outgoing >= pipe.max_pending:
+    if not decode_here and inst.outgoing >= max_pending:
         return None
     budget = inst.cfg.max_prefill_tokens
     items: list[PrefillItem] = []
@@ -65,7 +67,7 @@ def select_prefill(inst: Instance, pipe: Pipeline) -> Optional[PrefillBatch]:
             blocks = inst.mm.allocate(inst.mm.blocks_for(state.image_tokens[i]))
             state.hold(f"mm:{inst.id}:{i}", inst.mm, blocks)
             state.mm[i] = MMSource(state.image_tokens[i], blocks, state.mm[i].handle)
-        pipe.pulled(state)
+        on_pull(state)
         images = [state.mm[i] for i in range(len(state.image_tokens))]
         items.append(PrefillItem(state.rid, state.prompt_ids, images, kv_blocks, state.req.sampling, not decode_here, decode_here))
     if not items:
@@ -73,7 +75,7 @@ def select_prefill(inst: Instance, pipe: Pipeline) -> Optional[PrefillBatch]:
     return PrefillBatch(items, inst.take_releases())
 
 
-def select_decode(inst: Instance, pipe: Pipeline) -> Optional[DecodeBatch]:
+def select_decode(inst: Instance, on_pull: OnPull) -> Optional[DecodeBatch]:
     new: list[NewDecodeSeq] = []
     while inst.decode_queue and len(inst.running) < inst.cfg.max_decode_seqs:
         state = inst.decode_queue[0]
@@ -89,7 +91,7 @@ def select_decode(inst: Instance, pipe: Pipeline) -> Optional[DecodeBatch]:
             prompt = state.prompt_ids if sp.needs_history else None
             new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.prompt_len, state.output[-1], sp, prompt))
             state.kv_handle = None
-            pipe.pulled(state)
+            on_pull(state)
         inst.decode_queue.popleft()
         inst.running.append(state)
     if not inst.running:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from epd.cache.block_manager import BlockPool
 from epd.request import Request
+from epd.stages.blocks import BlockPool
 from epd.stages.work import MMSource
 
 

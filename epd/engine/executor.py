@@ -31,7 +31,7 @@ class LocalExecutor:
     transfer = "local"
 
     def __init__(self, deployment: DeploymentConfig, model: ModelConfig):
-        from epd.stages.worker import Worker
+        from epd.engine.worker import Worker
 
         self.workers = {iid: Worker(iid, roles, model, pool, self.transfer) for iid, roles, pool in _worker_specs(deployment)}
         self._done: list[Done] = []
@@ -122,7 +122,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from epd.stages.worker import Worker
+        from epd.engine.worker import Worker
 
         self.ray = ray
         self.transfer = deployment.transfer

@@ -17,12 +17,13 @@ import torch
 from epd.cache.paged import read_rows, write_rows
 from epd.config import ModelConfig, PoolConfig
 from epd.distributed import CommSpec, join, leave
+from epd.engine.isolation import Failed, describe, isolated
+from epd.images import ImageError, load_image
 from epd.models.generate import lm_step
-from epd.models.image_processing import ImageError, TorchOps, image_tensor, load_image
+from epd.models.image_processing import TorchOps, image_tensor
 from epd.models.runtime import ModelRuntime
 from epd.models.sampling import sample_full
 from epd.request import INTERNAL, SamplingParams, TokenLogprob
-from epd.stages.isolation import Failed, describe, isolated
 from epd.stages.work import (
     Batch,
     DecodeBatch,

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from epd.config import POOL_ROLES, PoolConfig, RunConfig
+from epd.engine.worker import Worker
 from epd.request import ImageInput, SamplingParams
 from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, NewDecodeSeq, PrefillBatch, PrefillItem
-from epd.stages.worker import Worker
 from simulator.latency import fit
 
 

@@ -9,11 +9,11 @@ import time
 from typing import Optional
 
 from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.engine.executor import make_executor
 from epd.lifetime import EventLog
 from epd.models.runtime import load_family
 from epd.models.tokenizer import load_tokenizer
 from epd.request import CANCELLED, Request
-from epd.stages.executor import make_executor
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class

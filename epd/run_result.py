@@ -1,0 +1,18 @@
+"""What every backend returns for a workload: the engine (Ray or in-process), the simulator, the
+online load generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from epd.lifetime import EventLog
+from epd.request import RequestOutput
+
+
+@dataclass
+class RunResult:
+    events: EventLog
+    outputs: dict[str, RequestOutput]
+    workers: list[dict] = field(default_factory=list)
+    timeseries: list[dict] = field(default_factory=list)
+    stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)

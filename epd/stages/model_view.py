@@ -1,0 +1,24 @@
+"""What the driver's pipeline needs to know of a model: its text model, how many placeholder tokens
+an image takes, how a prompt is laid out, and bytes per token. `epd.models.family.ModelFamily`
+provides it; the pipeline sees only this, so it imports no model code (nor torch)."""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+from epd.config import TextModelConfig
+
+
+class ModelView(Protocol):
+    @property
+    def image_token_id(self) -> int: ...
+
+    def text_config(self) -> TextModelConfig: ...
+
+    def num_image_tokens(self, width: int, height: int) -> int: ...
+
+    def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]: ...
+
+    def kv_bytes_per_token(self, dtype: Optional[str] = None) -> int: ...
+
+    def mm_bytes_per_token(self, dtype: Optional[str] = None) -> int: ...
