@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # headless scripts fall back to Agg; notebooks 
 import pandas as pd
 
 from epd.lifetime import EventLog
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import goodput
 
 
@@ -73,7 +73,8 @@ def plot_attainment_vs_rate(records: list[Record], target: float = 0.9):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for (dep, backend), grp in table.groupby(["deployment", "backend"]):
         gp = goodput(dict(zip(grp["rate"], grp["slo_attainment"])), target)
-        ax.plot(grp["rate"], grp["slo_attainment"] * 100, marker="o", label=f"{dep} ({backend}) goodput {gp:g}/s")
+        label = f"{dep} ({backend}) goodput " + ("below the lowest rate" if gp is None else f"{gp:.2f}/s")
+        ax.plot(grp["rate"], grp["slo_attainment"] * 100, marker="o", label=label)
     ax.axhline(target * 100, color="grey", ls="--", lw=1)
     ax.set_xlabel("rate (requests/s)")
     ax.set_ylabel("SLO attainment (%)")
@@ -84,11 +85,11 @@ def plot_attainment_vs_rate(records: list[Record], target: float = 0.9):
 
 
 SPANS = [
-    ("encode", E.ENCODE_BEGIN, E.ENCODE_END, "tab:orange"),
-    ("mm transfer", E.MM_TRANSFER_BEGIN, E.MM_TRANSFER_END, "tab:gray"),
-    ("prefill", E.PREFILL_BEGIN, E.PREFILL_END, "tab:blue"),
-    ("kv transfer", E.KV_TRANSFER_BEGIN, E.KV_TRANSFER_END, "tab:gray"),
-    ("decode", E.DECODE_BEGIN, E.FINISHED, "tab:green"),
+    ("encode", Ev.ENCODE_BEGIN, Ev.ENCODE_END, "tab:orange"),
+    ("mm transfer", Ev.MM_TRANSFER_BEGIN, Ev.MM_TRANSFER_END, "tab:gray"),
+    ("prefill", Ev.PREFILL_BEGIN, Ev.PREFILL_END, "tab:blue"),
+    ("kv transfer", Ev.KV_TRANSFER_BEGIN, Ev.KV_TRANSFER_END, "tab:gray"),
+    ("decode", Ev.DECODE_BEGIN, Ev.FINISHED, "tab:green"),
 ]
 
 
@@ -103,7 +104,7 @@ def plot_timeline(record: Record, max_requests: int = 40):
         for ev in by_req[rid]:
             first.setdefault(ev.kind, ev.time)
             last[ev.kind] = ev.time
-        ax.plot([first[E.ISSUED]], [y], "k|")
+        ax.plot([first[Ev.ISSUED]], [y], "k|")
         for name, b, e, color in SPANS:
             if b in first and e in last:
                 ax.barh(y, last[e] - first[b], left=first[b], color=color, label=name if y == 0 else None, height=0.7)

@@ -13,12 +13,12 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 from epd.backends import EngineBackend
 from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig, compare_deployments
 from epd.engine.executor import ensure_ray
 from epd.experiment import format_summary, run_experiment
+from epd.metrics import goodput
 
 log = logging.getLogger(__name__)
 COLUMNS = (
@@ -38,20 +38,6 @@ COLUMNS = (
     "role_switches",
     "role_switch_mean_s",
 )
-
-
-def goodput(points: list[tuple[float, float]], target: float) -> Optional[float]:
-    """Highest rate whose attainment reaches `target`, interpolated between sweep points.
-
-    None when even the lowest rate misses it; the highest rate swept when none misses it.
-    """
-    points = sorted(points)
-    if not points or points[0][1] < target:
-        return None
-    for (r0, a0), (r1, a1) in zip(points, points[1:]):
-        if a1 < target:
-            return r0 + (r1 - r0) * (a0 - target) / (a0 - a1) if a0 > a1 else r0
-    return points[-1][0]
 
 
 def _allocations(cfg: RunConfig) -> dict[str, AllocationConfig]:

@@ -6,11 +6,27 @@ Everything below `epd/run.py` receives these objects, never a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-ROLES = ("encode", "prefill", "decode")
+
+class Role(str, Enum):
+    """What a worker does for a request. A str enum: equal to its name as a string (configs, events)."""
+
+    ENCODE = "encode"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+ROLES = (Role.ENCODE, Role.PREFILL, Role.DECODE)  # in pipeline order
 
 
 @dataclass(frozen=True)
@@ -89,19 +105,19 @@ class PoolConfig:
 TRANSFER_BACKENDS = ("object_store", "ipc", "nccl", "local")
 
 # Pool field name -> the roles its workers hold, in pipeline order.
-POOL_ROLES: dict[str, tuple[str, ...]] = {
-    "encode": ("encode",),
-    "encode_prefill": ("encode", "prefill"),
-    "aggregated": ("encode", "prefill", "decode"),
-    "prefill": ("prefill",),
-    "prefill_decode": ("prefill", "decode"),
-    "decode": ("decode",),
+POOL_ROLES: dict[str, tuple[Role, ...]] = {
+    "encode": (Role.ENCODE,),
+    "encode_prefill": (Role.ENCODE, Role.PREFILL),
+    "aggregated": (Role.ENCODE, Role.PREFILL, Role.DECODE),
+    "prefill": (Role.PREFILL,),
+    "prefill_decode": (Role.PREFILL, Role.DECODE),
+    "decode": (Role.DECODE,),
 }
 
 
 def describe_layout(counts: dict[str, int]) -> str:
     """Instances per pool in words, in pipeline order: {'encode': 2, 'prefill': 1, 'decode': 1} -> '2E1P1D'."""
-    letters = {"encode": "E", "prefill": "P", "decode": "D"}
+    letters = {Role.ENCODE: "E", Role.PREFILL: "P", Role.DECODE: "D"}
     return "".join(f"{counts[n]}{''.join(letters[r] for r in POOL_ROLES[n])}" for n in POOL_ROLES if n in counts)
 
 
@@ -125,7 +141,7 @@ class DeploymentConfig:
     def pool_for(self, role: str) -> str:
         owners = [n for n in self.pools() if role in POOL_ROLES[n]]
         if len(owners) != 1:
-            raise ValueError(f"deployment {self.name!r}: role {role!r} is held by pools {owners}; need one")
+            raise ValueError(f"deployment {self.name!r}: role {role.value!r} is held by pools {owners}; need one")
         return owners[0]
 
     def describe(self) -> str:

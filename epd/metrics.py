@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from epd.lifetime import SYSTEM_EVENTS, Event
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 
 # The fields every run's summary.json carries (more may follow: stage means, run metadata).
 SUMMARY_KEYS = (
@@ -36,34 +36,34 @@ SUMMARY_KEYS = (
 @dataclass
 class Timeline:
     request_id: str
-    first: dict[E, float] = field(default_factory=dict)  # first time of each event kind
-    last: dict[E, float] = field(default_factory=dict)
+    first: dict[Ev, float] = field(default_factory=dict)  # first time of each event kind
+    last: dict[Ev, float] = field(default_factory=dict)
     num_output_tokens: int = 0
     abort_reason: Optional[str] = None
 
-    def at(self, kind: E) -> Optional[float]:
+    def at(self, kind: Ev) -> Optional[float]:
         return self.first.get(kind)
 
     @property
     def finished(self) -> bool:
-        return E.FINISHED in self.first
+        return Ev.FINISHED in self.first
 
     @property
     def ttft(self) -> Optional[float]:
-        if E.FIRST_TOKEN not in self.first:
+        if Ev.FIRST_TOKEN not in self.first:
             return None
-        return self.first[E.FIRST_TOKEN] - self.first[E.ISSUED]
+        return self.first[Ev.FIRST_TOKEN] - self.first[Ev.ISSUED]
 
     @property
     def tpot(self) -> Optional[float]:
         """(finish - first token) / (n_out - 1); None for one-token outputs."""
         if not self.finished or self.num_output_tokens < 2:
             return None
-        return (self.first[E.FINISHED] - self.first[E.FIRST_TOKEN]) / (self.num_output_tokens - 1)
+        return (self.first[Ev.FINISHED] - self.first[Ev.FIRST_TOKEN]) / (self.num_output_tokens - 1)
 
     @property
     def e2e(self) -> Optional[float]:
-        return self.first[E.FINISHED] - self.first[E.ISSUED] if self.finished else None
+        return self.first[Ev.FINISHED] - self.first[Ev.ISSUED] if self.finished else None
 
 
 def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
@@ -74,9 +74,9 @@ def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
         tl = out.setdefault(ev.request_id, Timeline(ev.request_id))
         tl.first.setdefault(ev.kind, ev.time)
         tl.last[ev.kind] = ev.time
-        if ev.kind == E.FINISHED:
+        if ev.kind == Ev.FINISHED:
             tl.num_output_tokens = int(ev.data.get("num_output_tokens", 0))
-        elif ev.kind == E.ABORTED:
+        elif ev.kind == Ev.ABORTED:
             tl.abort_reason = ev.data.get("reason")
     return out
 
@@ -88,23 +88,23 @@ def stage_times(tl: Timeline) -> dict[str, float]:
     """
     f, la = tl.first, tl.last
     out: dict[str, float] = {}
-    ready = f.get(E.ISSUED)
-    if E.ENCODE_BEGIN in f:
-        out["encode_queue"] = f[E.ENCODE_BEGIN] - ready
-        out["encode_service"] = la[E.ENCODE_END] - f[E.ENCODE_BEGIN]
-        ready = la[E.ENCODE_END]
-    if E.MM_TRANSFER_BEGIN in f:
-        out["mm_transfer"] = la[E.MM_TRANSFER_END] - f[E.MM_TRANSFER_BEGIN]
-    if E.PREFILL_BEGIN in f:
-        out["prefill_queue"] = f[E.PREFILL_BEGIN] - ready - out.get("mm_transfer", 0.0)
-        out["prefill_service"] = f[E.PREFILL_END] - f[E.PREFILL_BEGIN]
-        ready = f[E.PREFILL_END]
-    if E.KV_TRANSFER_BEGIN in f:
-        out["kv_transfer"] = f[E.KV_TRANSFER_END] - f[E.KV_TRANSFER_BEGIN]
-    if E.DECODE_BEGIN in f:
-        out["decode_queue"] = f[E.DECODE_BEGIN] - ready - out.get("kv_transfer", 0.0)
-        if E.FINISHED in f:
-            out["decode_service"] = f[E.FINISHED] - f[E.DECODE_BEGIN]
+    ready = f.get(Ev.ISSUED)
+    if Ev.ENCODE_BEGIN in f:
+        out["encode_queue"] = f[Ev.ENCODE_BEGIN] - ready
+        out["encode_service"] = la[Ev.ENCODE_END] - f[Ev.ENCODE_BEGIN]
+        ready = la[Ev.ENCODE_END]
+    if Ev.MM_TRANSFER_BEGIN in f:
+        out["mm_transfer"] = la[Ev.MM_TRANSFER_END] - f[Ev.MM_TRANSFER_BEGIN]
+    if Ev.PREFILL_BEGIN in f:
+        out["prefill_queue"] = f[Ev.PREFILL_BEGIN] - ready - out.get("mm_transfer", 0.0)
+        out["prefill_service"] = f[Ev.PREFILL_END] - f[Ev.PREFILL_BEGIN]
+        ready = f[Ev.PREFILL_END]
+    if Ev.KV_TRANSFER_BEGIN in f:
+        out["kv_transfer"] = f[Ev.KV_TRANSFER_END] - f[Ev.KV_TRANSFER_BEGIN]
+    if Ev.DECODE_BEGIN in f:
+        out["decode_queue"] = f[Ev.DECODE_BEGIN] - ready - out.get("kv_transfer", 0.0)
+        if Ev.FINISHED in f:
+            out["decode_service"] = f[Ev.FINISHED] - f[Ev.DECODE_BEGIN]
     return out
 
 
@@ -121,10 +121,18 @@ def slo_attainment(tls: dict[str, Timeline], ttft: float, tpot: float) -> float:
     return sum(meets_slo(tl, ttft, tpot) for tl in tls.values()) / len(tls)
 
 
-def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float:
-    """The highest rate whose attainment reaches `target` (0 when none does)."""
-    ok = [rate for rate, att in attainment_by_rate.items() if att >= target]
-    return max(ok) if ok else 0.0
+def goodput(points, target: float = 0.9) -> Optional[float]:
+    """The highest rate whose SLO attainment reaches `target`, interpolated linearly between the
+    swept rates where attainment crosses it. `points`: (rate, attainment) pairs or {rate: attainment}.
+    None when even the lowest rate misses the target; the highest rate swept when none misses it.
+    The one definition: compare tables, the notebooks and W&B all use it."""
+    points = sorted(points.items() if isinstance(points, dict) else points)
+    if not points or points[0][1] < target:
+        return None
+    for (r0, a0), (r1, a1) in zip(points, points[1:]):
+        if a1 < target:
+            return r0 + (r1 - r0) * (a0 - target) / (a0 - a1) if a0 > a1 else r0
+    return float(points[-1][0])
 
 
 def _pct(values: list[float], q: float) -> Optional[float]:
@@ -139,8 +147,8 @@ def transfer_bandwidth(events: Iterable[Event], min_bytes: int = 16 << 20) -> di
     """Bytes/s of every MM and KV transfer of at least `min_bytes` (begin events carry the bytes)."""
     begins: dict[tuple[str, str], tuple[float, int]] = {}
     out: dict[str, list[float]] = {"mm": [], "kv": []}
-    pairs = {E.MM_TRANSFER_BEGIN: "mm", E.KV_TRANSFER_BEGIN: "kv"}
-    ends = {E.MM_TRANSFER_END: "mm", E.KV_TRANSFER_END: "kv"}
+    pairs = {Ev.MM_TRANSFER_BEGIN: "mm", Ev.KV_TRANSFER_BEGIN: "kv"}
+    ends = {Ev.MM_TRANSFER_END: "mm", Ev.KV_TRANSFER_END: "kv"}
     for e in events:
         if e.kind in pairs and "bytes" in e.data:
             begins[(e.request_id, pairs[e.kind])] = (e.time, e.data["bytes"])
@@ -158,15 +166,15 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
     ttfts = [tl.ttft for tl in done if tl.ttft is not None]
     tpots = [tl.tpot for tl in done if tl.tpot is not None]
     e2es = [tl.e2e for tl in done if tl.e2e is not None]
-    start = min((tl.first[E.ISSUED] for tl in tls.values()), default=0.0)
-    end = max((tl.first[E.FINISHED] for tl in done), default=start)
+    start = min((tl.first[Ev.ISSUED] for tl in tls.values()), default=0.0)
+    end = max((tl.first[Ev.FINISHED] for tl in done), default=start)
     span = max(end - start, 1e-9)
     out_tokens = sum(tl.num_output_tokens for tl in done)
     summary = {
         "deployment": deployment,
         "num_requests": len(tls),
         "num_finished": len(done),
-        "num_aborted": sum(1 for tl in tls.values() if E.ABORTED in tl.first),
+        "num_aborted": sum(1 for tl in tls.values() if Ev.ABORTED in tl.first),
         "duration": span if done else 0.0,
         "ttft_mean": _mean(ttfts),
         "tpot_mean": _mean(tpots),
@@ -186,7 +194,7 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
             stages.setdefault(k, []).append(v)
     for k, vals in sorted(stages.items()):
         summary[f"{k}_mean"] = _mean(vals)
-    switches = [e for e in events if e.kind == E.ROLE_SWITCH_END]
+    switches = [e for e in events if e.kind == Ev.ROLE_SWITCH_END]
     summary["role_switches"] = len(switches)
     summary["role_switch_mean_s"] = _mean([e.data["duration"] for e in switches])
     summary["role_switch_reload_mean_s"] = _mean([e.data["reload"] for e in switches])

@@ -125,7 +125,7 @@ def calibrate(cfg: RunConfig, coeffs: dict, n: int = 6, tokens: int = 32) -> tup
 
     from epd.backends import EngineBackend
     from epd.experiment import make_requests
-    from epd.lifetime import LifetimeEvent as E
+    from epd.lifetime import LifetimeEvent as Ev
     from epd.models.runtime import load_family
     from simulator.latency import DecodeShape, EncodeShape, PrefillShape, ProfiledModel
     from simulator.shapes import ModelShape
@@ -154,12 +154,12 @@ def calibrate(cfg: RunConfig, coeffs: dict, n: int = 6, tokens: int = 32) -> tup
         last = {e.kind: e.time for e in by_req[rid]}
         prompt = result.outputs[rid].prompt_tokens
         # the simulator charges sends to the transfer model (half at the sender): take them out here
-        if E.ENCODE_BEGIN in first:
+        if Ev.ENCODE_BEGIN in first:
             send = model.transfer(shape.tokens_per_tile * shape.mm_bytes_per_token) / 2 if e_sends else 0.0
-            ratios.append((last[E.ENCODE_END] - first[E.ENCODE_BEGIN] - send) / model.encode(EncodeShape(1)))
+            ratios.append((last[Ev.ENCODE_END] - first[Ev.ENCODE_BEGIN] - send) / model.encode(EncodeShape(1)))
         send = model.transfer(prompt * shape.kv_bytes_per_token) / 2 if p_sends else 0.0
-        ratios.append((first[E.PREFILL_END] - first[E.PREFILL_BEGIN] - send) / model.prefill(PrefillShape((prompt,))))
-        records.append(([e.time for e in by_req[rid] if e.kind == E.TOKEN], prompt))
+        ratios.append((first[Ev.PREFILL_END] - first[Ev.PREFILL_BEGIN] - send) / model.prefill(PrefillShape((prompt,))))
+        records.append(([e.time for e in by_req[rid] if e.kind == Ev.TOKEN], prompt))
     slowdown = max(1.0, statistics.median(ratios))
     gaps = [
         times[k] - times[k - 1] - slowdown * model.decode(DecodeShape(1, prompt + k))

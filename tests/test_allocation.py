@@ -10,7 +10,7 @@ import pytest
 from epd.allocation.controller import AllocationController
 from epd.allocation.policies import POLICIES
 from epd.config import AllocationConfig, DeploymentConfig, PoolConfig, RunConfig, WorkloadConfig
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import summarize
 from epd.serve.offline import OfflineLLM
 from tests.test_engine import MODEL, reference, workload
@@ -58,7 +58,7 @@ def _serve_until_switched(llm, reqs, switches: int, keep_active: int = 12):
     Returns how many requests were active at each switch's end."""
     core, pending, active_at = llm.core, list(reqs), []
     while True:
-        ends = [e for e in core.pipeline.events.system() if e.kind == E.ROLE_SWITCH_END]
+        ends = [e for e in core.pipeline.events.system() if e.kind == Ev.ROLE_SWITCH_END]
         active_at += [core.pipeline.num_active] * (len(ends) - len(active_at))
         if len(ends) >= switches:
             break
@@ -82,10 +82,10 @@ def test_switching_every_direction_under_load(ray_cluster, requests):
         outputs = dict(llm.core.pipeline.outputs)
         layout = llm.core.pipeline.layout()
     assert {rid: o.token_ids for rid, o in outputs.items()} == expected  # outputs equal to the static run
-    finished = Counter(e.request_id for e in events if e.kind == E.FINISHED)
+    finished = Counter(e.request_id for e in events if e.kind == Ev.FINISHED)
     assert finished == Counter({r.request_id: 1 for r in reqs})  # every request exactly once
-    assert not [e for e in events if e.kind == E.ABORTED]
-    ends = [e for e in events if e.kind == E.ROLE_SWITCH_END]
+    assert not [e for e in events if e.kind == Ev.ABORTED]
+    ends = [e for e in events if e.kind == Ev.ROLE_SWITCH_END]
     moves = [(e.data["from_pool"][0], e.data["to_pool"][0]) for e in ends]
     assert moves == [("e", "p"), ("p", "d"), ("d", "e"), ("e", "d"), ("d", "p"), ("p", "e")]
     assert all(e.data["duration"] >= e.data["reload"] > 0 for e in ends)
@@ -102,7 +102,7 @@ def test_switch_keeps_weights_in_host_memory(requests):
     with OfflineLLM(MODEL, DEP, "local", allocation=ctl) as llm:
         _serve_until_switched(llm, reqs, 3)
         llm.core.drain_check()
-        ends = [e for e in llm.core.pipeline.events if e.kind == E.ROLE_SWITCH_END]
+        ends = [e for e in llm.core.pipeline.events if e.kind == Ev.ROLE_SWITCH_END]
         outputs = dict(llm.core.pipeline.outputs)
     assert {rid: o.token_ids for rid, o in outputs.items()} == expected
     assert [e.data["weights"] for e in ends] == [{"lm": "built"}, {"vision": "host copy"}, {"lm": "host copy"}]
@@ -157,7 +157,7 @@ def _sim(cfg: RunConfig):
 def test_simulator_switches_with_the_configured_cost():
     cfg = _sim_cfg("scripted", script=["0.5:encode-2:decode", "1:encode-1:prefill"])
     reqs, result = _sim(cfg)
-    ends = [e for e in result.events if e.kind == E.ROLE_SWITCH_END]
+    ends = [e for e in result.events if e.kind == Ev.ROLE_SWITCH_END]
     assert [e.data["reload"] for e in ends] == [pytest.approx(0.3)] * 2
     assert ends[-1].data["layout"] == "1E3P2D"
     assert len(result.outputs) == len(reqs) and all(o.finish_reason == "length" for o in result.outputs.values())
@@ -169,7 +169,7 @@ def test_dynamic_policies_follow_a_shifting_mix(policy):
     """Encode-heavy then decode-heavy: the policy gives decode more workers, and the run ends sooner."""
     static_reqs, static = _sim(_sim_cfg("static"))
     reqs, dynamic = _sim(_sim_cfg(policy, window=16))
-    moves = [(e.data["from_pool"], e.data["to_pool"]) for e in dynamic.events if e.kind == E.ROLE_SWITCH_END]
+    moves = [(e.data["from_pool"], e.data["to_pool"]) for e in dynamic.events if e.kind == Ev.ROLE_SWITCH_END]
     assert ("encode", "decode") in moves or ("encode", "prefill") in moves, moves
     s_static = summarize(static.events, 1.0, 0.1, "static")
     s_dyn = summarize(dynamic.events, 1.0, 0.1, policy)
@@ -236,7 +236,7 @@ def test_what_a_switching_worker_sent_is_pulled_first(monkeypatch):
     def drain() -> float:
         reqs, result = _sim(cfg)
         assert len(result.outputs) == len(reqs)
-        (end,) = [e for e in result.events if e.kind == E.ROLE_SWITCH_END]
+        (end,) = [e for e in result.events if e.kind == Ev.ROLE_SWITCH_END]
         return end.data["duration"] - end.data["reload"]
 
     first = drain()

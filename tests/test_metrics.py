@@ -3,7 +3,7 @@
 import pytest
 
 from epd.lifetime import EventLog
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import SUMMARY_KEYS, goodput, slo_attainment, stage_times, summarize, timelines
 
 
@@ -11,29 +11,29 @@ def stream():
     log = EventLog()
     # a: issued 0, encode 0.1-0.3, mm 0.3-0.35, prefill 0.4-0.6 (first token), kv 0.6-0.7, decode from 0.7, 5 tokens, done 1.4
     for t, k in [
-        (0.0, E.ISSUED),
-        (0.1, E.ENCODE_BEGIN),
-        (0.3, E.ENCODE_END),
-        (0.3, E.MM_TRANSFER_BEGIN),
-        (0.35, E.MM_TRANSFER_END),
-        (0.4, E.PREFILL_BEGIN),
-        (0.6, E.PREFILL_END),
-        (0.6, E.FIRST_TOKEN),
-        (0.6, E.KV_TRANSFER_BEGIN),
-        (0.7, E.KV_TRANSFER_END),
-        (0.7, E.DECODE_BEGIN),
+        (0.0, Ev.ISSUED),
+        (0.1, Ev.ENCODE_BEGIN),
+        (0.3, Ev.ENCODE_END),
+        (0.3, Ev.MM_TRANSFER_BEGIN),
+        (0.35, Ev.MM_TRANSFER_END),
+        (0.4, Ev.PREFILL_BEGIN),
+        (0.6, Ev.PREFILL_END),
+        (0.6, Ev.FIRST_TOKEN),
+        (0.6, Ev.KV_TRANSFER_BEGIN),
+        (0.7, Ev.KV_TRANSFER_END),
+        (0.7, Ev.DECODE_BEGIN),
     ]:
         log.emit(t, "a", k)
-    log.emit(1.4, "a", E.FINISHED, num_output_tokens=5)
+    log.emit(1.4, "a", Ev.FINISHED, num_output_tokens=5)
     # b: issued 1.0, first token 3.0 (TTFT 2.0), 1 token only
-    log.emit(1.0, "b", E.ISSUED)
-    log.emit(1.5, "b", E.PREFILL_BEGIN)
-    log.emit(3.0, "b", E.PREFILL_END)
-    log.emit(3.0, "b", E.FIRST_TOKEN)
-    log.emit(3.0, "b", E.FINISHED, num_output_tokens=1)
+    log.emit(1.0, "b", Ev.ISSUED)
+    log.emit(1.5, "b", Ev.PREFILL_BEGIN)
+    log.emit(3.0, "b", Ev.PREFILL_END)
+    log.emit(3.0, "b", Ev.FIRST_TOKEN)
+    log.emit(3.0, "b", Ev.FINISHED, num_output_tokens=1)
     # c: aborted
-    log.emit(2.0, "c", E.ISSUED)
-    log.emit(2.1, "c", E.ABORTED, reason="too long")
+    log.emit(2.0, "c", Ev.ISSUED)
+    log.emit(2.1, "c", Ev.ABORTED, reason="too long")
     return log
 
 
@@ -67,7 +67,9 @@ def test_attainment_counts_aborts_as_misses():
 
 def test_goodput():
     assert goodput({0.5: 1.0, 1.0: 0.95, 2.0: 0.9, 4.0: 0.5}, 0.9) == 2.0
-    assert goodput({1.0: 0.5}, 0.9) == 0.0
+    assert goodput({1.0: 0.5}, 0.9) is None
+    # interpolated where attainment crosses the target, as compare tables report it
+    assert goodput({1.0: 1.0, 2.0: 0.95, 4.0: 0.5}, 0.9) == pytest.approx(2 + 2 * (0.05 / 0.45))
 
 
 def test_summary_fields():

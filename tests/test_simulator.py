@@ -8,7 +8,7 @@ import pytest
 
 from epd.config import BackendConfig, DeploymentConfig, PoolConfig, RunConfig, SearchConfig, SLOConfig, WorkloadConfig
 from epd.experiment import make_requests
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.serve.offline import OfflineLLM
 from simulator.backend import SimBackend
 from simulator.latency import ProfiledModel, fit
@@ -18,18 +18,18 @@ EPD = DeploymentConfig(name="epd", encode=PoolConfig(instances=2), prefill=PoolC
 PD = DeploymentConfig(name="pd", encode_prefill=PoolConfig(), decode=PoolConfig())
 AGG = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2))
 STAGE_ORDER = [
-    E.ISSUED,
-    E.ENCODE_BEGIN,
-    E.ENCODE_END,
-    E.MM_TRANSFER_BEGIN,
-    E.MM_TRANSFER_END,
-    E.PREFILL_BEGIN,
-    E.PREFILL_END,
-    E.FIRST_TOKEN,
-    E.KV_TRANSFER_BEGIN,
-    E.KV_TRANSFER_END,
-    E.DECODE_BEGIN,
-    E.FINISHED,
+    Ev.ISSUED,
+    Ev.ENCODE_BEGIN,
+    Ev.ENCODE_END,
+    Ev.MM_TRANSFER_BEGIN,
+    Ev.MM_TRANSFER_END,
+    Ev.PREFILL_BEGIN,
+    Ev.PREFILL_END,
+    Ev.FIRST_TOKEN,
+    Ev.KV_TRANSFER_BEGIN,
+    Ev.KV_TRANSFER_END,
+    Ev.DECODE_BEGIN,
+    Ev.FINISHED,
 ]
 
 
@@ -58,10 +58,10 @@ def test_sim_emits_the_engines_events_in_stage_order(deployment):
         assert set(kinds) == set(engine[rid])
         firsts = [kinds.index(k) for k in STAGE_ORDER if k in kinds]
         assert firsts == sorted(firsts)
-        assert kinds.count(E.TOKEN) == engine[rid].count(E.TOKEN) == 3  # 4 tokens: the first comes from prefill
+        assert kinds.count(Ev.TOKEN) == engine[rid].count(Ev.TOKEN) == 3  # 4 tokens: the first comes from prefill
         disaggregated = deployment.name == "epd"
-        assert (E.MM_TRANSFER_BEGIN in kinds) == disaggregated
-        assert (E.KV_TRANSFER_BEGIN in kinds) == (deployment.name != "aggregated")
+        assert (Ev.MM_TRANSFER_BEGIN in kinds) == disaggregated
+        assert (Ev.KV_TRANSFER_BEGIN in kinds) == (deployment.name != "aggregated")
 
 
 def test_fits_recover_known_coefficients():
@@ -154,8 +154,8 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
     def encode_spans(hardware):
         run = dataclasses.replace(cfg, hardware=hardware)
         events = SimBackend(run).run(make_requests(run)).events
-        begins = {(e.request_id, e.data.get("image")): e.time for e in events if e.kind == E.ENCODE_BEGIN}
-        return [e.time - begins[(e.request_id, e.data.get("image"))] for e in events if e.kind == E.ENCODE_END]
+        begins = {(e.request_id, e.data.get("image")): e.time for e in events if e.kind == Ev.ENCODE_BEGIN}
+        return [e.time - begins[(e.request_id, e.data.get("image"))] for e in events if e.kind == Ev.ENCODE_END]
 
     plain, slow = encode_spans(cfg.hardware), encode_spans(dataclasses.replace(cfg.hardware, preprocess_s_per_mpixel=1.0))
     assert min(s - p for s, p in zip(slow, plain)) > 0.9 * min(im.width * im.height for r in make_requests(cfg) for im in r.images) / 1e6

@@ -88,7 +88,7 @@ def test_phased_workload_follows_in_time():
 
 
 def test_goodput_interpolates_between_rates():
-    from epd.compare import goodput
+    from epd.metrics import goodput
 
     assert goodput([(1, 1.0), (2, 0.95), (4, 0.5)], 0.9) == pytest.approx(2 + 2 * (0.05 / 0.45))
     assert goodput([(1, 0.5)], 0.9) is None

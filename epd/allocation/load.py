@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from epd.config import ROLES, Role
 from epd.stages.pipeline import Pipeline
 
-STAGES = ("encode", "prefill", "decode")
+STAGES = ROLES  # the single-role pools, named as their roles
 
 
 @dataclass
@@ -37,10 +38,10 @@ def _instant(pipe: Pipeline, stage: str) -> StageLoad:
     if not insts:
         return load
     n = len(insts)
-    if stage == "encode":
+    if stage == Role.ENCODE:
         load.waiting = sum(len(i.encode_queue) for i in insts)
         capacity = n * max(i.cfg.max_images_per_batch for i in insts)
-    elif stage == "prefill":
+    elif stage == Role.PREFILL:
         load.waiting = sum(s.prompt_len for i in insts for s in i.prefill_queue if not s.done)
         capacity = n * max(i.cfg.max_prefill_tokens for i in insts)
     else:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from epd.cache.paged import read_rows, write_rows
-from epd.config import ModelConfig, PoolConfig
+from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, join, leave
 from epd.engine.isolation import Failed, describe, isolated
 from epd.images import ImageError, load_image
@@ -70,7 +70,7 @@ def assigned_gpu() -> Optional[int]:
 
 def _parts(roles: tuple[str, ...]) -> set[str]:
     """E needs the vision tower, P and D the language model."""
-    return ({"vision"} if "encode" in roles else set()) | ({"lm"} if {"prefill", "decode"} & set(roles) else set())
+    return ({"vision"} if Role.ENCODE in roles else set()) | ({"lm"} if {Role.PREFILL, Role.DECODE} & set(roles) else set())
 
 
 class Worker:
@@ -120,12 +120,12 @@ class Worker:
             if self.rt.device.type == "cuda":
                 self.rt.lm.fuse()
                 # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
-                if self.model_cfg.cuda_graphs and "decode" in roles and self.endpoint.tp == 1:
+                if self.model_cfg.cuda_graphs and Role.DECODE in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
                     self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
-        self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+        self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
         self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
 
     def _switch(self, batch: SwitchBatch) -> SwitchResult:

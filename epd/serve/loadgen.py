@@ -18,7 +18,7 @@ from typing import Optional
 from epd.config import RunConfig
 from epd.images import load_image
 from epd.lifetime import EventLog
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
 
@@ -112,7 +112,7 @@ class OnlineBackend:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 rid = req.request_id
-                events.emit(time.time() - start, rid, E.ISSUED, num_images=len(req.images))
+                events.emit(time.time() - start, rid, Ev.ISSUED, num_images=len(req.images))
                 pieces, usage, finish = [], None, None
                 try:
                     async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
@@ -128,14 +128,14 @@ class OnlineBackend:
                                 usage = chunk["usage"]
                             for choice in chunk.get("choices", []):
                                 if choice["delta"].get("content"):
-                                    events.emit(now, rid, E.FIRST_TOKEN if not pieces else E.TOKEN)
+                                    events.emit(now, rid, Ev.FIRST_TOKEN if not pieces else Ev.TOKEN)
                                     pieces.append(choice["delta"]["content"])
                                 finish = choice.get("finish_reason") or finish
                     n_out = usage["completion_tokens"] if usage else len(pieces)
-                    events.emit(time.time() - start, rid, E.FINISHED, num_output_tokens=n_out, finish_reason=finish)
+                    events.emit(time.time() - start, rid, Ev.FINISHED, num_output_tokens=n_out, finish_reason=finish)
                     outputs[rid] = RequestOutput(rid, [], "".join(pieces), finish, None, usage["prompt_tokens"] if usage else 0)
                 except Exception as exc:  # refused or broken: an aborted request, the run goes on
-                    events.emit(time.time() - start, rid, E.ABORTED, reason=str(exc))
+                    events.emit(time.time() - start, rid, Ev.ABORTED, reason=str(exc))
                     outputs[rid] = RequestOutput(rid, [], None, "abort", str(exc))
 
             await asyncio.gather(*(one(r) for r in requests))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from epd.config import TextModelConfig
+from epd.config import Role, TextModelConfig
 from epd.images import image_size
 from epd.request import ImageInput, Request, SamplingParams
 from epd.stages.instance import Instance
@@ -21,7 +21,7 @@ class AdmissionError(ValueError):
     pass
 
 
-def prepare(state: RequestState, family: ModelView, text: TextModelConfig, tokenizer, by_role: dict[str, list[Instance]]) -> None:
+def prepare(state: RequestState, family: ModelView, text: TextModelConfig, tokenizer, by_role: dict[Role, list[Instance]]) -> None:
     """Validate the request and build its prompt (BOS, each image's placeholders, the text)."""
     req = state.req
     check_request(req, text.vocab_size)
@@ -70,14 +70,14 @@ def check_request(req: Request, vocab_size: int) -> None:
         raise AdmissionError(f"arrival_time must be a finite number, got {req.arrival_time!r}")
 
 
-def check_fits(state: RequestState, by_role: dict[str, list[Instance]]) -> None:
+def check_fits(state: RequestState, by_role: dict[Role, list[Instance]]) -> None:
     """Reject what no instance could ever hold, instead of letting it wait forever."""
     max_tokens = state.req.sampling.max_tokens
-    for inst in by_role["encode"] if state.image_tokens else []:
+    for inst in by_role[Role.ENCODE] if state.image_tokens else []:
         need = max(inst.mm.blocks_for(n) for n in state.image_tokens)
         if need > inst.mm.num_blocks:
             raise AdmissionError(f"an image needs {need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
-    for inst in by_role["prefill"][:1]:
+    for inst in by_role[Role.PREFILL][:1]:
         if state.prompt_len > inst.cfg.max_prefill_tokens:
             raise AdmissionError(
                 f"prompt of {state.prompt_len} tokens exceeds {inst.pool}.max_prefill_tokens={inst.cfg.max_prefill_tokens}"
@@ -85,10 +85,10 @@ def check_fits(state: RequestState, by_role: dict[str, list[Instance]]) -> None:
         mm_need = sum(inst.mm.blocks_for(n) for n in state.image_tokens)
         if mm_need > inst.mm.num_blocks:
             raise AdmissionError(f"the request's images need {mm_need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
-        kv_tokens = state.prompt_len + (max_tokens if inst.has("decode") else 0)
+        kv_tokens = state.prompt_len + (max_tokens if inst.has(Role.DECODE) else 0)
         if inst.kv.blocks_for(kv_tokens) > inst.kv.num_blocks:
             raise AdmissionError(f"{kv_tokens} tokens of KV exceed the {inst.pool} KV cache ({inst.kv.num_blocks} blocks)")
-    for inst in by_role["decode"][:1]:
+    for inst in by_role[Role.DECODE][:1]:
         need = inst.kv.blocks_for(state.prompt_len + max_tokens)
         if need > inst.kv.num_blocks:
             raise AdmissionError(f"prompt + max_tokens need {need} KV blocks; {inst.pool} instances hold {inst.kv.num_blocks}")

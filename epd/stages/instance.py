@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from epd.config import PoolConfig
+from epd.config import PoolConfig, Role
 from epd.stages.blocks import KVBlockManager, MMBlockManager
 from epd.stages.state import RequestState
 
@@ -35,9 +35,9 @@ class Instance:
     def configure(self, pool: str, roles: tuple[str, ...], cfg: PoolConfig) -> None:
         """The block pools of the roles it holds (at start, and again after a role switch)."""
         self.pool, self.roles, self.cfg = pool, roles, cfg
-        holds_lm = "prefill" in roles or "decode" in roles
+        holds_lm = Role.PREFILL in roles or Role.DECODE in roles
         self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
-        self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {"encode", "prefill"} & set(roles) else None
+        self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
 
     def drained(self) -> bool:
         """Nothing queued, running, in flight or held: the worker can change role."""

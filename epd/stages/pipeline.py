@@ -11,17 +11,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Optional
 
-from epd.config import POOL_ROLES, DeploymentConfig, describe_layout
+from epd.config import POOL_ROLES, ROLES, DeploymentConfig, Role, describe_layout
 from epd.images import ImageError
 from epd.lifetime import SYSTEM, EventLog
-from epd.lifetime import LifetimeEvent as E
+from epd.lifetime import LifetimeEvent as Ev
 from epd.request import INTERNAL, INVALID, Request, RequestOutput, TokenLogprob
 from epd.stages.admission import AdmissionError, prepare
 from epd.stages.instance import EncodeWork, Instance
 from epd.stages.model_view import ModelView
 from epd.stages.router import Router
 from epd.stages.schedulers import select_decode, select_encode, select_prefill
-from epd.stages.state import RequestState
+from epd.stages.state import Hold, RequestState
 from epd.stages.work import (
     Batch,
     BatchFailure,
@@ -63,7 +63,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.router = Router(deployment.routing)
         self.instances: dict[str, Instance] = {}
-        self.by_role: dict[str, list[Instance]] = {r: [] for r in ("encode", "prefill", "decode")}
+        self.by_role: dict[Role, list[Instance]] = {r: [] for r in ROLES}
         for pool_name, pool in deployment.pools().items():
             roles = POOL_ROLES[pool_name]
             for k in range(pool.instances):
@@ -79,7 +79,7 @@ class Pipeline:
     def _t(self, t: float) -> float:
         return t - self.origin
 
-    def emit(self, t: float, state: RequestState, kind: E, instance: Optional[str] = None, **data) -> None:
+    def emit(self, t: float, state: RequestState, kind: Ev, instance: Optional[str] = None, **data) -> None:
         self.events.emit(self._t(t), state.rid, kind, instance, **data)
 
     @property
@@ -137,7 +137,7 @@ class Pipeline:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         state = RequestState(req, [], [])
         self.states[req.request_id] = state
-        self.emit(now, state, E.ISSUED, num_images=len(req.images) if isinstance(req.images, (tuple, list)) else 0)
+        self.emit(now, state, Ev.ISSUED, num_images=len(req.images) if isinstance(req.images, (tuple, list)) else 0)
         try:
             prepare(state, self.family, self.text, self.tokenizer, self.by_role)
         except (AdmissionError, ImageError, ValueError) as exc:
@@ -153,27 +153,27 @@ class Pipeline:
 
     # ---- routing -----------------------------------------------------------------------
     def _route_encode(self, state: RequestState) -> None:
-        encoders = self.by_role["encode"]
+        encoders = self.by_role[Role.ENCODE]
         n = len(state.req.images)
-        targets = self.router.spread("encode", encoders, n) if self.deployment.irp else [self.router.choose("encode", encoders)] * n
+        targets = self.router.spread(Role.ENCODE, encoders, n) if self.deployment.irp else [self.router.choose(Role.ENCODE, encoders)] * n
         state.images_pending = n
         for i, inst in enumerate(targets):
             inst.encode_queue.append(EncodeWork(state, i))
-        if targets[0].has("prefill"):
+        if targets[0].has(Role.PREFILL):
             state.prefill_instance = targets[0].id
 
     def _route_prefill(self, state: RequestState) -> None:
         if state.prefill_instance is None:
-            state.prefill_instance = self.router.choose("prefill", self.by_role["prefill"]).id
+            state.prefill_instance = self.router.choose(Role.PREFILL, self.by_role[Role.PREFILL]).id
         self.instances[state.prefill_instance].prefill_queue.append(state)
         self._pull_first_if_switching(state)
 
     def _route_decode(self, state: RequestState, prefill_inst: Instance) -> None:
-        if prefill_inst.has("decode"):
+        if prefill_inst.has(Role.DECODE):
             state.kv_local = True
             inst = prefill_inst
         else:
-            inst = self.router.choose("decode", self.by_role["decode"])
+            inst = self.router.choose(Role.DECODE, self.by_role[Role.DECODE])
         state.decode_instance = inst.id
         inst.decode_queue.append(state)
         self._pull_first_if_switching(state)
@@ -219,15 +219,15 @@ class Pipeline:
             return None
         if inst.switching_to is not None:
             return self._drain_or_switch(inst)
-        if inst.has("encode"):
+        if inst.has(Role.ENCODE):
             batch = select_encode(inst, self.max_pending)
             if batch:
                 return batch
-        if inst.has("prefill"):
+        if inst.has(Role.PREFILL):
             batch = select_prefill(inst, self.max_pending, self.pulled)
             if batch:
                 return batch
-        if inst.has("decode"):
+        if inst.has(Role.DECODE):
             return select_decode(inst, self.pulled)
         return None
 
@@ -254,9 +254,9 @@ class Pipeline:
             if item.error:
                 self.abort(state, item.error, e, item.error_kind)
                 continue
-            self.emit(b, state, E.ENCODE_BEGIN, inst.id, image=item.image_index)
-            self.emit(e, state, E.ENCODE_END, inst.id, image=item.image_index)
-            key = f"mm:{inst.id}:{item.image_index}"
+            self.emit(b, state, Ev.ENCODE_BEGIN, inst.id, image=item.image_index)
+            self.emit(e, state, Ev.ENCODE_END, inst.id, image=item.image_index)
+            key = Hold.mm(inst.id, item.image_index)
             blocks = state.holds[key][1]
             state.mm[item.image_index] = MMSource(state.image_tokens[item.image_index], blocks, item.handle)
             if item.handle is not None:
@@ -280,21 +280,21 @@ class Pipeline:
                 continue
             if item.mm_transfer:
                 nbytes = sum(state.image_tokens) * self.mm_bytes_per_token
-                self.emit(item.mm_transfer[0], state, E.MM_TRANSFER_BEGIN, inst.id, bytes=nbytes)
-                self.emit(item.mm_transfer[1], state, E.MM_TRANSFER_END, inst.id)
-            self.emit(b, state, E.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
-            self.emit(e, state, E.PREFILL_END, inst.id)
-            self.emit(e, state, E.FIRST_TOKEN, inst.id)
+                self.emit(item.mm_transfer[0], state, Ev.MM_TRANSFER_BEGIN, inst.id, bytes=nbytes)
+                self.emit(item.mm_transfer[1], state, Ev.MM_TRANSFER_END, inst.id)
+            self.emit(b, state, Ev.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
+            self.emit(e, state, Ev.PREFILL_END, inst.id)
+            self.emit(e, state, Ev.FIRST_TOKEN, inst.id)
             for i in range(len(state.image_tokens)):  # embeddings consumed
-                state.release(f"mm:{inst.id}:{i}")
+                state.release(Hold.mm(inst.id, i))
             if self._append_token(state, item.first_token, e, inst, item.logprob):
                 continue
-            if not inst.has("decode"):
+            if not inst.has(Role.DECODE):
                 state.kv_handle = item.kv_handle
                 state.senders = [inst.id]
                 inst.outgoing += 1
                 if self.frees_on_send:
-                    state.release(f"kv:{inst.id}")
+                    state.release(Hold.kv(inst.id))
             self._route_decode(state, inst)
 
     def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
@@ -302,8 +302,8 @@ class Pipeline:
         for rid, (tb, te) in result.kv_transfers.items():
             state = self.states.get(rid)
             if state is not None and not state.done:
-                self.emit(tb, state, E.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
-                self.emit(te, state, E.KV_TRANSFER_END, inst.id)
+                self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
+                self.emit(te, state, Ev.KV_TRANSFER_END, inst.id)
         for rid, why in result.errors.items():
             if rid in self.states:
                 self.abort(self.states[rid], f"decode on {inst.id} failed: {why}", e, INTERNAL)
@@ -313,7 +313,7 @@ class Pipeline:
                 continue
             if not state.decode_started:
                 state.decode_started = True
-                self.emit(b, state, E.DECODE_BEGIN, inst.id)
+                self.emit(b, state, Ev.DECODE_BEGIN, inst.id)
             self._append_token(state, tok, e, inst, result.logprobs.get(rid))
 
     def _append_token(self, state: RequestState, tok: int, t: float, inst: Instance, logprob: Optional[TokenLogprob] = None) -> bool:
@@ -322,7 +322,7 @@ class Pipeline:
         if logprob is not None:
             state.logprobs.append(logprob)
         if len(state.output) > 1:
-            self.emit(t, state, E.TOKEN, inst.id, index=len(state.output) - 1)
+            self.emit(t, state, Ev.TOKEN, inst.id, index=len(state.output) - 1)
         sp = state.req.sampling
         reason = None
         if not sp.ignore_eos and (tok == self.text.eos_token_id or tok in sp.stop_token_ids):
@@ -353,7 +353,7 @@ class Pipeline:
         inst = self.instances.get(iid)
         if inst is None:
             raise ValueError(f"no instance {iid!r}; instances: {sorted(self.instances)}")
-        single = ("encode", "prefill", "decode")
+        single = ROLES  # the single-role pools are named as their roles
         if inst.pool not in single or pool not in single or pool not in self.deployment.pools():
             raise ValueError(
                 f"role switching moves workers between the deployment's encode/prefill/decode pools, not {inst.pool} -> {pool}"
@@ -370,12 +370,12 @@ class Pipeline:
         for role in inst.roles:
             self.by_role[role].remove(inst)
         inst.switching_to, inst.switch_started = pool, now
-        self.events.emit(self._t(now), SYSTEM, E.ROLE_SWITCH_BEGIN, iid, from_pool=inst.pool, to_pool=pool)
+        self.events.emit(self._t(now), SYSTEM, Ev.ROLE_SWITCH_BEGIN, iid, from_pool=inst.pool, to_pool=pool)
         # Hand queued work (nothing of it holds blocks here yet) to siblings; running decodes finish here.
         while inst.encode_queue:
             work = inst.encode_queue.popleft()
             if not work.state.done:
-                self.router.choose("encode", self.by_role["encode"]).encode_queue.append(work)
+                self.router.choose(Role.ENCODE, self.by_role[Role.ENCODE]).encode_queue.append(work)
         while inst.prefill_queue:
             state = inst.prefill_queue.popleft()
             if not state.done:
@@ -384,7 +384,7 @@ class Pipeline:
         while inst.decode_queue:
             state = inst.decode_queue.popleft()
             if not state.done:
-                other = self.router.choose("decode", self.by_role["decode"])
+                other = self.router.choose(Role.DECODE, self.by_role[Role.DECODE])
                 state.decode_instance = other.id
                 other.decode_queue.append(state)
         self._pull_first(iid)
@@ -407,7 +407,7 @@ class Pipeline:
                 self._pull_first(sender)
 
     def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
-        if inst.has("decode") and inst.running:
+        if inst.has(Role.DECODE) and inst.running:
             return select_decode(inst, self.pulled)
         if inst.drained():
             target = inst.switching_to
@@ -418,7 +418,7 @@ class Pipeline:
         old, target = inst.pool, inst.switching_to
         if isinstance(result, BatchFailure):
             inst.failed = result.reason  # out of service; the others keep serving
-            self.events.emit(self._t(result.time), SYSTEM, E.ROLE_SWITCH_END, inst.id, from_pool=old, to_pool=target, failed=result.reason)
+            self.events.emit(self._t(result.time), SYSTEM, Ev.ROLE_SWITCH_END, inst.id, from_pool=old, to_pool=target, failed=result.reason)
             return
         b, e = result.span
         inst.configure(target, batch.roles, batch.pool)
@@ -428,7 +428,7 @@ class Pipeline:
         self.events.emit(
             self._t(e),
             SYSTEM,
-            E.ROLE_SWITCH_END,
+            Ev.ROLE_SWITCH_END,
             inst.id,
             from_pool=old,
             to_pool=target,
@@ -441,7 +441,7 @@ class Pipeline:
     # ---- endings -----------------------------------------------------------------------
     def _finish(self, state: RequestState, reason: str, t: float, inst: Instance) -> None:
         state.done = True
-        self.emit(t, state, E.FINISHED, inst.id, num_output_tokens=len(state.output), finish_reason=reason)
+        self.emit(t, state, Ev.FINISHED, inst.id, num_output_tokens=len(state.output), finish_reason=reason)
         self._cleanup(state)
         text = self.tokenizer.decode(state.output) if self.tokenizer is not None else None
         logprobs = list(state.logprobs) if state.req.sampling.logprobs is not None else None
@@ -453,7 +453,7 @@ class Pipeline:
         if state.done:
             return
         state.done = True
-        self.emit(t, state, E.ABORTED, None, reason=reason, error_kind=kind)
+        self.emit(t, state, Ev.ABORTED, None, reason=reason, error_kind=kind)
         self._cleanup(state)
         self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), None, "abort", reason, state.prompt_len, error_kind=kind)
         if self.on_output:
@@ -474,7 +474,7 @@ class Pipeline:
                 inst.running.remove(state)
         # A worker that may hold this sequence's decode state forgets it before its next batch.
         for iid in {state.prefill_instance, state.decode_instance} - {None}:
-            if self.instances[iid].has("decode"):
+            if self.instances[iid].has(Role.DECODE):
                 self.instances[iid].pending_release.append(state.rid)
 
     def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:

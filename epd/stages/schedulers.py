@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Optional
 
+from epd.config import Role
 from epd.stages.instance import Instance
-from epd.stages.state import RequestState
+from epd.stages.state import Hold, RequestState
 from epd.stages.work import DecodeBatch, EncodeBatch, EncodeItem, MMSource, NewDecodeSeq, PrefillBatch, PrefillItem
 
 # Told when a batch takes a request whose data another instance holds (the pipeline's hand-off bookkeeping).
@@ -23,7 +24,7 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
     if inst.outgoing >= max_pending:
         return None  # back-pressure: prefill has not pulled what we already sent
     items: list[EncodeItem] = []
-    send = not inst.has("prefill")
+    send = not inst.has(Role.PREFILL)
     while inst.encode_queue and len(items) < inst.cfg.max_images_per_batch:
         work = inst.encode_queue[0]
         state = work.state
@@ -35,13 +36,13 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
         if blocks is None:
             break
         inst.encode_queue.popleft()
-        state.hold(f"mm:{inst.id}:{work.image_index}", inst.mm, blocks)
+        state.hold(Hold.mm(inst.id, work.image_index), inst.mm, blocks)
         items.append(EncodeItem(state.rid, work.image_index, state.req.images[work.image_index], n_tokens, blocks, send))
     return EncodeBatch(items) if items else None
 
 
 def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull) -> Optional[PrefillBatch]:
-    decode_here = inst.has("decode")
+    decode_here = inst.has(Role.DECODE)
     if not decode_here and inst.outgoing >= max_pending:
         return None
     budget = inst.cfg.max_prefill_tokens
@@ -62,10 +63,10 @@ def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull) -> Optiona
         inst.prefill_queue.popleft()
         budget -= state.prompt_len
         kv_blocks = inst.kv.allocate(kv_need)
-        state.hold(f"kv:{inst.id}", inst.kv, kv_blocks)
+        state.hold(Hold.kv(inst.id), inst.kv, kv_blocks)
         for i in pulled:
             blocks = inst.mm.allocate(inst.mm.blocks_for(state.image_tokens[i]))
-            state.hold(f"mm:{inst.id}:{i}", inst.mm, blocks)
+            state.hold(Hold.mm(inst.id, i), inst.mm, blocks)
             state.mm[i] = MMSource(state.image_tokens[i], blocks, state.mm[i].handle)
         on_pull(state)
         images = [state.mm[i] for i in range(len(state.image_tokens))]
@@ -86,7 +87,7 @@ def select_decode(inst: Instance, on_pull: OnPull) -> Optional[DecodeBatch]:
             blocks = inst.kv.allocate(inst.kv.blocks_for(state.prompt_len + state.req.sampling.max_tokens))
             if blocks is None:
                 break
-            state.hold(f"kv:{inst.id}", inst.kv, blocks)
+            state.hold(Hold.kv(inst.id), inst.kv, blocks)
             sp = state.req.sampling
             prompt = state.prompt_ids if sp.needs_history else None
             new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.prompt_len, state.output[-1], sp, prompt))

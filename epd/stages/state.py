@@ -10,6 +10,22 @@ from epd.stages.blocks import BlockPool
 from epd.stages.work import MMSource
 
 
+@dataclass(frozen=True)
+class Hold:
+    """Blocks a request holds on one instance: its KV (`image` None) or one image's MM embeddings."""
+
+    instance: str
+    image: Optional[int] = None
+
+    @staticmethod
+    def kv(instance: str) -> Hold:
+        return Hold(instance)
+
+    @staticmethod
+    def mm(instance: str, image: int) -> Hold:
+        return Hold(instance, image)
+
+
 @dataclass
 class RequestState:
     req: Request
@@ -29,7 +45,7 @@ class RequestState:
     decode_started: bool = False
     done: bool = False
     forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
-    holds: dict[str, tuple[BlockPool, list[int]]] = field(default_factory=dict)
+    holds: dict[Hold, tuple[BlockPool, list[int]]] = field(default_factory=dict)
 
     @property
     def rid(self) -> str:
@@ -39,15 +55,15 @@ class RequestState:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
-    def hold(self, key: str, pool: BlockPool, blocks: list[int]) -> None:
+    def hold(self, key: Hold, pool: BlockPool, blocks: list[int]) -> None:
         assert key not in self.holds, key
         self.holds[key] = (pool, blocks)
 
-    def keys_of(self, instance: str) -> list[str]:
-        """Holds on `instance`'s blocks: its KV ("kv:ID") and its images' MM ("mm:ID:INDEX")."""
-        return [k for k in self.holds if k == f"kv:{instance}" or k.startswith(f"mm:{instance}:")]
+    def keys_of(self, instance: str) -> list[Hold]:
+        """Holds on `instance`'s blocks: its KV and its images' MM."""
+        return [k for k in self.holds if k.instance == instance]
 
-    def release(self, key: str) -> None:
+    def release(self, key: Hold) -> None:
         if key in self.holds:
             pool, blocks = self.holds.pop(key)
             pool.free(blocks)
