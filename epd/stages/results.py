@@ -1,0 +1,161 @@
+"""What the pipeline does with a batch's result: encoded images go on to prefill, prefilled requests
+to decode, tokens to the output; and how requests end (finished, aborted, a failed batch)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from epd.config import Role
+from epd.lifetime import LifetimeEvent as Ev
+from epd.request import INTERNAL, INVALID, RequestOutput, TokenLogprob
+from epd.stages.instance import Instance
+from epd.stages.state import Hold, RequestState
+from epd.stages.work import (
+    Batch,
+    BatchFailure,
+    DecodeBatch,
+    DecodeResult,
+    EncodeBatch,
+    EncodeResult,
+    MMSource,
+    PrefillBatch,
+    PrefillResult,
+)
+
+
+class Results:
+    """Pipeline part: results and endings."""
+
+    def _encoded(self, inst: Instance, result: EncodeResult) -> None:
+        b, e = result.span
+        for item in result.items:
+            state = self.states.get(item.request_id)
+            if state is None or state.done:
+                continue
+            if item.error:
+                self.abort(state, item.error, e, item.error_kind)
+                continue
+            self.emit(b, state, Ev.ENCODE_BEGIN, inst.id, image=item.image_index)
+            self.emit(e, state, Ev.ENCODE_END, inst.id, image=item.image_index)
+            key = Hold.mm(inst.id, item.image_index)
+            blocks = state.holds[key][1]
+            state.mm[item.image_index] = MMSource(state.image_tokens[item.image_index], blocks, item.handle)
+            if item.handle is not None:
+                if inst.id not in state.senders:
+                    state.senders.append(inst.id)
+                    inst.outgoing += 1
+                if self.frees_on_send:
+                    state.release(key)
+            state.images_pending -= 1
+            if state.images_pending == 0:
+                self._route_prefill(state)
+
+    def _prefilled(self, inst: Instance, result: PrefillResult) -> None:
+        b, e = result.span
+        for item in result.items:
+            state = self.states.get(item.request_id)
+            if state is None or state.done:
+                continue
+            if item.error:
+                self.abort(state, f"prefill on {inst.id} failed: {item.error}", e, INTERNAL)
+                continue
+            if item.mm_transfer:
+                nbytes = sum(state.image_tokens) * self.mm_bytes_per_token
+                self.emit(item.mm_transfer[0], state, Ev.MM_TRANSFER_BEGIN, inst.id, bytes=nbytes)
+                self.emit(item.mm_transfer[1], state, Ev.MM_TRANSFER_END, inst.id)
+            self.emit(b, state, Ev.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
+            self.emit(e, state, Ev.PREFILL_END, inst.id)
+            self.emit(e, state, Ev.FIRST_TOKEN, inst.id)
+            for i in range(len(state.image_tokens)):  # embeddings consumed
+                state.release(Hold.mm(inst.id, i))
+            if self._append_token(state, item.first_token, e, inst, item.logprob):
+                continue
+            if not inst.has(Role.DECODE):
+                state.kv_handle = item.kv_handle
+                state.senders = [inst.id]
+                inst.outgoing += 1
+                if self.frees_on_send:
+                    state.release(Hold.kv(inst.id))
+            self._route_decode(state, inst)
+
+    def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
+        b, e = result.span
+        for rid, (tb, te) in result.kv_transfers.items():
+            state = self.states.get(rid)
+            if state is not None and not state.done:
+                self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
+                self.emit(te, state, Ev.KV_TRANSFER_END, inst.id)
+        for rid, why in result.errors.items():
+            if rid in self.states:
+                self.abort(self.states[rid], f"decode on {inst.id} failed: {why}", e, INTERNAL)
+        for rid, tok in result.tokens.items():
+            state = self.states.get(rid)
+            if state is None or state.done:
+                continue
+            if not state.decode_started:
+                state.decode_started = True
+                self.emit(b, state, Ev.DECODE_BEGIN, inst.id)
+            self._append_token(state, tok, e, inst, result.logprobs.get(rid))
+
+    def _append_token(self, state: RequestState, tok: int, t: float, inst: Instance, logprob: Optional[TokenLogprob] = None) -> bool:
+        """Record a token; finish the request if it is done. Returns True when finished."""
+        state.output.append(tok)
+        if logprob is not None:
+            state.logprobs.append(logprob)
+        if len(state.output) > 1:
+            self.emit(t, state, Ev.TOKEN, inst.id, index=len(state.output) - 1)
+        sp = state.req.sampling
+        reason = None
+        if not sp.ignore_eos and (tok == self.text.eos_token_id or tok in sp.stop_token_ids):
+            reason = "stop"
+        elif len(state.output) >= sp.max_tokens:
+            reason = "length"
+        if reason:
+            self._finish(state, reason, t, inst)  # the output record exists before anyone hears of the end
+        if self.on_output:
+            self.on_output(state.rid, [tok], reason, None if logprob is None else [logprob])
+        return reason is not None
+
+    def _finish(self, state: RequestState, reason: str, t: float, inst: Instance) -> None:
+        state.done = True
+        self.emit(t, state, Ev.FINISHED, inst.id, num_output_tokens=len(state.output), finish_reason=reason)
+        self._cleanup(state)
+        text = self.tokenizer.decode(state.output) if self.tokenizer is not None else None
+        logprobs = list(state.logprobs) if state.req.sampling.logprobs is not None else None
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), text, reason, None, state.prompt_len, logprobs)
+
+    def abort(self, state: RequestState, reason: str, t: float, kind: str = INVALID) -> None:
+        """End `state` without finishing it. `kind` says whose doing it was: INVALID (the request
+        cannot be served as given), INTERNAL (the engine failed serving it), CANCELLED (its client)."""
+        if state.done:
+            return
+        state.done = True
+        self.emit(t, state, Ev.ABORTED, None, reason=reason, error_kind=kind)
+        self._cleanup(state)
+        self.outputs[state.rid] = RequestOutput(state.rid, list(state.output), None, "abort", reason, state.prompt_len, error_kind=kind)
+        if self.on_output:
+            self.on_output(state.rid, [], "abort", None)
+
+    def _cleanup(self, state: RequestState) -> None:
+        if state.pulling:  # a batch in flight still reads the senders' blocks: they go when it completes
+            keep = {k for s in state.senders for k in state.keys_of(s)}
+            for key in [k for k in state.holds if k not in keep]:
+                state.release(key)
+        else:
+            state.release_all()
+            for sender in state.senders:
+                self.instances[sender].outgoing -= 1
+            state.senders = []
+        for inst in self.instances.values():
+            if state in inst.running:
+                inst.running.remove(state)
+        # A worker that may hold this sequence's decode state forgets it before its next batch.
+        for iid in {state.prefill_instance, state.decode_instance} - {None}:
+            if self.instances[iid].has(Role.DECODE):
+                self.instances[iid].pending_release.append(state.rid)
+
+    def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
+        ids = [i.request_id for i in batch.items] if isinstance(batch, (EncodeBatch, PrefillBatch)) else list(batch.step)
+        for rid in ids:
+            if rid in self.states:
+                self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time, INTERNAL)

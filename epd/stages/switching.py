@@ -1,0 +1,126 @@
+"""Role switching: an instance leaves its stage (its queue handed to siblings, running decodes
+finished, what it sent pulled first), then becomes a worker of another pool."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from epd.config import POOL_ROLES, ROLES, Role, describe_layout
+from epd.lifetime import SYSTEM
+from epd.lifetime import LifetimeEvent as Ev
+from epd.stages.instance import Instance
+from epd.stages.schedulers import select_decode
+from epd.stages.state import RequestState
+from epd.stages.work import (
+    Batch,
+    BatchFailure,
+    Result,
+    SwitchBatch,
+)
+
+
+class RoleSwitching:
+    """Pipeline part: moving instances between stages."""
+
+    def layout(self) -> str:
+        """The deployment as it stands, e.g. '1E2P1D' (instances that are switching are left out)."""
+        return describe_layout(Counter(i.pool for i in self.instances.values() if i.switching_to is None and not i.failed))
+
+    def active(self, role: str) -> list[Instance]:
+        return self.by_role[role]
+
+    @property
+    def switching(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.switching_to is not None and not i.failed]
+
+    def begin_switch(self, iid: str, pool: str, now: float) -> None:
+        """Take instance `iid` out of its stage (no new work; its queue goes to siblings); once drained
+        it is sent a SwitchBatch and joins `pool`. The deployment's single-role pools only."""
+        inst = self.instances.get(iid)
+        if inst is None:
+            raise ValueError(f"no instance {iid!r}; instances: {sorted(self.instances)}")
+        single = ROLES  # the single-role pools are named as their roles
+        if inst.pool not in single or pool not in single or pool not in self.deployment.pools():
+            raise ValueError(
+                f"role switching moves workers between the deployment's encode/prefill/decode pools, not {inst.pool} -> {pool}"
+            )
+        if pool == inst.pool:
+            raise ValueError(f"instance {iid} is already in {pool}")
+        if inst.switching_to is not None or inst.failed:
+            raise ValueError(f"instance {iid} is switching already (or out of service)")
+        if inst.cfg.tp != 1 or self.deployment.pools()[pool].tp != 1:
+            raise ValueError("role switching needs tp: 1 pools")
+        for role in inst.roles:
+            if len(self.by_role[role]) <= 1:
+                raise ValueError(f"switching {iid} would leave no {role} worker")
+        for role in inst.roles:
+            self.by_role[role].remove(inst)
+        inst.switching_to, inst.switch_started = pool, now
+        self.events.emit(self._t(now), SYSTEM, Ev.ROLE_SWITCH_BEGIN, iid, from_pool=inst.pool, to_pool=pool)
+        # Hand queued work (nothing of it holds blocks here yet) to siblings; running decodes finish here.
+        while inst.encode_queue:
+            work = inst.encode_queue.popleft()
+            if not work.state.done:
+                self.router.choose(Role.ENCODE, self.by_role[Role.ENCODE]).encode_queue.append(work)
+        while inst.prefill_queue:
+            state = inst.prefill_queue.popleft()
+            if not state.done:
+                state.prefill_instance = None
+                self._route_prefill(state)
+        while inst.decode_queue:
+            state = inst.decode_queue.popleft()
+            if not state.done:
+                other = self.router.choose(Role.DECODE, self.by_role[Role.DECODE])
+                state.decode_instance = other.id
+                other.decode_queue.append(state)
+        self._pull_first(iid)
+
+    def _pull_first(self, iid: str) -> None:
+        """Requests holding what switching worker `iid` sent move to the front of the queues that
+        will pull it: the worker may change role only once all of it has been pulled, and behind a
+        bottleneck stage's whole queue that drain would take as long as the queue."""
+        for other in self.instances.values():
+            for queue in (other.prefill_queue, other.decode_queue):
+                first = [s for s in queue if iid in s.senders]
+                if first and len(first) < len(queue):
+                    rest = [s for s in queue if iid not in s.senders]
+                    queue.clear()
+                    queue.extend(first + rest)
+
+    def _pull_first_if_switching(self, state: RequestState) -> None:
+        for sender in state.senders:
+            if self.instances[sender].switching_to is not None:
+                self._pull_first(sender)
+
+    def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
+        if inst.has(Role.DECODE) and inst.running:
+            return select_decode(inst, self.pulled)
+        if inst.drained():
+            target = inst.switching_to
+            return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())
+        return None
+
+    def _switched(self, inst: Instance, batch: SwitchBatch, result: Result | BatchFailure) -> None:
+        old, target = inst.pool, inst.switching_to
+        if isinstance(result, BatchFailure):
+            inst.failed = result.reason  # out of service; the others keep serving
+            self.events.emit(self._t(result.time), SYSTEM, Ev.ROLE_SWITCH_END, inst.id, from_pool=old, to_pool=target, failed=result.reason)
+            return
+        b, e = result.span
+        inst.configure(target, batch.roles, batch.pool)
+        inst.switching_to = None
+        for role in inst.roles:
+            self.by_role[role].append(inst)
+        self.events.emit(
+            self._t(e),
+            SYSTEM,
+            Ev.ROLE_SWITCH_END,
+            inst.id,
+            from_pool=old,
+            to_pool=target,
+            duration=e - inst.switch_started,
+            reload=e - b,
+            layout=self.layout(),
+            weights=result.weights_loaded,
+        )
