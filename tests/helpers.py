@@ -1,4 +1,5 @@
-"""Tiny checkpoints made with transformers itself, saved to a temp dir."""
+"""Shared test fixtures: the tiny model and deployments, a workload with its single-process reference
+outputs, running it through the engine, and tiny checkpoints made with transformers itself."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from pathlib import Path
 
 import torch
 
-from epd.config import ModelConfig, TextModelConfig, VisionTowerConfig
-from epd.models.runtime import load_family
+from epd.config import DeploymentConfig, ModelConfig, PoolConfig, TextModelConfig, VisionTowerConfig
+from epd.images import load_image
+from epd.models.generate import generate
+from epd.models.runtime import ModelRuntime, load_family
+from epd.request import ImageInput, Request, SamplingParams
+from epd.serve.offline import OfflineLLM
 
 
 def tiny_model_config(family: str = "llava", **kw) -> ModelConfig:
@@ -40,3 +45,54 @@ def save_hf_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.08)
     model.save_pretrained(path)
     return path
+
+
+MODEL = ModelConfig(seed=1)
+EPD = DeploymentConfig(
+    name="epd",
+    encode=PoolConfig(instances=2, mm_blocks=64),
+    prefill=PoolConfig(kv_blocks=64),
+    decode=PoolConfig(kv_blocks=64, max_decode_seqs=3),
+)
+PD = DeploymentConfig(name="pd", encode_prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=64))
+AGG = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2, kv_blocks=64))
+
+
+def workload(n=7):
+    return [
+        Request(
+            f"r{i}",
+            prompt_token_ids=tuple(range(20 + i, 26 + 2 * i)),
+            images=tuple(ImageInput(width=120 + 10 * i, height=90, seed=100 * i + k) for k in range(i % 4)),
+            sampling=SamplingParams(max_tokens=5 + i, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
+def reference(reqs, model=MODEL):
+    """The single-process runtime: no engine, no Ray (images resized where `model.image_resize` says)."""
+    from epd.models.image_processing import TorchOps, image_tensor
+
+    rt = ModelRuntime(model, {"vision", "lm"})
+    prompts, mm = [], []
+    for r in reqs:
+        images = [load_image(im) for im in r.images]
+        sizes = [im.size for im in images]
+        prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes))
+        if model.image_resize == "device":
+            pixels = [rt.family.preprocess(image_tensor(im), TorchOps) for im in images]
+        else:
+            pixels = [rt.family.preprocess(im) for im in images]
+        emb = rt.encode(pixels)
+        mm.append(torch.cat(emb) if emb else None)
+    return generate(rt, prompts, mm, [r.sampling for r in reqs])
+
+
+def run(deployment, reqs, executor="ray"):
+    with OfflineLLM(MODEL, deployment, executor) as llm:
+        outs = llm.generate(reqs)
+        llm.core.drain_check()
+        info = llm.core.worker_info()
+        events = list(llm.core.pipeline.events)
+    return {o.request_id: o for o in outs}, info, events

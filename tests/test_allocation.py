@@ -13,7 +13,7 @@ from epd.config import AllocationConfig, DeploymentConfig, PoolConfig, RunConfig
 from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import summarize
 from epd.serve.offline import OfflineLLM
-from tests.test_engine import MODEL, reference, workload
+from tests.helpers import MODEL, reference, workload
 
 PROFILE = Path(__file__).resolve().parent.parent / "simulator" / "profiles" / "cpu-tiny-llava.json"
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: a live uvicorn server on loopback over the real engine (Ray, EPD),
 driven by the official `openai` client and raw HTTP for the bad cases."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -8,6 +9,8 @@ import openai
 import pytest
 from PIL import Image
 
+from epd.config import RunConfig
+from epd.request import Request, SamplingParams
 from tests.serving import _serve, _wait_drained, png_data_url
 
 
@@ -36,7 +39,20 @@ def test_plain_completion_with_an_image(client, engine):
     out = client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 7
     assert out.usage.prompt_tokens > 16  # the image's 16 placeholder tokens and the text
-    assert isinstance(out.choices[0].message.content, str)
+    # the same prompt straight into the engine gives the text the server answered
+    from epd.serve.app import render_chat
+    from epd.serve.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(messages=msg)
+    [(ids, images)] = render_chat(body, RunConfig(), engine.core.pipeline.tokenizer)
+    req = Request("direct", prompt_token_ids=tuple(ids), images=images, sampling=SamplingParams(max_tokens=7, ignore_eos=True))
+
+    async def direct():
+        return [t for d in [d async for d in engine.generate(req)] for t in d.token_ids]
+
+    tokens = asyncio.run(direct())
+    assert out.choices[0].message.content == engine.core.pipeline.tokenizer.decode(tokens)
+    assert len(ids) + 1 + 16 == out.usage.prompt_tokens  # BOS, the image's placeholders, the text
     _wait_drained(engine)
 
 

@@ -13,7 +13,7 @@ import torch
 from epd.cache.block_copy import block_runs, copy_blocks, copy_blocks_torch
 from epd.config import DeploymentConfig, PoolConfig
 from epd.csrc import block_ops
-from tests.test_engine import EPD, MODEL, PD, reference, run, workload
+from tests.helpers import EPD, MODEL, PD, reference, run, workload
 
 
 def test_extension_builds_and_coalesces_runs():
