@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 from epd.allocation import make_allocation
-from epd.config import RunConfig
+from epd.config import EngineConfig, RunConfig
 from epd.request import Request
 from epd.run_result import RunResult
 
@@ -27,12 +27,13 @@ class EngineBackend:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.executor = "local" if cfg.backend.kind == "local" else "ray"
+        self.engine_config = EngineConfig(cfg.model, cfg.deployment, self.executor, cfg.backend)
         self._llm = None
 
     def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
 
-        return AsyncLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, self._allocation())
+        return AsyncLLM(self.engine_config, allocation=self._allocation())
 
     def _allocation(self):
         from simulator.backend import best_split
@@ -62,7 +63,7 @@ class EngineBackend:
     def _run_offline(self, requests: list[Request]) -> RunResult:
         from epd.serve.offline import OfflineLLM
 
-        with OfflineLLM(self.cfg.model, self.cfg.deployment, self.executor, self.cfg.backend, self._allocation()) as llm:
+        with OfflineLLM(self.engine_config, allocation=self._allocation()) as llm:
             workers = llm.core.worker_info()
             llm.core.reset_clock()
             llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)

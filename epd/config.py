@@ -279,6 +279,28 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from, passed down whole: EngineCore, OfflineLLM and AsyncLLM
+    take this one object (or its fields, which they gather into one)."""
+
+    model: ModelConfig
+    deployment: DeploymentConfig
+    executor: str = "ray"  # ray: one Ray actor per worker (and tensor-parallel rank) | local: in this process
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    @staticmethod
+    def of(model, deployment=None, executor: str = "ray", backend: Optional[BackendConfig] = None) -> EngineConfig:
+        """An EngineConfig as given, or gathered from its fields."""
+        if isinstance(model, EngineConfig):
+            if deployment is not None:
+                raise TypeError("pass an EngineConfig alone, or the model, deployment, executor and backend")
+            return model
+        if deployment is None:
+            raise TypeError("an engine needs a deployment (or an EngineConfig)")
+        return EngineConfig(model, deployment, executor, backend or BackendConfig())
+
+
+@dataclass(frozen=True)
 class LoggerConfig:
     kind: str = "wandb"  # wandb | none
     project: str = "epd"

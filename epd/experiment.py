@@ -27,7 +27,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
     exit_code = 1
     try:
         result = (backend or make_backend(cfg)).run(requests)
-        summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc)
+        summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc, result.timelines())
         summary.update(backend=cfg.backend.kind, model=cfg.model.name, workload=cfg.workload.name, rate=cfg.workload.rate)
         write_record(out_dir, resolved, result, summary)
         logger.log_run(summary, result)

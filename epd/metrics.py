@@ -159,9 +159,10 @@ def transfer_bandwidth(events: Iterable[Event], min_bytes: int = 16 << 20) -> di
     return out
 
 
-def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deployment: str) -> dict:
+def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deployment: str, tls: Optional[dict] = None) -> dict:
+    """`tls`: the events' timelines, when the caller has them already."""
     events = list(events)
-    tls = timelines(events)
+    tls = timelines(events) if tls is None else tls
     done = [tl for tl in tls.values() if tl.finished]
     ttfts = [tl.ttft for tl in done if tl.ttft is not None]
     tpots = [tl.tpot for tl in done if tl.tpot is not None]

@@ -4,8 +4,10 @@ online load generator."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from epd.lifetime import EventLog
+from epd.metrics import timelines
 from epd.request import RequestOutput
 
 
@@ -16,3 +18,10 @@ class RunResult:
     workers: list[dict] = field(default_factory=list)
     timeseries: list[dict] = field(default_factory=list)
     stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
+    _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def timelines(self) -> dict:
+        """Per-request timelines of the events, computed once (summary, record and W&B share them)."""
+        if self._timelines is None:
+            self._timelines = timelines(self.events)
+        return self._timelines

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from epd.config import LoggerConfig
-from epd.metrics import stage_times, timelines
+from epd.metrics import stage_times
 from epd.run_result import RunResult
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def request_rows(result: RunResult) -> list[dict[str, Any]]:
     rows = []
-    for rid, tl in sorted(timelines(result.events).items()):
+    for rid, tl in sorted(result.timelines().items()):
         row = {
             "request_id": rid,
             "status": "finished" if tl.finished else ("aborted" if tl.abort_reason is not None else "unfinished"),

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Optional
 
-from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.config import EngineConfig
 from epd.engine.executor import make_executor
 from epd.lifetime import EventLog
 from epd.models.runtime import load_family
@@ -24,17 +24,16 @@ log = logging.getLogger(__name__)
 class EngineCore:
     def __init__(
         self,
-        model: ModelConfig,
-        deployment: DeploymentConfig,
-        executor: str = "ray",
-        backend: Optional[BackendConfig] = None,
+        config: EngineConfig,
         on_output: Optional[OutputCallback] = None,
         allocation=None,  # an AllocationController: re-decides the stage sizes while serving
     ):
+        self.config = config
+        model, deployment = config.model, config.deployment
         deployment.validate()
         family = load_family(model)
         tokenizer = load_tokenizer(model, {family.image_token_id, *range(4)})
-        self.executor = make_executor(executor, deployment, model, backend)
+        self.executor = make_executor(config.executor, deployment, model, config.backend)
         frees = transfer_class(self.executor.transfer).frees_on_send  # the backend the workers actually use
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()

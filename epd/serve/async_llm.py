@@ -10,9 +10,9 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
-from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.config import BackendConfig, DeploymentConfig, EngineConfig, ModelConfig
 from epd.engine.core import EngineCore
 from epd.request import INTERNAL, Request, TokenLogprob
 
@@ -31,13 +31,14 @@ class TokenDelta:
 class AsyncLLM:
     def __init__(
         self,
-        model: ModelConfig,
-        deployment: DeploymentConfig,
+        model: Union[EngineConfig, ModelConfig],
+        deployment: Optional[DeploymentConfig] = None,
         executor: str = "ray",
         backend: Optional[BackendConfig] = None,
         allocation=None,
     ):
-        self.core = EngineCore(model, deployment, executor, backend, on_output=self._on_output, allocation=allocation)
+        """An EngineConfig, or its fields (model, deployment, executor, backend)."""
+        self.core = EngineCore(EngineConfig.of(model, deployment, executor, backend), on_output=self._on_output, allocation=allocation)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

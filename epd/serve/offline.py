@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
-from epd.config import BackendConfig, DeploymentConfig, ModelConfig
+from epd.config import BackendConfig, DeploymentConfig, EngineConfig, ModelConfig
 from epd.engine.core import EngineCore
 from epd.request import Request, RequestOutput
 
@@ -12,13 +12,14 @@ from epd.request import Request, RequestOutput
 class OfflineLLM:
     def __init__(
         self,
-        model: ModelConfig,
-        deployment: DeploymentConfig,
+        model: Union[EngineConfig, ModelConfig],
+        deployment: Optional[DeploymentConfig] = None,
         executor: str = "ray",
         backend: Optional[BackendConfig] = None,
         allocation=None,
     ):
-        self.core = EngineCore(model, deployment, executor, backend, allocation=allocation)
+        """An EngineConfig, or its fields (model, deployment, executor, backend)."""
+        self.core = EngineCore(EngineConfig.of(model, deployment, executor, backend), allocation=allocation)
 
     def generate(self, requests: list[Request], timeout_s: float = 600.0) -> list[RequestOutput]:
         """Outputs in the order of `requests`. Ids must be unique among them and among requests still
