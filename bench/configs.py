@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def model_config(name: str) -> ModelConfig:
     from hydra import compose, initialize_config_dir
 
-    from epd.config import register_configs, to_run_config
+    from epd.composition import register_configs, to_run_config
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

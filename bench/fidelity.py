@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from epd.config import register_configs, to_run_config  # noqa: E402
+from epd.composition import register_configs, to_run_config  # noqa: E402
 from epd.experiment import run_experiment  # noqa: E402
 from epd.profiling import run_profile  # noqa: E402
 

@@ -15,7 +15,8 @@ import logging
 from pathlib import Path
 
 from epd.backends import EngineBackend
-from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig, compare_deployments
+from epd.composition import compare_deployments
+from epd.config import AllocationConfig, BackendConfig, DeploymentConfig, RunConfig
 from epd.engine.executor import ensure_ray
 from epd.experiment import format_summary, run_experiment
 from epd.metrics import goodput

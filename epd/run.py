@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from epd.config import register_configs, to_run_config
+from epd.composition import register_configs, to_run_config
 from epd.experiment import format_summary, run_experiment
 
 log = logging.getLogger("epd")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = {"torch", "ray", "triton"}  # what the core may not reach, even through other modules
+HEAVY = {"torch", "ray", "triton", "omegaconf", "hydra"}  # what the core may not reach, even through other modules
 
 CORE = (
     "epd.request", "epd.lifetime", "epd.metrics", "epd.config", "epd.registry", "epd.workload", "epd.images",
@@ -18,15 +18,9 @@ CORE = (
 ENGINE = ("epd.engine", "epd.models", "epd.kernels", "epd.cache", "epd.transfer", "epd.csrc", "epd.distributed", "epd.serve")
 SIMULATOR = ("simulator",)
 EXPERIMENT = (
-    "epd.run",
-    "epd.experiment",
-    "epd.compare",
-    "epd.tracking",
-    "epd.backends",
-    "epd.analysis",
-    "epd.profiling",
-    "epd.serve.loadgen",
-)
+    "epd.run", "epd.composition", "epd.experiment", "epd.compare", "epd.tracking", "epd.backends", "epd.analysis", "epd.profiling",
+    "epd.serve.loadgen", "epd.serve.__main__",
+)  # fmt: skip
 # Model descriptions the simulator sizes its work with (configs and shapes, never a worker).
 MODEL_DESCRIPTIONS = ("epd.models.family", "epd.models.runtime", "epd.models.tokenizer")
 

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from epd.config import RunConfig, register_configs, to_run_config
+from epd.composition import register_configs, to_run_config
+from epd.config import RunConfig
 from epd.metrics import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent

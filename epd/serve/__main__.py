@@ -7,7 +7,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from epd.config import register_configs, to_run_config
+from epd.composition import register_configs, to_run_config
 
 register_configs()
 
