@@ -8,6 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterator
+from typing import Optional
 
 from epd.allocation import make_allocation
 from epd.config import EngineConfig, RunConfig
@@ -29,11 +30,21 @@ class EngineBackend:
         self.executor = "local" if cfg.backend.kind == "local" else "ray"
         self.engine_config = EngineConfig(cfg.model, cfg.deployment, self.executor, cfg.backend)
         self._llm = None
+        self.startup_s: Optional[float] = None  # seconds until every worker was up, for the last engine built
 
     def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
 
-        return AsyncLLM(self.engine_config, allocation=self._allocation())
+        started = time.time()
+        llm = AsyncLLM(self.engine_config, allocation=self._allocation())
+        llm.core.worker_info()  # every worker up
+        self._ready(time.time() - started)
+        return llm
+
+    def _ready(self, seconds: float) -> None:
+        """Workers are built and loaded: runs measure from here (start-up stays out of the window)."""
+        self.startup_s = seconds
+        print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s", flush=True)
 
     def _allocation(self):
         from simulator.backend import best_split
@@ -63,11 +74,14 @@ class EngineBackend:
     def _run_offline(self, requests: list[Request]) -> RunResult:
         from epd.serve.offline import OfflineLLM
 
+        started = time.time()
         with OfflineLLM(self.engine_config, allocation=self._allocation()) as llm:
             workers = llm.core.worker_info()
+            self._ready(time.time() - started)
             llm.core.reset_clock()
-            llm.generate(requests, timeout_s=self.cfg.backend.timeout_s)
-            return self._result(llm.core, workers)
+            with _progress(len(requests)) as bar:
+                outputs = llm.generate(requests, timeout_s=self.cfg.backend.timeout_s, on_finished=bar.update)
+            return self._result(llm.core, workers, {o.request_id: o for o in outputs})
 
     def _run_async(self, llm, requests: list[Request]) -> RunResult:
         llm.stop_loop()  # quiet while the previous run's state is cleared
@@ -80,30 +94,32 @@ class EngineBackend:
         llm.stop_loop()
         return self._result(llm.core, workers)
 
-    @staticmethod
-    def _result(core, workers: list[dict]) -> RunResult:
+    def _result(self, core, workers: list[dict], outputs: Optional[dict] = None) -> RunResult:
         core.drain_check()
         stage_load = list(core.allocation.stage_load) if core.allocation is not None else []
-        return RunResult(core.pipeline.events, dict(core.pipeline.outputs), workers, list(core.timeseries), stage_load)
+        outputs = dict(core.pipeline.outputs) if outputs is None else outputs
+        return RunResult(core.pipeline.events, outputs, workers, list(core.timeseries), stage_load, startup_s=self.startup_s)
 
     async def _drive(self, llm, requests: list[Request]) -> None:
         start = time.time()
-        done = 0
-        last_report = start
+        with _progress(len(requests)) as bar:
 
-        async def one(req: Request) -> None:
-            nonlocal done, last_report
-            delay = start + req.arrival_time - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async for _ in llm.generate(req):
-                pass
-            done += 1
-            if time.time() - last_report > 5.0:
-                last_report = time.time()
-                log.info("progress: %d/%d requests done after %.1fs", done, len(requests), last_report - start)
+            async def one(req: Request) -> None:
+                delay = start + req.arrival_time - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                async for _ in llm.generate(req):
+                    pass
+                bar.update(1)
 
-        await asyncio.wait_for(asyncio.gather(*(one(r) for r in requests)), timeout=self.cfg.backend.timeout_s)
+            await asyncio.wait_for(asyncio.gather(*(one(r) for r in requests)), timeout=self.cfg.backend.timeout_s)
+
+
+def _progress(total: int):
+    """Requests done, rate and ETA on a terminal; nothing when the output is not one (logs, CI)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="  requests", unit="req", leave=False, disable=None, dynamic_ncols=True)
 
 
 def make_backend(cfg: RunConfig):

@@ -122,6 +122,7 @@ def run_compare(cfg: RunConfig, out_dir: Path, resolved: dict) -> dict:
         "workload": cfg.workload.name,
         "slo": {"ttft": cfg.slo.ttft, "tpot": cfg.slo.tpot},
         "attainment_target": cfg.slo.attainment_target,
+        "arrival": cfg.workload.arrival,
         "rows": rows,
         "goodput": {
             f"{name}/{source}": goodput(
@@ -156,6 +157,9 @@ def compare_markdown(result: dict) -> str:
     def gbps(v):
         return "-" if v is None else f"{v:.0f}"
 
+    def rate(r):  # an offline run has every request at t=0: no rate
+        return "offline" if result.get("arrival") == "offline" else f"{r['rate']:g}"
+
     lines = [
         f"Devices: {', '.join(sorted(set(result.get('devices', []))))} x {len(result.get('devices', []))}",
         "",
@@ -168,7 +172,7 @@ def compare_markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['deployment']} ({r['layout']}) | {r['source']} | {r['rate']:g} | {r['slo_attainment']:.0%} | {ms(r['ttft_p50'])} | "
+            f"| {r['deployment']} ({r['layout']}) | {r['source']} | {rate(r)} | {r['slo_attainment']:.0%} | {ms(r['ttft_p50'])} | "
             f"{ms(r['ttft_p90'])} | {ms(r['tpot_p50'])} | {ms(r['tpot_p90'])} | {r['num_finished']}/{r['num_requests']} "
             f"| {r.get('duration') or 0:.2f} | {r.get('role_switches') or 0} "
             f"| {gbps(r.get('mm_transfer_GBps_p50'))} | {gbps(r.get('kv_transfer_GBps_p50'))} |"

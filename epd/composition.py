@@ -72,7 +72,8 @@ def register_configs() -> None:
         ("paths", PathsConfig),
         ("server", ServerConfig),
     ]:
-        cs.store(group=group, name=f"{group}_schema", node=_schema(node_type))
+        # in a group of their own, so Hydra's choices and --help list only real options
+        cs.store(group="schema", name=group, node=_schema(node_type))
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -22,13 +22,24 @@ def make_requests(cfg: RunConfig):
 def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) -> dict:
     """Run cfg's workload on `backend` (default: a fresh one from cfg.backend), record and log it."""
     requests = make_requests(cfg)
+    print(format_header(cfg, len(requests)), flush=True)
     desc = cfg.deployment.describe()
     logger = make_logger(cfg.logger, out_dir, f"{cfg.experiment}-{desc}-{out_dir.name}", cfg.experiment, [desc, cfg.backend.kind], resolved)
     exit_code = 1
     try:
         result = (backend or make_backend(cfg)).run(requests)
         summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc, result.timelines())
-        summary.update(backend=cfg.backend.kind, model=cfg.model.name, workload=cfg.workload.name, rate=cfg.workload.rate)
+        summary.update(
+            backend=cfg.backend.kind,
+            model=cfg.model.name,
+            workload=cfg.workload.name,
+            rate=None if cfg.workload.arrival == "offline" else cfg.workload.rate,
+            arrival=cfg.workload.arrival,
+            allocation=cfg.allocation.policy,
+            transfer=cfg.deployment.transfer,
+            hardware=cfg.hardware.name,
+            engine_startup_s=result.startup_s,
+        )
         write_record(out_dir, resolved, result, summary)
         logger.log_run(summary, result)
         exit_code = 0
@@ -37,13 +48,34 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
         logger.finish(exit_code)
 
 
+def describe_arrivals(w) -> str:
+    """'poisson 2 req/s', or 'offline (all at once)': a rate is named only where it applies."""
+    if w.arrival == "offline":
+        return "offline (all at once)"
+    if w.arrival == "trace":
+        return f"trace {w.trace_path}"
+    return f"{w.arrival} {w.rate:g} req/s"
+
+
+def format_header(cfg: RunConfig, num_requests: int) -> str:
+    """Every choice that changes the result, before the run starts."""
+    backend = {"ray": "real engine on Ray", "local": "real engine in one process", "sim": "simulated", "online": "over HTTP"}
+    return (
+        f"EPD run: model={cfg.model.name} | deployment={cfg.deployment.name} {cfg.deployment.describe()} | "
+        f"allocation={cfg.allocation.policy} | transfer={cfg.deployment.transfer} | hardware={cfg.hardware.name} | "
+        f"backend={cfg.backend.kind} ({backend.get(cfg.backend.kind, cfg.backend.kind)})\n"
+        f"  workload   {cfg.workload.name}: {num_requests} requests, {describe_arrivals(cfg.workload)}"
+    )
+
+
 def format_summary(s: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1000:.1f} ms"
 
+    clock = "simulated s" if s["backend"] == "sim" else "s"
     lines = [
         f"EPD run: {s['model']} | {s['deployment']} | backend={s['backend']} | workload={s['workload']}",
-        f"  requests   {s['num_finished']}/{s['num_requests']} finished, {s['num_aborted']} aborted, {s['duration']:.2f} s",
+        f"  requests   {s['num_finished']}/{s['num_requests']} finished, {s['num_aborted']} aborted, {s['duration']:.2f} {clock}",
         f"  TTFT       mean {ms(s['ttft_mean'])}  p50 {ms(s['ttft_p50'])}  p90 {ms(s['ttft_p90'])}  p99 {ms(s['ttft_p99'])}",
         f"  TPOT       mean {ms(s['tpot_mean'])}  p50 {ms(s['tpot_p50'])}  p90 {ms(s['tpot_p90'])}  p99 {ms(s['tpot_p99'])}",
         f"  E2E        p50 {ms(s['e2e_p50'])}  p90 {ms(s['e2e_p90'])}",

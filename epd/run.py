@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,10 +18,24 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from epd.composition import register_configs, to_run_config
+from epd.config_checks import check_run_config
 from epd.experiment import format_summary, run_experiment
 
 log = logging.getLogger("epd")
 register_configs()
+
+
+def _refuse(exc: Exception, out_dir: Path, multirun: bool) -> None:
+    """A configuration that cannot run: its message on stderr, no traceback; a single run's output
+    directory (Hydra's bookkeeping only) is removed, a sweep's job is marked FAILED."""
+    print(f"epd.run: {exc}", file=sys.stderr, flush=True)
+    if multirun:
+        (out_dir / "FAILED").write_text(f"{exc}\n")
+        return None
+    if out_dir.exists() and all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(out_dir, ignore_errors=True)
+    sys.exit(2)
 
 
 def _shutdown_ray() -> None:
@@ -40,6 +56,10 @@ def main(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         run_cfg = to_run_config(cfg)
+        check_run_config(run_cfg)
+    except ValueError as exc:  # a value out of range or choices: say which, leave nothing behind
+        return _refuse(exc, out_dir, multirun)
+    try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if run_cfg.task == "profile":
             from epd.profiling import run_profile

@@ -18,6 +18,7 @@ class RunResult:
     workers: list[dict] = field(default_factory=list)
     timeseries: list[dict] = field(default_factory=list)
     stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
+    startup_s: Optional[float] = None  # engine start-up (workers built and loaded), outside the measured window
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:

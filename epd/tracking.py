@@ -71,6 +71,7 @@ class WandbLogger:
         import wandb
 
         self.wandb = wandb
+        # W&B's own lines go to its files in the run directory, not the terminal: one line says where.
         self.run = wandb.init(
             project=cfg.project,
             dir=str(out_dir),
@@ -80,7 +81,13 @@ class WandbLogger:
             tags=tags,
             config=config,
             reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
         )
+        if cfg.mode == "offline":
+            where = Path(self.run.dir).parent
+            print(f"  W&B        offline run {where} (upload: wandb sync {where})", flush=True)
+        elif getattr(self.run, "url", None):
+            print(f"  W&B        {self.run.url}", flush=True)
 
     def log_run(self, summary: dict, result: RunResult) -> None:
         rows = request_rows(result)

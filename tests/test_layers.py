@@ -13,13 +13,13 @@ HEAVY = {"torch", "ray", "triton", "omegaconf", "hydra"}  # what the core may no
 
 CORE = (
     "epd.request", "epd.lifetime", "epd.metrics", "epd.config", "epd.registry", "epd.workload", "epd.images",
-    "epd.run_result", "epd.stages", "epd.allocation",
+    "epd.run_result", "epd.config_checks", "epd.stages", "epd.allocation",
 )  # fmt: skip
 ENGINE = ("epd.engine", "epd.models", "epd.kernels", "epd.cache", "epd.transfer", "epd.csrc", "epd.distributed", "epd.serve")
 SIMULATOR = ("simulator",)
 EXPERIMENT = (
     "epd.run", "epd.composition", "epd.experiment", "epd.compare", "epd.tracking", "epd.backends", "epd.analysis", "epd.profiling",
-    "epd.serve.loadgen", "epd.serve.__main__",
+    "epd.serve.loadgen", "epd.serve.__main__", "epd.sweep_table",
 )  # fmt: skip
 # Model descriptions the simulator sizes its work with (configs and shapes, never a worker).
 MODEL_DESCRIPTIONS = ("epd.models.family", "epd.models.runtime", "epd.models.tokenizer")

@@ -86,7 +86,12 @@ def test_cli_real_engine_with_wandb_offline(tmp_path):
     proc = _epd_run(["workload.num_requests=5", "workload.rate=4", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SLO" in proc.stdout and "1E1P1D" in proc.stdout
+    # quiet and legible: every choice named up front, W&B and Ray keep their notices to themselves
+    assert "allocation=static | transfer=object_store | hardware=cpu | backend=ray" in proc.stdout
+    assert "ready in" in proc.stdout and "W&B        offline run" in proc.stdout
+    assert "wandb:" not in proc.stdout + proc.stderr and "Token authentication" not in proc.stderr
     summary = _check_record(tmp_path / "run", 5)
+    assert summary["engine_startup_s"] > 0 and summary["allocation"] == "static"
     assert summary["num_finished"] == 5 and summary["backend"] == "ray"
     workers = json.loads((tmp_path / "run" / "workers.json").read_text())
     assert {tuple(w["roles"]) for w in workers} == {("encode",), ("prefill",), ("decode",)}
@@ -123,6 +128,8 @@ def test_multirun_three_jobs_three_records_three_wandb_runs(tmp_path):
     assert rates == [1.0, 2.0, 4.0]
     runs = [list((j / "wandb").glob("offline-run-*")) for j in jobs]
     assert all(len(r) == 1 for r in runs) and len({r[0].name for r in runs}) == 3
+    # one table across the jobs at the end of the sweep, also written beside them
+    assert "Sweep of 3 jobs" in proc.stdout and "workload.rate=4" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
@@ -133,6 +140,19 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
     for job in (jobs[0], jobs[2]):  # the jobs around the failed one ran in full
         summary = _check_record(job, 4)
         assert summary["num_finished"] == 4 and summary["backend"] == "sim"
+
+
+def test_out_of_range_values_are_refused_before_anything_runs(tmp_path):
+    proc = _epd_run(["workload.rate=-1", "slo.ttft=0", "allocation.policy=smart", f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for key in ("workload.rate=-1.0: must be > 0", "slo.ttft=0.0: must be > 0", "allocation.policy='smart': must be one of"):
+        assert key in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # no empty output directory left behind
+
+
+def test_schemas_are_not_offered_as_choices(tmp_path):
+    proc = _epd_run(["model=tiny-qwen"], tmp_path, timeout=60)
+    assert proc.returncode != 0 and "tiny-llava" in proc.stderr and "_schema" not in proc.stderr
 
 
 def test_cli_bad_override_exits_with_a_clear_message(tmp_path):

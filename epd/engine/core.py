@@ -127,12 +127,17 @@ class EngineCore:
         if self.allocation is not None:
             self.allocation.tick(self.pipeline, now)
 
-    def run_until_idle(self, timeout_s: float = 600.0) -> None:
+    def run_until_idle(self, timeout_s: float = 600.0, on_finished=None) -> None:
+        """Step until every request has ended; `on_finished(n)` is told as n more end."""
         deadline = time.time() + timeout_s
+        active = self.in_flight
         while self.has_work() or any(i.busy for i in self.pipeline.instances.values()):
             if time.time() > deadline:
                 raise TimeoutError(f"engine did not drain within {timeout_s}s: {self.pipeline.num_active} requests active")
             self.step()
+            if on_finished is not None and self.in_flight < active:
+                on_finished(active - self.in_flight)
+                active = self.in_flight
 
     def drain_check(self) -> dict[str, int]:
         """Every block free on the driver, every sequence forgotten on the workers."""

@@ -110,7 +110,8 @@ def ensure_ray(backend: BackendConfig, deployments: list[DeploymentConfig]) -> b
     else:
         need = max(int(sum(p.pool.num_cpus for p in _processes(d))) for d in deployments) + 1
         kwargs = {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
-    ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+    # Ray's start-up notices (token set-up, "Started a local Ray instance") stay out of the terminal.
+    ray.init(log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR, **kwargs)
     return True
 
 

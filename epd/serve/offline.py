@@ -21,9 +21,10 @@ class OfflineLLM:
         """An EngineConfig, or its fields (model, deployment, executor, backend)."""
         self.core = EngineCore(EngineConfig.of(model, deployment, executor, backend), allocation=allocation)
 
-    def generate(self, requests: list[Request], timeout_s: float = 600.0) -> list[RequestOutput]:
+    def generate(self, requests: list[Request], timeout_s: float = 600.0, on_finished=None) -> list[RequestOutput]:
         """Outputs in the order of `requests`. Ids must be unique among them and among requests still
-        active; a finished request is forgotten once returned, so its id may be used again."""
+        active; a finished request is forgotten once returned, so its id may be used again.
+        `on_finished(n)`: told as n more of them end (a progress bar)."""
         ids = [getattr(r, "request_id", None) for r in requests]
         for r in requests:
             if not isinstance(r, Request) or not isinstance(r.request_id, str) or not r.request_id:
@@ -38,7 +39,7 @@ class OfflineLLM:
             self.core.pipeline.forget(rid)  # a finished request of an earlier call that was not forgotten
         for req in requests:
             self.core.add_request(req)
-        self.core.run_until_idle(timeout_s)
+        self.core.run_until_idle(timeout_s, on_finished)
         outputs = [self.core.pipeline.outputs[r.request_id] for r in requests]
         for rid in ids:
             self.core.pipeline.forget(rid)
