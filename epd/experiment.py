@@ -30,6 +30,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
         result = (backend or make_backend(cfg)).run(requests)
         summary = summarize(result.events, cfg.slo.ttft, cfg.slo.tpot, desc, result.timelines())
         summary.update(
+            experiment=cfg.experiment,
             backend=cfg.backend.kind,
             model=cfg.model.name,
             workload=cfg.workload.name,

@@ -6,44 +6,72 @@ import sys
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_analysis_notebook_executes(tmp_path):
+def _epd_run(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    sweep = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "epd.run",
-            "-m",
-            "backend=sim",
-            "logger=none",
-            "deployment=epd,pd",
-            "workload.rate=1,4",
-            "workload.num_requests=8",
-            f"hydra.sweep.dir={tmp_path}/records",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert sweep.returncode == 0, sweep.stderr[-2000:]
-    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    os.environ["EPD_RECORDS"] = str(tmp_path / "records")
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        os.environ.pop("EPD_RECORDS")
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    proc = subprocess.run([sys.executable, "-m", "epd.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _execute_as_a_user_would(notebook: str, records: Path, out: Path) -> nbformat.NotebookNode:
+    """`jupyter nbconvert --to notebook --execute notebooks/NAME.ipynb`, started from the notebooks/
+    directory (the kernel's working directory), with the records pointed at by EPD_RECORDS."""
+    env = {**os.environ, "EPD_RECORDS": str(records), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--output-dir", str(out), notebook]
+    proc = subprocess.run(cmd, cwd=ROOT / "notebooks", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return nbformat.read(out / notebook, as_version=4)
+
+
+def _outputs(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def test_analysis_notebook_runs_as_shipped(tmp_path):
+    records = tmp_path / "records"
+    _epd_run(["-m", "backend=sim", "logger=none", "deployment=epd,pd", "workload.rate=1,4", "workload.num_requests=8",
+              f"hydra.sweep.dir={records}/sweep"], tmp_path)  # fmt: skip
+    offline = ["backend=sim", "logger=none", "workload.name=burst", "workload.arrival=offline", f"hydra.run.dir={records}/offline"]
+    _epd_run(offline, tmp_path)
+    nb = _execute_as_a_user_would("analysis.ipynb", records, tmp_path / "out")
+    outputs = _outputs(nb)
     assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3
-    assert "4 records" in "".join(o.get("text", "") for o in outputs)
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "5 records" in text and "3 configurations" in text  # the offline run of another workload is its own
+
+
+def test_compare_notebook_runs_as_shipped(tmp_path):
+    records = tmp_path / "records"
+    _epd_run(
+        ["+experiment=compare_tiny", "compare.real=false", "logger=none", "compare.rates=[1,3,6]", f"hydra.run.dir={records}/cmp"], tmp_path
+    )
+    nb = _execute_as_a_user_would("compare.ipynb", records, tmp_path / "out")
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2  # attainment, goodput (no engine rows: no scatter)
+    assert "1 comparisons" in "".join(o.get("text", "") for o in outputs)
+
+
+def test_records_are_found_from_the_checkout_wherever_the_kernel_starts(tmp_path, monkeypatch):
+    from epd.analysis import REPO, record_roots
+
+    monkeypatch.delenv("EPD_RECORDS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert record_roots() == [REPO / "multirun", REPO / "outputs"] and (REPO / "conf").is_dir()
+    monkeypatch.setenv("EPD_RECORDS", str(tmp_path))
+    assert record_roots() == [tmp_path.resolve()] and record_roots(tmp_path / "x") == [(tmp_path / "x").resolve()]
+
+
+def test_wilson_interval():
+    from epd.analysis import wilson
+
+    low, high = wilson(9, 10)
+    assert 0.59 < low < 0.6 and 0.98 < high < 0.99
+    assert wilson(0, 0) == (0.0, 1.0) and wilson(10, 10)[1] == 1.0
 
 
 def test_analysis_helpers_on_records(tmp_path):
