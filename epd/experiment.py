@@ -24,7 +24,10 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
     requests = make_requests(cfg)
     print(format_header(cfg, len(requests)), flush=True)
     desc = cfg.deployment.describe()
-    logger = make_logger(cfg.logger, out_dir, f"{cfg.experiment}-{desc}-{out_dir.name}", cfg.experiment, [desc, cfg.backend.kind], resolved)
+    arrivals = "offline" if cfg.workload.arrival == "offline" else f"{cfg.workload.rate:g} req/s"
+    name = f"{cfg.deployment.name} {desc} @ {arrivals} ({cfg.backend.kind})"  # W&B: named by deployment and rate
+    tags = [cfg.experiment, cfg.deployment.name, desc, cfg.backend.kind, cfg.allocation.policy, cfg.model.name, cfg.workload.name]
+    logger = make_logger(cfg.logger, out_dir, name, cfg.experiment, [*tags, f"rate={arrivals}"], resolved)
     exit_code = 1
     try:
         result = (backend or make_backend(cfg)).run(requests)

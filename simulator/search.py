@@ -113,11 +113,22 @@ def _job(args):
 def search(cfg: RunConfig) -> tuple[list[dict], float, int]:
     cands = candidates(cfg)
     t0 = time.time()
-    if cfg.search.processes > 1:
-        with mp.get_context("spawn").Pool(cfg.search.processes) as pool:
-            rows = pool.map(_job, [(cfg, d) for d in cands], chunksize=1)
-    else:
-        rows = [goodput_of(cfg, d) for d in cands]
+    from tqdm.auto import tqdm
+
+    # candidates searched, on a terminal (nothing in logs and CI)
+    bar = tqdm(total=len(cands), desc="  deployments", unit="dep", leave=False, disable=None, dynamic_ncols=True)
+    with bar:
+        if cfg.search.processes > 1:
+            with mp.get_context("spawn").Pool(cfg.search.processes) as pool:
+                rows = []
+                for row in pool.imap(_job, [(cfg, d) for d in cands], chunksize=1):
+                    rows.append(row)
+                    bar.update(1)
+        else:
+            rows = []
+            for d in cands:
+                rows.append(goodput_of(cfg, d))
+                bar.update(1)
     rows.sort(key=lambda r: -r["goodput"])
     return rows, time.time() - t0, sum(r["simulated_requests"] for r in rows)
 
@@ -151,7 +162,13 @@ def run_search(cfg: RunConfig, out_dir: Path, resolved: dict) -> float:
         import wandb
 
         run = wandb.init(
-            project=cfg.logger.project, dir=str(out_dir), mode=cfg.logger.mode, group=cfg.experiment, config=resolved, tags=["optimize"]
+            project=cfg.logger.project,
+            dir=str(out_dir),
+            mode=cfg.logger.mode,
+            group=cfg.experiment,
+            config=resolved,
+            tags=["optimize"],
+            settings=wandb.Settings(silent=True, console="off"),
         )
         try:
             run.log({"search": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})

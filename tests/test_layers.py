@@ -19,7 +19,7 @@ ENGINE = ("epd.engine", "epd.models", "epd.kernels", "epd.cache", "epd.transfer"
 SIMULATOR = ("simulator",)
 EXPERIMENT = (
     "epd.run", "epd.composition", "epd.experiment", "epd.compare", "epd.tracking", "epd.backends", "epd.analysis", "epd.profiling",
-    "epd.serve.loadgen", "epd.serve.__main__", "epd.sweep_table",
+    "epd.serve.loadgen", "epd.serve.__main__", "epd.sweep_table", "epd.report",
 )  # fmt: skip
 # Model descriptions the simulator sizes its work with (configs and shapes, never a worker).
 MODEL_DESCRIPTIONS = ("epd.models.family", "epd.models.runtime", "epd.models.tokenizer")

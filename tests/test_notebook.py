@@ -54,6 +54,13 @@ def test_compare_notebook_runs_as_shipped(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2  # attainment, goodput (no engine rows: no scatter)
     assert "1 comparisons" in "".join(o.get("text", "") for o in outputs)
+    # the offline report of the same records: Markdown with its plots beside it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "epd.report", str(records)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (records / "report" / "report.md").read_text()
+    assert "# Comparison: compare_tiny" in report and "![Goodput](compare0_goodput.png)" in report
+    assert (records / "report" / "compare0_goodput.png").stat().st_size > 0 and "| compare_tiny |" in report
 
 
 def test_records_are_found_from_the_checkout_wherever_the_kernel_starts(tmp_path, monkeypatch):
