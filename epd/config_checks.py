@@ -115,3 +115,34 @@ def check_run_config(cfg: RunConfig) -> None:
         c.problems.append(str(exc))
     if c.problems:
         raise ConfigError(c.problems)
+
+
+def unknown_override(arg: str) -> str | None:
+    """For a command-line override `a.b.c=value`, a message naming the key if the config has no such
+    key (with the nearest ones), instead of Hydra's hint to append it with `+`; None if it exists or
+    is not a plain override (`+x=`, `~x`, `hydra.*`, flags, group choices are left to Hydra)."""
+    import dataclasses
+    import difflib
+    import typing
+
+    if arg.startswith(("-", "+", "~")) or "=" not in arg:
+        return None
+    key = arg.split("=", 1)[0]
+    parts = key.split(".")
+    if parts[0] == "hydra":
+        return None
+    node: Any = RunConfig
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return None  # a dict or list field (compare.deployments, workload.phases): free-form below
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the config"
+            near = difflib.get_close_matches(part, list(fields), n=3)
+            hint = f"; did you mean {', '.join('.'.join([*parts[:depth], n]) for n in near)}?" if near else ""
+            return f"{key}: {where} has no key {part!r}{hint} (a new key is added with +{key}=..., rarely what you want)"
+        hints = typing.get_type_hints(node)
+        node = hints[part]
+        if typing.get_origin(node) is typing.Union:
+            node = next((a for a in typing.get_args(node) if a is not type(None)), node)
+    return None

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from epd.composition import register_configs, to_run_config
-from epd.config_checks import check_run_config
+from epd.config_checks import check_run_config, unknown_override
 from epd.experiment import format_summary, run_experiment
 
 log = logging.getLogger("epd")
@@ -93,5 +93,14 @@ def main(cfg: DictConfig) -> Optional[float]:
         _shutdown_ray()
 
 
+def _check_overrides(argv: list[str]) -> None:
+    """Misspelt keys named before Hydra composes (its own message suggests appending them with +)."""
+    problems = [p for p in map(unknown_override, argv) if p]
+    if problems:
+        print("epd.run: " + "\n  ".join(["unknown configuration keys:", *problems]), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _check_overrides(sys.argv[1:])
     main()

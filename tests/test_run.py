@@ -150,6 +150,12 @@ def test_out_of_range_values_are_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()  # no empty output directory left behind
 
 
+def test_a_misspelt_key_is_named_with_its_nearest_keys(tmp_path):
+    proc = _epd_run(["workload.ratee=3", "deployment.encode.instanses=2", f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert "did you mean workload.rate?" in proc.stderr and "did you mean deployment.encode.instances?" in proc.stderr
+
+
 def test_schemas_are_not_offered_as_choices(tmp_path):
     proc = _epd_run(["model=tiny-qwen"], tmp_path, timeout=60)
     assert proc.returncode != 0 and "tiny-llava" in proc.stderr and "_schema" not in proc.stderr

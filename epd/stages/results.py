@@ -26,11 +26,16 @@ from epd.stages.work import (
 class Results:
     """Pipeline part: results and endings."""
 
+    def _live(self, rid: str) -> Optional[RequestState]:
+        """The request's state, unless it has ended (or been forgotten) since its batch was sent."""
+        state = self.states.get(rid)
+        return None if state is None or state.done else state
+
     def _encoded(self, inst: Instance, result: EncodeResult) -> None:
         b, e = result.span
         for item in result.items:
-            state = self.states.get(item.request_id)
-            if state is None or state.done:
+            state = self._live(item.request_id)
+            if state is None:
                 continue
             if item.error:
                 self.abort(state, item.error, e, item.error_kind)
@@ -53,8 +58,8 @@ class Results:
     def _prefilled(self, inst: Instance, result: PrefillResult) -> None:
         b, e = result.span
         for item in result.items:
-            state = self.states.get(item.request_id)
-            if state is None or state.done:
+            state = self._live(item.request_id)
+            if state is None:
                 continue
             if item.error:
                 self.abort(state, f"prefill on {inst.id} failed: {item.error}", e, INTERNAL)
@@ -81,16 +86,16 @@ class Results:
     def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
         b, e = result.span
         for rid, (tb, te) in result.kv_transfers.items():
-            state = self.states.get(rid)
-            if state is not None and not state.done:
+            state = self._live(rid)
+            if state is not None:
                 self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
                 self.emit(te, state, Ev.KV_TRANSFER_END, inst.id)
         for rid, why in result.errors.items():
-            if rid in self.states:
-                self.abort(self.states[rid], f"decode on {inst.id} failed: {why}", e, INTERNAL)
+            if (state := self._live(rid)) is not None:
+                self.abort(state, f"decode on {inst.id} failed: {why}", e, INTERNAL)
         for rid, tok in result.tokens.items():
-            state = self.states.get(rid)
-            if state is None or state.done:
+            state = self._live(rid)
+            if state is None:
                 continue
             if not state.decode_started:
                 state.decode_started = True
