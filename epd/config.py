@@ -370,6 +370,7 @@ class ServerConfig:
     allow_remote_images: bool = False
     default_max_tokens: int = 64
     url: Optional[str] = None  # online benchmark: an existing server; None starts one on loopback
+    client_retries: int = 0  # online benchmark: a request refused (429/503) is sent again after Retry-After, this many times
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ class Timeline:
     @property
     def tpot(self) -> Optional[float]:
         """(finish - first token) / (n_out - 1); None for one-token outputs."""
-        if not self.finished or self.num_output_tokens < 2:
-            return None
+        if not self.finished or self.num_output_tokens < 2 or Ev.FIRST_TOKEN not in self.first:
+            return None  # a client that saw no token (all held back, or none decodable) cannot time them
         return (self.first[Ev.FINISHED] - self.first[Ev.FIRST_TOKEN]) / (self.num_output_tokens - 1)
 
     @property

@@ -88,3 +88,18 @@ def test_event_log_roundtrip(tmp_path):
     back = EventLog.read_jsonl(tmp_path / "e.jsonl")
     assert sorted(e.to_row()["time"] for e in back) == sorted(e.time for e in log)
     assert summarize(back, 2.0, 0.25, "x") == summarize(log, 2.0, 0.25, "x")
+
+
+def test_a_request_finished_without_a_visible_token_has_no_ttft_or_tpot():
+    """The online client may see a stream end with no text (every token held back or undecodable):
+    finished, with no TTFT or TPOT, and the summary still computes."""
+    log = EventLog()
+    log.emit(0.0, "a", Ev.ISSUED)
+    log.emit(0.5, "a", Ev.FINISHED, num_output_tokens=5, finish_reason="length")
+    log.emit(0.0, "b", Ev.ISSUED)
+    log.emit(0.1, "b", Ev.FIRST_TOKEN)
+    log.emit(0.5, "b", Ev.FINISHED, num_output_tokens=5, finish_reason="length")
+    tl = timelines(log)
+    assert tl["a"].ttft is None and tl["a"].tpot is None and tl["b"].tpot == pytest.approx(0.1)
+    s = summarize(log, 1.0, 1.0, "epd")
+    assert s["num_finished"] == 2 and s["tpot_p50"] == pytest.approx(0.1)

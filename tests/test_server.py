@@ -267,31 +267,26 @@ def test_stop_string_ends_the_answer_early(client, engine):
 
 
 def test_online_benchmark_writes_a_record(tmp_path):
+    """The workload over HTTP, scored from the client's side; a server that refuses (one request at a
+    time here) is retried after Retry-After when asked, and otherwise the refusals are recorded as such."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "epd.run",
-            "+experiment=online_tiny",
-            "workload.num_requests=5",
-            "workload.rate=4",
-            "logger=none",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    def run(name: str, *extra: str) -> tuple[dict, list[dict]]:
+        args = ["+experiment=online_tiny", "workload.num_requests=5", "logger=none", f"hydra.run.dir={tmp_path}/{name}", *extra]
+        proc = subprocess.run([sys.executable, "-m", "epd.run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        return summary, [json.loads(line) for line in (tmp_path / name / "events.jsonl").read_text().splitlines()]
+
+    summary, events = run("retried", "workload.rate=200", "server.max_concurrent_requests=1", "server.client_retries=30")
     assert summary["backend"] == "online" and summary["num_finished"] == 5 and summary["ttft_p50"] > 0 and summary["tpot_p50"] > 0
-    kinds = {json.loads(line)["kind"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()}
-    assert {"issued", "first_token", "token", "finished"} <= kinds
+    assert {"issued", "first_token", "token", "finished"} <= {e["kind"] for e in events}
+    summary, events = run("refused", "workload.rate=200", "server.max_concurrent_requests=1")
+    refused = [e for e in events if e["kind"] == "aborted"]
+    assert refused and all("refused: HTTP 429" in e["data"]["reason"] for e in refused)
+    assert summary["num_finished"] + summary["num_aborted"] == 5 and summary["num_finished"] >= 1

@@ -358,3 +358,15 @@ def test_async_llm_refuses_a_second_stream_with_the_same_id(engine):
 
 def test_run_config_default_body_limit():
     assert RunConfig().server.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_online_client_sends_procedural_images_as_jpeg_and_keeps_encoded_bytes():
+    import base64
+
+    from epd.request import ImageInput
+    from epd.serve.loadgen import data_url
+
+    url = data_url(ImageInput(width=320, height=240, seed=3))
+    assert url.startswith("data:image/jpeg;base64,") and base64.b64decode(url.split(",", 1)[1])[:2] == b"\xff\xd8"
+    png = base64.b64decode(png_data_url().split(",", 1)[1])
+    assert data_url(ImageInput(data=png)) == "data:image/png;base64," + base64.b64encode(png).decode()

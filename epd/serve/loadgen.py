@@ -24,13 +24,27 @@ from epd.run_result import RunResult
 
 
 def data_url(image: ImageInput) -> str:
+    """A data URL of the image as a client would send it: its own bytes, or a procedural image encoded
+    as JPEG (what cameras and phones send; a 12 MP PNG takes seconds to deflate)."""
     if image.data is not None:
-        raw = image.data
+        raw, mime = image.data, _mime(image.data)
+    elif image.path is not None:
+        with open(image.path, "rb") as f:
+            raw = f.read()
+        mime = _mime(raw)
     else:
         buf = io.BytesIO()
-        load_image(image).save(buf, format="PNG")
-        raw = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(raw).decode()
+        load_image(image).save(buf, format="JPEG", quality=92)
+        raw, mime = buf.getvalue(), "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def _mime(raw: bytes) -> str:
+    if raw.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if raw.startswith(b"RIFF") and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/png"
 
 
 def chat_body(req: Request) -> dict:
@@ -115,22 +129,30 @@ class OnlineBackend:
                 events.emit(time.time() - start, rid, Ev.ISSUED, num_images=len(req.images))
                 pieces, usage, finish = [], None, None
                 try:
-                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
-                        if resp.status_code != 200:
-                            reason = (await resp.aread()).decode(errors="replace")[:300]
-                            raise RuntimeError(f"HTTP {resp.status_code}: {reason}")
-                        async for line in resp.aiter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
+                    for attempt in range(self.cfg.server.client_retries + 1):
+                        async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
+                            if resp.status_code in (429, 503) and attempt < self.cfg.server.client_retries:
+                                await asyncio.sleep(float(resp.headers.get("retry-after", "1")))  # refused for now: try again
                                 continue
-                            chunk = json.loads(line[6:])
-                            now = time.time() - start
-                            if chunk.get("usage"):
-                                usage = chunk["usage"]
-                            for choice in chunk.get("choices", []):
-                                if choice["delta"].get("content"):
-                                    events.emit(now, rid, Ev.FIRST_TOKEN if not pieces else Ev.TOKEN)
-                                    pieces.append(choice["delta"]["content"])
-                                finish = choice.get("finish_reason") or finish
+                            if resp.status_code != 200:
+                                reason = (await resp.aread()).decode(errors="replace")[:300]
+                                kind = "refused" if resp.status_code in (429, 503) else "failed"
+                                raise RuntimeError(f"{kind}: HTTP {resp.status_code}: {reason}")
+                            async for line in resp.aiter_lines():
+                                if not line.startswith("data: ") or line == "data: [DONE]":
+                                    continue
+                                chunk = json.loads(line[6:])
+                                now = time.time() - start
+                                if chunk.get("usage"):
+                                    usage = chunk["usage"]
+                                for choice in chunk.get("choices", []):
+                                    if choice["delta"].get("content"):
+                                        events.emit(now, rid, Ev.FIRST_TOKEN if not pieces else Ev.TOKEN)
+                                        pieces.append(choice["delta"]["content"])
+                                    finish = choice.get("finish_reason") or finish
+                        break
+                    if finish == "abort":
+                        raise RuntimeError("failed: the server aborted the request while streaming it")
                     n_out = usage["completion_tokens"] if usage else len(pieces)
                     events.emit(time.time() - start, rid, Ev.FINISHED, num_output_tokens=n_out, finish_reason=finish)
                     outputs[rid] = RequestOutput(rid, [], "".join(pieces), finish, None, usage["prompt_tokens"] if usage else 0)
