@@ -1,13 +1,16 @@
 """`python -m epd.report [DIR] [--out OUT]`: a Markdown report of the run records under DIR (default: the
-checkout's multirun/ and outputs/, or $EPD_RECORDS) with its plots as PNG files beside it — the offline
-equivalent of a W&B report: one table of every run, attainment vs rate per configuration with 95%
-bands, latency CDFs, and for each comparison experiment its attainment, goodput and simulator-vs-engine
-plots."""
+checkout's multirun/ and outputs/, or $EPD_RECORDS) with its plots as PNG files beside it: one table of
+every run, attainment vs rate per configuration with 95% bands, latency CDFs, and for each comparison
+experiment its attainment, goodput and simulator-vs-engine plots.
+
+`python -m epd.report --wandb EXPERIMENT [--project P] [--entity E]`: the same questions as a W&B Report
+over the experiment's runs in a W&B project (online, logged in; built with `wandb-workspaces`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -58,11 +61,54 @@ def write_report(root, out: Path) -> Path:
     return report
 
 
+def wandb_report(experiment: str, project: str = "epd", entity: Optional[str] = None):
+    """A W&B Report (not yet saved) of the runs of `experiment` in `project`: SLO attainment, TTFT and
+    TPOT p90 against the rate, one series per deployment, and throughput per deployment."""
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces import expr
+
+    runs = wr.Runset(
+        entity=entity or "",
+        project=project,
+        name=experiment,
+        filters=[expr.Config("experiment") == experiment],
+        groupby=["deployment.name"],
+    )
+    rate = wr.Config("workload.rate")
+    panels = [
+        wr.ScatterPlot(title="SLO attainment vs rate", x=rate, y=wr.SummaryMetric("slo_attainment")),
+        wr.ScatterPlot(title="TTFT p90 (s) vs rate", x=rate, y=wr.SummaryMetric("ttft_p90")),
+        wr.ScatterPlot(title="TPOT p90 (s) vs rate", x=rate, y=wr.SummaryMetric("tpot_p90")),
+        wr.BarPlot(title="throughput (req/s)", metrics=[wr.SummaryMetric("request_throughput")], groupby=wr.Config("deployment.name")),
+    ]
+    blocks = [
+        wr.H1(f"EPD: {experiment}"),
+        wr.P("Runs of the experiment grouped by deployment; each point is one run (a rate of a sweep)."),
+        wr.PanelGrid(runsets=[runs], panels=panels),
+    ]
+    kwargs = {"entity": entity} if entity else {}
+    return wr.Report(
+        project=project, title=f"EPD: {experiment}", description="made by python -m epd.report --wandb", blocks=blocks, **kwargs
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", default=None, help="records to report on (default: $EPD_RECORDS, else multirun/ and outputs/)")
     ap.add_argument("--out", default=None, help="where report.md and its plots go (default: ROOT/report, or ./report)")
+    ap.add_argument("--wandb", metavar="EXPERIMENT", default=None, help="build a W&B Report of this experiment's runs instead (online)")
+    ap.add_argument("--project", default="epd")
+    ap.add_argument("--entity", default=None)
     args = ap.parse_args()
+    if args.wandb:
+        try:
+            report = wandb_report(args.wandb, args.project, args.entity)
+            report.save()
+        except Exception as exc:  # no login, no network, offline mode
+            raise SystemExit(f"epd.report: the W&B report needs W&B online and a login (wandb login): {exc}\n"
+                             f"The offline report: python -m epd.report DIR") from None  # fmt: skip
+        print(f"report: {report.url}")
+        return
     out = Path(args.out) if args.out else (Path(args.root) / "report" if args.root else Path("report"))
     print(f"report: {write_report(args.root, out)}")
 

@@ -96,3 +96,17 @@ def test_analysis_helpers_on_records(tmp_path):
     assert len(recs) == 1 and len(attainment_table(recs)) == 1
     fig = plot_timeline(recs[0])
     assert len(fig.axes[0].patches) >= 16 * 3  # encode, transfer(s), prefill, decode bars for every request
+
+
+def test_wandb_report_of_an_experiment(tmp_path):
+    """The online report is built from the experiment's runs; saving it needs a login, and without one
+    the command says so (and where the offline report is)."""
+    from epd.report import wandb_report
+
+    report = wandb_report("compare_tiny", "epd", "someone")
+    grid = report.blocks[-1]
+    assert report.title == "EPD: compare_tiny" and len(grid.panels) == 4 and grid.runsets[0].groupby == ["deployment.name"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": ""}
+    proc = subprocess.run([sys.executable, "-m", "epd.report", "--wandb", "compare_tiny", "--entity", "someone"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "needs W&B online and a login" in proc.stderr and "Traceback" not in proc.stderr
