@@ -81,6 +81,7 @@ class ModelConfig:
     # device; a GPU does in ~1 ms what PIL does in ~0.1 s; pixels differ from PIL's by < 0.3 levels
     # on average).
     image_resize: str = "host"
+    image_decode: str = "host"  # device: JPEGs decoded by nvJPEG on the E worker's GPU (needs image_resize=device)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,9 @@ def check_run_config(cfg: RunConfig) -> None:
     c.choice("model.load_format", m.load_format, ("dummy", "hf"))
     c.choice("model.dtype", m.dtype, DTYPES)
     c.choice("model.image_resize", m.image_resize, ("host", "device"))
+    c.choice("model.image_decode", m.image_decode, ("host", "device"))
+    if m.image_decode == "device" and m.image_resize != "device":
+        c.problems.append("model.image_decode=device needs model.image_resize=device (decoded images stay on the GPU)")
     c.at_least("model.max_tiles", m.max_tiles, 1)
     w = cfg.workload
     c.choice("workload.kind", w.kind, ("synthetic", "dataset"))

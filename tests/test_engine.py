@@ -130,5 +130,9 @@ def test_images_resized_on_the_device_match_the_runtime_doing_the_same():
         outs = llm.generate(reqs)
         llm.core.drain_check()
     assert {o.request_id: o.token_ids for o in outs} == expected
+    # decoding on the GPU needs CUDA: on the CPU it falls back to the host's decoder, same tokens
+    with OfflineLLM(dataclasses.replace(model, image_decode="device"), EPD, "local") as llm:
+        assert llm.core.executor.workers["encode-0"]._jpeg is None
+        assert {o.request_id: o.token_ids for o in llm.generate(reqs)} == expected
     with pytest.raises(ValueError, match="image_resize must be host or device"):
         OfflineLLM(dataclasses.replace(MODEL, image_resize="gpu"), EPD, "local")

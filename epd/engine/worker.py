@@ -17,6 +17,7 @@ import torch
 from epd.cache.paged import read_rows, write_rows
 from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, join, leave
+from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
 from epd.engine.isolation import Failed, describe, isolated
 from epd.images import ImageError, load_image
 from epd.models.generate import lm_step
@@ -106,6 +107,7 @@ class Worker:
         self.seqs: dict[str, _Seq] = {}
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
+        self._jpeg = GpuJpegDecoder.make(self.rt.device) if model.image_decode == "device" and self.rt.vision is not None else None
 
     def _configure(self, roles: tuple[str, ...], pool: PoolConfig) -> None:
         """Caches (and decode graphs) for `roles`; the model parts are already in place."""
@@ -225,12 +227,21 @@ class Worker:
         return EncodeResult((begin, time.time()), results)
 
     def _encode_images(self, pixels: list) -> list[torch.Tensor]:
+        jpegs = [i for i, x in enumerate(pixels) if isinstance(x, bytes)]
+        if jpegs:  # still encoded: decoded here, on the GPU, in one batch
+            pixels = list(pixels)
+            for i, x in zip(jpegs, self._jpeg.decode([pixels[i] for i in jpegs])):
+                pixels[i] = x
         if self.model_cfg.image_resize == "device":
             pixels = [self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps) for x in pixels]
         return self.rt.encode(pixels)
 
-    def _preprocess(self, item) -> torch.Tensor | str:
+    def _preprocess(self, item) -> torch.Tensor | bytes | str:
+        """What the tower's batch needs of one image, on the host: pixels resized (image_resize=host),
+        decoded pixels (device), or a JPEG's bytes left for the GPU to decode (image_decode=device)."""
         try:
+            if self._jpeg is not None and (blob := jpeg_bytes(item.image)) is not None:
+                return blob
             image = load_image(item.image)
             if self.model_cfg.image_resize == "device":
                 return image_tensor(image)  # decoded here; resized on the device (`_encode`)
