@@ -370,3 +370,31 @@ def test_online_client_sends_procedural_images_as_jpeg_and_keeps_encoded_bytes()
     assert url.startswith("data:image/jpeg;base64,") and base64.b64decode(url.split(",", 1)[1])[:2] == b"\xff\xd8"
     png = base64.b64decode(png_data_url().split(",", 1)[1])
     assert data_url(ImageInput(data=png)) == "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def test_a_server_engine_keeps_only_the_requests_in_flight():
+    """With retain_finished=False (how `python -m epd.serve` runs) a request's state and output go once
+    its stream ends — finished, stopped by a stop string, refused, or left by its client."""
+    llm = AsyncLLM(ModelConfig(), DEPLOYMENT, "local", retain_finished=False)
+    live = _serve(llm)
+    try:
+        cli = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        for i in range(6):
+            cli.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=5, temperature=0)
+        list(cli.chat.completions.create(model="tiny-llava", messages=MSG, max_tokens=5, stream=True))
+        cli.chat.completions.create(model="tiny-llava", messages=MSG, max_tokens=40, stop=["a"], logit_bias={str(ord("a") + 4): 100})
+        assert _post(live, "/v1/chat/completions", {"model": "tiny-llava", "messages": MSG, "max_tokens": 9000}).status_code == 400
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3000, "ignore_eos": True},
+                       timeout=httpx.Timeout(60, read=0.5))  # fmt: skip
+        deadline = time.time() + 10
+        while (llm.core.pipeline.states or llm.core.has_work()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not llm.core.pipeline.states and not llm.core.pipeline.outputs
+        for inst in llm.core.pipeline.instances.values():
+            for pool in (inst.kv, inst.mm):
+                if pool is not None:
+                    pool.assert_all_free()
+    finally:
+        live.stop()
+        llm.close()

@@ -38,6 +38,7 @@ class EngineCore:
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._forgets: queue.Queue[str] = queue.Queue()
         self._wake = threading.Event()  # set by add_request: an idle loop starts at once
         self.allocation = allocation
         self.timeseries: list[dict] = []
@@ -77,6 +78,12 @@ class EngineCore:
         self._aborts.put((request_id, reason))
         self._wake.set()
 
+    def forget_request(self, request_id: str) -> None:
+        """Thread-safe: an ended request's state and output are dropped at the next step (after any
+        abort asked for before), so a long-running server holds only the requests in flight."""
+        self._forgets.put(request_id)
+        self._wake.set()
+
     @property
     def in_flight(self) -> int:
         """Requests added and not yet finished (including those not admitted yet)."""
@@ -102,6 +109,14 @@ class EngineCore:
                 break
             if rid in self.pipeline.states:
                 self.pipeline.abort(self.pipeline.states[rid], reason, time.time(), CANCELLED)
+        while True:
+            try:
+                rid = self._forgets.get_nowait()
+            except queue.Empty:
+                break
+            state = self.pipeline.states.get(rid)
+            if state is not None and state.done:
+                self.pipeline.forget(rid)
         for inst in self.pipeline.instances.values():
             if not inst.busy:
                 batch = self.pipeline.next_batch(inst)

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_cfg = to_run_config(cfg)
     executor = "local" if run_cfg.backend.kind == "local" else "ray"
-    llm = AsyncLLM(run_cfg.model, run_cfg.deployment, executor, run_cfg.backend)
+    llm = AsyncLLM(run_cfg.model, run_cfg.deployment, executor, run_cfg.backend, retain_finished=False)
     try:
         llm.core.reset_clock()
         uvicorn.run(build_app(run_cfg, llm), host=run_cfg.server.host, port=run_cfg.server.port, log_level="info")

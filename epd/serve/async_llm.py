@@ -36,8 +36,12 @@ class AsyncLLM:
         executor: str = "ray",
         backend: Optional[BackendConfig] = None,
         allocation=None,
+        retain_finished: bool = True,
     ):
-        """An EngineConfig, or its fields (model, deployment, executor, backend)."""
+        """An EngineConfig, or its fields (model, deployment, executor, backend). `retain_finished=False`
+        (a server): a request's state and output are dropped once its stream has ended, so memory
+        holds the requests in flight only; True (benchmarks) keeps them for the run's record."""
+        self.retain_finished = retain_finished
         self.core = EngineCore(EngineConfig.of(model, deployment, executor, backend), on_output=self._on_output, allocation=allocation)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -96,6 +100,8 @@ class AsyncLLM:
                 self._streams.pop(req.request_id, None)
             if not finished:  # the consumer went away (client disconnect): free the request's blocks
                 self.abort(req.request_id)
+            if not self.retain_finished:
+                self.core.forget_request(req.request_id)
 
     def abort(self, request_id: str, reason: str = "cancelled by the client") -> None:
         self.core.abort_request(request_id, reason)

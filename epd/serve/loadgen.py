@@ -76,7 +76,9 @@ class _LocalServer:
         from epd.serve.app import build_app
         from epd.serve.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM(cfg.model, cfg.deployment, "local" if cfg.backend.kind == "local" else "ray", cfg.backend)
+        self.llm = AsyncLLM(
+            cfg.model, cfg.deployment, "local" if cfg.backend.kind == "local" else "ray", cfg.backend, retain_finished=False
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
