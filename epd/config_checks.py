@@ -4,15 +4,18 @@ without a traceback or an output directory)."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from typing import Any
 
+from epd.allocation.policies import POLICIES
 from epd.config import TRANSFER_BACKENDS, RunConfig
 
 TASKS = ("serve", "profile", "optimize", "compare")
 ARRIVALS = ("poisson", "gamma", "constant", "trace", "offline")
 BACKENDS = ("ray", "local", "sim", "online")
-POLICIES = ("static", "queue", "simulated", "scripted")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -87,7 +90,7 @@ def check_run_config(cfg: RunConfig) -> None:
     c.at_least("slo.tpot", s.tpot, 0, strict=True)
     c.within("slo.attainment_target", s.attainment_target, 0, 1, low_open=True)
     a = cfg.allocation
-    c.choice("allocation.policy", a.policy, POLICIES)
+    c.choice("allocation.policy", a.policy, POLICIES.names())
     c.at_least("allocation.interval_s", a.interval_s, 0, strict=True)
     c.at_least("allocation.hysteresis", a.hysteresis, 1)
     c.at_least("allocation.patience", a.patience, 1)
@@ -125,10 +128,6 @@ def unknown_override(arg: str) -> str | None:
     """For a command-line override `a.b.c=value`, a message naming the key if the config has no such
     key (with the nearest ones), instead of Hydra's hint to append it with `+`; None if it exists or
     is not a plain override (`+x=`, `~x`, `hydra.*`, flags, group choices are left to Hydra)."""
-    import dataclasses
-    import difflib
-    import typing
-
     if arg.startswith(("-", "+", "~")) or "=" not in arg:
         return None
     key = arg.split("=", 1)[0]

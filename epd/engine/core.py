@@ -14,6 +14,7 @@ from epd.lifetime import EventLog
 from epd.models.runtime import load_family
 from epd.models.tokenizer import load_tokenizer
 from epd.request import CANCELLED, Request
+from epd.stages.admission import check_identity
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class
@@ -68,8 +69,7 @@ class EngineCore:
     def add_request(self, req: Request) -> None:
         """Thread-safe: the request is admitted at the next step (a request that is not a Request with
         a non-empty string id raises here; every other defect aborts it with a reason at admission)."""
-        if not isinstance(req, Request) or not isinstance(req.request_id, str) or not req.request_id:
-            raise ValueError(f"not a request with a non-empty string id: {req!r}"[:200])
+        check_identity(req)
         self._incoming.put((req, time.time()))
         self._wake.set()
 

@@ -7,6 +7,7 @@ from typing import Optional, Union
 from epd.config import BackendConfig, DeploymentConfig, EngineConfig, ModelConfig
 from epd.engine.core import EngineCore
 from epd.request import Request, RequestOutput
+from epd.stages.admission import check_identity
 
 
 class OfflineLLM:
@@ -25,10 +26,9 @@ class OfflineLLM:
         """Outputs in the order of `requests`. Ids must be unique among them and among requests still
         active; a finished request is forgotten once returned, so its id may be used again.
         `on_finished(n)`: told as n more of them end (a progress bar)."""
-        ids = [getattr(r, "request_id", None) for r in requests]
         for r in requests:
-            if not isinstance(r, Request) or not isinstance(r.request_id, str) or not r.request_id:
-                raise ValueError(f"not a request with a non-empty string id: {r!r}"[:200])
+            check_identity(r)
+        ids = [r.request_id for r in requests]
         dups = sorted({i for i in ids if ids.count(i) > 1})
         if dups:
             raise ValueError(f"duplicate request ids: {dups[:10]}; nothing was submitted")

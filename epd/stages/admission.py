@@ -52,6 +52,13 @@ def prepare(state: RequestState, family: ModelView, text: TextModelConfig, token
     check_fits(state, by_role)
 
 
+def check_identity(req) -> None:
+    """A Request with a non-empty string id, or ValueError: what must hold before a request may even be
+    queued (its id keys everything after); every other defect aborts it at admission with a reason."""
+    if not isinstance(req, Request) or not isinstance(req.request_id, str) or not req.request_id:
+        raise ValueError(f"not a request with a non-empty string id: {req!r}"[:200])
+
+
 def check_request(req: Request, vocab_size: int) -> None:
     """Types and bounds of every field, before anything reads them (a bad field is this request's
     error, never an exception in the engine loop)."""

@@ -15,7 +15,7 @@ from epd.images import ImageError
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as Ev
 from epd.request import Request, RequestOutput, TokenLogprob
-from epd.stages.admission import AdmissionError, prepare
+from epd.stages.admission import AdmissionError, check_identity, prepare
 from epd.stages.handoff import HandOff
 from epd.stages.instance import Instance
 from epd.stages.model_view import ModelView
@@ -133,8 +133,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
 
     # ---- admission ---------------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> None:
-        if not isinstance(req, Request) or not isinstance(req.request_id, str) or not req.request_id:
-            raise ValueError(f"not a request with a non-empty string id: {req!r}"[:200])
+        check_identity(req)
         if req.request_id in self.states:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         state = RequestState(req, [], [])
