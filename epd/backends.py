@@ -12,6 +12,7 @@ from typing import Optional
 
 from epd.allocation import make_allocation
 from epd.config import EngineConfig, RunConfig
+from epd.progress import progress
 from epd.request import Request
 from epd.run_result import RunResult
 
@@ -79,7 +80,7 @@ class EngineBackend:
             workers = llm.core.worker_info()
             self._ready(time.time() - started)
             llm.core.reset_clock()
-            with _progress(len(requests)) as bar:
+            with progress(len(requests), "requests", "req") as bar:
                 outputs = llm.generate(requests, timeout_s=self.cfg.backend.timeout_s, on_finished=bar.update)
             return self._result(llm.core, workers, {o.request_id: o for o in outputs})
 
@@ -102,7 +103,7 @@ class EngineBackend:
 
     async def _drive(self, llm, requests: list[Request]) -> None:
         start = time.time()
-        with _progress(len(requests)) as bar:
+        with progress(len(requests), "requests", "req") as bar:
 
             async def one(req: Request) -> None:
                 delay = start + req.arrival_time - time.time()
@@ -113,13 +114,6 @@ class EngineBackend:
                 bar.update(1)
 
             await asyncio.wait_for(asyncio.gather(*(one(r) for r in requests)), timeout=self.cfg.backend.timeout_s)
-
-
-def _progress(total: int):
-    """Requests done, rate and ETA on a terminal; nothing when the output is not one (logs, CI)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="  requests", unit="req", leave=False, disable=None, dynamic_ncols=True)
 
 
 def make_backend(cfg: RunConfig):

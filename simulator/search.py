@@ -13,6 +13,7 @@ from pathlib import Path
 from epd.config import DeploymentConfig, PoolConfig, RunConfig
 from epd.metrics import slo_attainment, timelines
 from epd.models.runtime import load_family
+from epd.progress import progress
 from epd.workload import requests_for
 from simulator.backend import SimBackend
 
@@ -113,11 +114,7 @@ def _job(args):
 def search(cfg: RunConfig) -> tuple[list[dict], float, int]:
     cands = candidates(cfg)
     t0 = time.time()
-    from tqdm.auto import tqdm
-
-    # candidates searched, on a terminal (nothing in logs and CI)
-    bar = tqdm(total=len(cands), desc="  deployments", unit="dep", leave=False, disable=None, dynamic_ncols=True)
-    with bar:
+    with progress(len(cands), "deployments", "dep") as bar:
         if cfg.search.processes > 1:
             with mp.get_context("spawn").Pool(cfg.search.processes) as pool:
                 rows = []

@@ -13,7 +13,7 @@ HEAVY = {"torch", "ray", "triton", "omegaconf", "hydra"}  # what the core may no
 
 CORE = (
     "epd.request", "epd.lifetime", "epd.metrics", "epd.config", "epd.registry", "epd.workload", "epd.images",
-    "epd.run_result", "epd.config_checks", "epd.stages", "epd.allocation",
+    "epd.run_result", "epd.config_checks", "epd.progress", "epd.stages", "epd.allocation",
 )  # fmt: skip
 ENGINE = ("epd.engine", "epd.models", "epd.kernels", "epd.cache", "epd.transfer", "epd.csrc", "epd.distributed", "epd.serve")
 SIMULATOR = ("simulator",)
