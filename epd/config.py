@@ -133,6 +133,10 @@ class DeploymentConfig:
     routing: str = "round_robin"  # round_robin | least_loaded
     transfer: str = "object_store"
     max_pending_transfers: int = 64  # per sender; back-pressure beyond this
+    # Schedule an instance's next batch while its current one runs (the worker finds it queued, so it
+    # never waits for the driver between steps); decode finishes are then seen one step late and the
+    # extra token is discarded. False: one batch at a time, each scheduled after the last one's result.
+    async_scheduling: bool = True
 
     def pools(self) -> dict[str, PoolConfig]:
         return {n: getattr(self, n) for n in POOL_ROLES if getattr(self, n) is not None}
@@ -257,7 +261,11 @@ class HardwareConfig:
     link_latency: float = 1e-4  # seconds per transfer
     compute_efficiency: float = 0.5
     memory_efficiency: float = 0.7
-    step_overhead: float = 1e-3  # seconds of fixed cost per batch (launch, scheduling)
+    # Seconds per batch beyond compute: on the worker between back-to-back batches (input set-up,
+    # sampling, the queued task's dispatch), and the driver round trip that a worker scheduled one
+    # batch at a time (deployment.async_scheduling=false) waits out as well.
+    step_overhead: float = 1e-3
+    rpc_latency: float = 1e-3
     memory_bytes: float = 2.4e10
     shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
     # Host CPU an E worker spends per image before the GPU sees it (decode, resize, tiling), one core:
@@ -275,6 +283,9 @@ class BackendConfig:
     latency_model: str = "roofline"  # sim: roofline | profiled
     profile_path: Optional[str] = None
     timeout_s: float = 600.0
+    # Before the engine reports ready, warm-up requests run through every instance (kernels compiled,
+    # transfers connected): start-up stays out of what a run measures.
+    warmup: bool = True
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,11 @@ class DecodeShape:
 
 
 class LatencyModel:
-    overhead: float = 0.0  # per batch, outside the measured compute (dispatch, RPC)
+    # The engine's cost per batch beyond compute: `overhead` on the worker, between back-to-back batches
+    # (what is left with async scheduling); `rpc` the driver round trip, which a worker scheduled one
+    # batch at a time waits out between batches.
+    overhead: float = 0.0
+    rpc: float = 0.0
 
     def encode(self, s: EncodeShape) -> float:
         raise NotImplementedError
@@ -64,7 +68,7 @@ class RooflineModel(LatencyModel):
         self.resize_on_device = resize_on_device  # model.image_resize=device: the host only decodes
         self.flops = hw.peak_flops * hw.compute_efficiency
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
-        self.overhead = hw.step_overhead
+        self.overhead, self.rpc = hw.step_overhead, hw.rpc_latency
 
     def _time(self, flops: float, nbytes: float) -> float:
         return max(flops / self.flops, nbytes / self.bw)
@@ -127,8 +131,15 @@ def fit(rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
 
 
 class ProfiledModel(LatencyModel):
-    def __init__(self, coeffs: dict[str, list[float]], overhead: float = 0.0, fallback: LatencyModel | None = None, slowdown: float = 1.0):
-        self.c, self.overhead, self.fallback, self.slowdown = coeffs, overhead, fallback, slowdown
+    def __init__(
+        self,
+        coeffs: dict[str, list[float]],
+        overhead: float = 0.0,
+        fallback: LatencyModel | None = None,
+        slowdown: float = 1.0,
+        rpc: float = 0.0,
+    ):
+        self.c, self.overhead, self.fallback, self.slowdown, self.rpc = coeffs, overhead, fallback, slowdown, rpc
 
     @staticmethod
     def load(path: str, fallback: LatencyModel | None = None) -> ProfiledModel:
@@ -137,7 +148,8 @@ class ProfiledModel(LatencyModel):
             raise FileNotFoundError(f"latency profile not found: {p} (make one with +experiment=profile)")
         data = json.loads(p.read_text())
         coeffs, _ = fit(data["rows"])
-        return ProfiledModel(coeffs, data.get("overhead", 0.0), fallback, data.get("slowdown", 1.0))
+        # A profile from before "rpc" was split out holds the whole per-batch cost in "overhead".
+        return ProfiledModel(coeffs, data.get("overhead", 0.0), fallback, data.get("slowdown", 1.0), data.get("rpc", 0.0))
 
     def _eval(self, stage: str, row: dict, fallback) -> float:
         if stage not in self.c:

@@ -97,24 +97,35 @@ class Simulation:
         self._wake_all()
 
     def _serve(self, inst: Instance):
+        """The driver's side of one instance: dispatch batches as the pipeline allows (with async
+        scheduling the next while one runs), each run by `_execute` on the instance's worker."""
+        worker = simpy.Resource(self.env, capacity=1)
         while True:
-            batch = self.pipe.next_batch(inst)
+            batch = self.pipe.dispatch(inst)
             if batch is None:
-                if self._finished():
+                if self._finished() and not inst.inflight:
                     return
                 ev = self.env.event()
                 self._waiting[inst.id] = ev
                 yield ev
                 continue
-            inst.busy = True
-            # The per-batch overhead is the driver round trip: half before the worker starts, half after.
-            half = self.lat.overhead / 2
-            yield self.env.timeout(half)
+            self.env.process(self._execute(inst, batch, worker))
+
+    def _execute(self, inst: Instance, batch: Batch, worker: simpy.Resource):
+        """One batch on the instance's worker, in dispatch order: the worker's own per-batch cost
+        (`overhead`) follows its compute; the driver round trip (`rpc`) is half in sending the batch
+        and half in the result coming back. One batch at a time the worker waits out the round trip
+        between batches; with async scheduling the next batch is already queued when one ends."""
+        half_rpc = self.lat.rpc / 2
+        with worker.request() as slot:
+            if self.pipe.depth == 1:
+                yield self.env.timeout(half_rpc)
+            yield slot
             result, busy_for = self._run_batch(batch, inst)
-            yield self.env.timeout(busy_for + half)
-            inst.busy = False
-            self.pipe.complete(inst, batch, result)
-            self._wake_all()
+            yield self.env.timeout(busy_for + self.lat.overhead)
+        yield self.env.timeout(half_rpc)
+        self.pipe.complete(inst, batch, result)
+        self._wake_all()
 
     def _allocate(self):
         while not self._finished():

@@ -6,20 +6,34 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 from epd.config import EngineConfig
 from epd.engine.executor import make_executor
+from epd.engine.warmup import missing_batches, warmup_requests
 from epd.lifetime import EventLog
 from epd.models.runtime import load_family
 from epd.models.tokenizer import load_tokenizer
-from epd.request import CANCELLED, Request
+from epd.request import CANCELLED, INVALID, Request
 from epd.stages.admission import check_identity
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch as the driver saw it: when it was sent (driver clock) and when its worker ran it."""
+
+    instance: str
+    kind: str  # EncodeBatch | PrefillBatch | DecodeBatch | SwitchBatch
+    submitted: float
+    begin: float
+    end: float
 
 
 class EngineCore:
@@ -45,6 +59,44 @@ class EngineCore:
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
         self._next_sample = 0.0
+        self._submitted: dict[int, float] = {}
+        self.batches: deque[BatchRecord] = deque(maxlen=100_000)  # the latest batches' timings, for overhead analysis
+        self.warmup_s: Optional[float] = None
+        if config.backend.warmup:
+            try:
+                self.warm_up(config.backend.timeout_s)
+            except BaseException:
+                self.close()  # no workers left behind
+                raise
+
+    def warm_up(self, timeout_s: float = 600.0, max_waves: int = 4) -> float:
+        """Run warm-up requests until every instance has run a batch of each kind its roles serve
+        (several waves where routing left one out), then start a fresh run. Raises if one fails."""
+        started = time.time()
+        family = self.pipeline.family
+        insts = self.pipeline.instances
+        roles = {iid: inst.roles for iid, inst in insts.items()}
+        on_output, allocation = self.pipeline.on_output, self.allocation
+        self.pipeline.on_output, self.allocation = None, None  # no client hears of them; no stage resizing on them
+        try:
+            ran: set[tuple[str, str]] = set()
+            for wave in range(max_waves):
+                requests = warmup_requests(family, 2 * len(insts), wave)
+                for req in requests:
+                    self.add_request(req)
+                self.run_until_idle(timeout_s)
+                for req in requests:
+                    out = self.pipeline.outputs[req.request_id]
+                    if out.finish_reason == "abort" and out.error_kind != INVALID:  # too big for this deployment is no failure
+                        raise RuntimeError(f"the engine failed its warm-up: request {req.request_id}: {out.abort_reason}")
+                ran |= {(b.instance, b.kind) for b in self.batches}
+                if not missing_batches(roles, ran):
+                    break
+        finally:
+            self.pipeline.on_output, self.allocation = on_output, allocation
+        self.new_run()
+        self.warmup_s = time.time() - started
+        return self.warmup_s
 
     @property
     def origin(self) -> float:
@@ -54,6 +106,7 @@ class EngineCore:
         """Start the run's clock now (after workers have loaded)."""
         self.pipeline.origin = time.time()
         self.timeseries.clear()
+        self.batches.clear()
 
     def new_run(self) -> None:
         """Forget finished requests and start a fresh clock: the next workload runs on the same workers."""
@@ -117,12 +170,7 @@ class EngineCore:
             state = self.pipeline.states.get(rid)
             if state is not None and state.done:
                 self.pipeline.forget(rid)
-        for inst in self.pipeline.instances.values():
-            if not inst.busy:
-                batch = self.pipeline.next_batch(inst)
-                if batch is not None:
-                    inst.busy = True
-                    self.executor.submit(inst.id, batch)
+        self._dispatch()
         if not self.executor.inflight:
             self._wake.wait(timeout)  # nothing running: sleep until a request comes
             self._wake.clear()
@@ -130,17 +178,25 @@ class EngineCore:
                 self.allocation.tick(self.pipeline, time.time())
             return
         for iid, batch, result in self.executor.wait(timeout):
-            inst = self.pipeline.instances[iid]
-            inst.busy = False
             if isinstance(batch, SwitchBatch) and not isinstance(result, BatchFailure):
                 self.executor.refresh_transfers(iid)  # peers learn its new caches before it serves
-            self.pipeline.complete(inst, batch, result)
+            submitted = self._submitted.pop(id(batch), None)
+            if not isinstance(result, BatchFailure) and submitted is not None:
+                self.batches.append(BatchRecord(iid, type(batch).__name__, submitted, *result.span))
+            self.pipeline.complete(self.pipeline.instances[iid], batch, result)
+            self._dispatch()  # at once: the worker that just finished may have nothing queued
         now = time.time()
         if now >= self._next_sample:
             self._next_sample = now + self.sample_interval
             self.timeseries.extend(self.pipeline.load_snapshot(now))
         if self.allocation is not None:
             self.allocation.tick(self.pipeline, now)
+
+    def _dispatch(self) -> None:
+        for inst in self.pipeline.instances.values():
+            while (batch := self.pipeline.dispatch(inst)) is not None:
+                self._submitted[id(batch)] = time.time()
+                self.executor.submit(inst.id, batch)
 
     def run_until_idle(self, timeout_s: float = 600.0, on_finished=None) -> None:
         """Step until every request has ended; `on_finished(n)` is told as n more end."""

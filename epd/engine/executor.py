@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig, PoolConfig
 from epd.distributed import CommSpec, free_port
-from epd.stages.work import Batch, BatchFailure, Result, pulled_handles
+from epd.stages.work import Batch, BatchFailure, EncodeBatch, Result, pulled_handles
 from epd.transfer import Endpoint, TransferHandle, transfer_class
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class LocalExecutor:
 
     def submit(self, iid: str, batch: Batch) -> None:
         try:
+            self.workers[iid].prepare(batch)
             result: Any = self.workers[iid].execute(batch)
         except Exception as exc:  # a failed batch aborts its requests, the run goes on
             log.error("worker %s failed:\n%s", iid, traceback.format_exc())
@@ -148,7 +149,8 @@ class RayExecutor:
             self._store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
             comm = spec
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
-        remote_cls = ray.remote(concurrency_groups={"transfer": max(2, len(procs))})(Worker)
+        # A prep thread: the next encode batch's images are prepared while the current batch runs.
+        remote_cls = ray.remote(concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
         self.actors: dict[str, list[Any]] = {}
         for idx, p in enumerate(procs):
             gpu = p.pool.num_gpus > 0
@@ -158,7 +160,7 @@ class RayExecutor:
                 num_gpus=p.pool.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=idx),
                 runtime_env={"env_vars": env} if env else None,
-            ).remote(p.iid, p.roles, model, p.pool, self.transfer, max(1, int(p.pool.num_cpus)), p.endpoint, comm, gpu)
+            ).remote(p.iid, p.roles, model, p.pool, self.transfer, max(1, int(p.pool.num_cpus)), p.endpoint, comm, gpu, True)
             self.actors.setdefault(p.iid, []).append(actor)
         all_actors = [a for ranks in self.actors.values() for a in ranks]
         try:
@@ -170,11 +172,17 @@ class RayExecutor:
             raise
         self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
         self._pushes: list[Any] = []
+        self._push_tickets: dict[tuple[str, str], int] = {}  # (sender, receiver) -> the next push's ticket
 
     def submit(self, iid: str, batch: Batch) -> None:
         if self.needs_push:
             self._push_for(iid, batch)
-        refs = [a.execute.remote(batch) for a in self.actors[iid]]
+        arg: Any = batch
+        if isinstance(batch, EncodeBatch):  # its host work starts now, beside the batch that is running
+            arg = self.ray.put(batch)
+            for a in self.actors[iid]:
+                a.prepare.options(concurrency_group="prep").remote(arg)
+        refs = [a.execute.remote(arg) for a in self.actors[iid]]
         self._inflight[refs[0]] = (iid, batch, refs[1:])
 
     def _push_for(self, receiver: str, batch: Batch) -> None:
@@ -183,8 +191,10 @@ class RayExecutor:
         for h in pulled_handles(batch):
             by_sender.setdefault(h.worker, []).append(h)
         for sender, handles in by_sender.items():
+            ticket = self._push_tickets.get((sender, receiver), 0)
+            self._push_tickets[(sender, receiver)] = ticket + 1
             for actor in self.actors[sender]:
-                self._pushes.append(actor.push.options(concurrency_group="transfer").remote(handles, receiver))
+                self._pushes.append(actor.push.options(concurrency_group="transfer").remote(handles, receiver, ticket))
 
     def _check_pushes(self) -> None:
         if not self._pushes:

@@ -7,8 +7,9 @@ It runs the batches the driver sends and reports times on its own clock.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -69,6 +70,10 @@ def assigned_gpu() -> Optional[int]:
     return visible.index(gid) if visible and gid in visible else int(gid)
 
 
+def _encode_key(batch: EncodeBatch) -> tuple:
+    return tuple((it.request_id, it.image_index) for it in batch.items)
+
+
 def _parts(roles: tuple[str, ...]) -> set[str]:
     """E needs the vision tower, P and D the language model."""
     return ({"vision"} if Role.ENCODE in roles else set()) | ({"lm"} if {Role.PREFILL, Role.DECODE} & set(roles) else set())
@@ -86,6 +91,7 @@ class Worker:
         endpoint: Optional[Endpoint] = None,
         comm: Optional[CommSpec] = None,
         gpu: bool = False,
+        prefetch: bool = False,  # the executor sends every encode batch to `prepare` before `execute`
     ):
         if threads > 0:
             torch.set_num_threads(threads)
@@ -105,8 +111,13 @@ class Worker:
             self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
         self.seqs: dict[str, _Seq] = {}
+        self._push_turn = threading.Condition()
+        self._next_push: dict[str, int] = {}  # receiver -> the ticket of its next push
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
+        self.prefetch = prefetch
+        self._prepared: dict[tuple, list[Future]] = {}  # encode batch -> its images' preparation, under way
+        self._prepared_turn = threading.Condition()
         self._jpeg = GpuJpegDecoder.make(self.rt.device) if model.image_decode == "device" and self.rt.vision is not None else None
 
     def _configure(self, roles: tuple[str, ...], pool: PoolConfig) -> None:
@@ -148,9 +159,18 @@ class Worker:
     def transfer_connect(self, peers: dict[Endpoint, Any]) -> None:
         self.transfer.connect(peers)
 
-    def push(self, handles: list[TransferHandle], receiver: str) -> None:
-        """Sender side of a push-based transfer (NCCL); runs on the actor's transfer thread."""
-        self.transfer.push(handles, receiver)
+    def push(self, handles: list[TransferHandle], receiver: str, ticket: int = 0) -> None:
+        """Sender side of a push-based transfer (NCCL); runs on one of the actor's transfer threads.
+        A receiver reads its batches' pulls in order, and with async scheduling two of its batches'
+        pushes can be in flight at once: they go out in the order of their tickets."""
+        with self._push_turn:
+            self._push_turn.wait_for(lambda: self._next_push.get(receiver, 0) == ticket)
+        try:
+            self.transfer.push(handles, receiver)
+        finally:
+            with self._push_turn:
+                self._next_push[receiver] = ticket + 1
+                self._push_turn.notify_all()
 
     def close(self) -> None:
         self._prep.shutdown(wait=False)
@@ -173,6 +193,30 @@ class Worker:
     def ping(self) -> str:
         return self.worker_id
 
+    def probe(self, fn, *args):
+        """`fn(worker, *args)` here, between batches: benchmarks measure the worker's own steps."""
+        return fn(self, *args)
+
+    def prepare(self, batch: Batch) -> None:
+        """Start a batch's host work — its images decoded and preprocessed on the prep threads — while
+        the batch before it runs; `execute` takes it over. A Ray executor sends this on the actor's
+        prep thread ahead of `execute`; the in-process executor calls it at submit."""
+        if isinstance(batch, EncodeBatch):
+            futures = [self._prep.submit(self._preprocess, it) for it in batch.items]
+            with self._prepared_turn:
+                self._prepared[_encode_key(batch)] = futures
+                self._prepared_turn.notify_all()
+
+    def _prepared_images(self, batch: EncodeBatch) -> list:
+        key = _encode_key(batch)
+        with self._prepared_turn:
+            if self.prefetch:  # it was sent: wait for it rather than prepare the images twice
+                self._prepared_turn.wait_for(lambda: key in self._prepared, timeout=60)
+            futures = self._prepared.pop(key, None)
+        if futures is None:
+            futures = [self._prep.submit(self._preprocess, it) for it in batch.items]
+        return [f.result() for f in futures]
+
     def live_sequences(self) -> int:
         return len(self.seqs)
 
@@ -193,7 +237,7 @@ class Worker:
     def _encode(self, batch: EncodeBatch) -> EncodeResult:
         begin = time.time()
         ok, results, pixels = [], [], []
-        for item, px in zip(batch.items, self._prep.map(self._preprocess, batch.items)):
+        for item, px in zip(batch.items, self._prepared_images(batch)):
             if isinstance(px, str):
                 results.append(EncodedItem(item.request_id, item.image_index, error=px))
             else:
@@ -333,6 +377,9 @@ class Worker:
             self.seqs[new.request_id] = _Seq(
                 new.kv_blocks, new.context_len, new.last_token, 1, new.sampling, new.prompt_ids, [new.last_token] if history else None
             )
+        for rid in batch.step:  # e.g. failed in the step before, which the driver had not seen when it sent this one
+            if rid not in self.seqs and rid not in errors:
+                errors[rid] = f"{self.worker_id} holds no sequence {rid!r}"
         begin = time.time()
         step = [rid for rid in batch.step if rid not in errors]
         sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")

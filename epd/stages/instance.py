@@ -27,7 +27,7 @@ class Instance:
         self.running: list[RequestState] = []
         self.pending_release: list[str] = []
         self.outgoing = 0  # outputs sent and not yet pulled by the next stage
-        self.busy = False
+        self.inflight = 0  # batches sent to its worker and not completed yet
         self.switching_to: Optional[str] = None  # draining before it becomes a worker of this pool
         self.switch_started = 0.0
         self.failed: Optional[str] = None  # out of service (a role switch failed)
@@ -38,6 +38,10 @@ class Instance:
         holds_lm = Role.PREFILL in roles or Role.DECODE in roles
         self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
         self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0
 
     def drained(self) -> bool:
         """Nothing queued, running, in flight or held: the worker can change role."""

@@ -28,6 +28,7 @@ from epd.stages.switching import RoleSwitching
 from epd.stages.work import (
     Batch,
     BatchFailure,
+    DecodeBatch,
     DecodeResult,
     EncodeResult,
     PrefillResult,
@@ -60,6 +61,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         self.mm_bytes_per_token = family.mm_bytes_per_token()
         self.frees_on_send = frees_on_send
         self.max_pending = deployment.max_pending_transfers
+        self.depth = 2 if deployment.async_scheduling else 1  # batches an instance may have in flight
         self.origin = time_origin
         self.on_output = on_output
         self.tokenizer = tokenizer
@@ -153,6 +155,17 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
             self._route_prefill(state)
 
     # ---- scheduling --------------------------------------------------------------------
+    def dispatch(self, inst: Instance) -> Optional[Batch]:
+        """The batch to send `inst`'s worker now, if it may take one: with async scheduling while one
+        batch runs, so the next is queued at the worker when the current one ends. Every dispatched
+        batch comes back through `complete`."""
+        if inst.inflight >= self.depth or (inst.inflight and inst.switching_to is not None):
+            return None
+        batch = self.next_batch(inst)
+        if batch is not None:
+            inst.inflight += 1
+        return batch
+
     def next_batch(self, inst: Instance) -> Optional[Batch]:
         """Encode first, then prefill, then decode: the order an aggregated worker serves them."""
         if inst.failed:
@@ -172,6 +185,11 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         return None
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
+        inst.inflight -= 1
+        if isinstance(batch, DecodeBatch):
+            for rid in batch.step:
+                if (state := self.states.get(rid)) is not None:
+                    state.steps_inflight -= 1
         if isinstance(batch, SwitchBatch):
             self._switched(inst, batch, result)
             return

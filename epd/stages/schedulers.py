@@ -3,7 +3,10 @@
 E: FCFS images up to a batch limit, each needing MM blocks. P: FCFS prompts under a token
 budget, admitted only when KV (and MM for pulled embeddings) blocks are free. D: continuous
 batching; a sequence is admitted only when the KV for its whole output is reserved, so a
-running batch can never run out of KV (no deadlock, no preemption needed).
+running batch can never run out of KV (no deadlock, no preemption needed). With async scheduling
+a step is dispatched before the previous one's tokens are back: a sequence takes a step only
+while the steps in flight leave it short of max_tokens (its KV reservation), and one that stopped
+(EOS, a stop token) is seen a step late, its extra token discarded.
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ def select_decode(inst: Instance, on_pull: OnPull) -> Optional[DecodeBatch]:
             on_pull(state)
         inst.decode_queue.popleft()
         inst.running.append(state)
-    if not inst.running:
+    step = [s for s in inst.running if len(s.output) + s.steps_inflight < s.req.sampling.max_tokens]
+    if not step:
         return None
-    return DecodeBatch([s.rid for s in inst.running], new, inst.take_releases())
+    for s in step:
+        s.steps_inflight += 1
+    return DecodeBatch([s.rid for s in step], new, inst.take_releases())

@@ -43,6 +43,7 @@ class RequestState:
     output: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
     decode_started: bool = False
+    steps_inflight: int = 0  # decode steps dispatched whose tokens have not come back
     done: bool = False
     forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
     holds: dict[Hold, tuple[BlockPool, list[int]]] = field(default_factory=dict)

@@ -1,0 +1,136 @@
+"""Async scheduling and warm start: the next batch is sent while one runs, outputs do not change,
+nothing is over-generated or leaked, and engines warm up before they report ready."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from helpers import AGG, EPD, MODEL, PD, reference, workload
+
+from epd.config import BackendConfig, EngineConfig, HardwareConfig
+from epd.engine.core import EngineCore
+from epd.engine.worker import Worker
+from epd.request import SamplingParams
+from epd.serve.offline import OfflineLLM
+
+
+def _stopping_workload():
+    """The shared workload with a stop token from each request's own greedy output, so requests end
+    early (seen a step late under async scheduling), plus seeded sampling."""
+    reqs = workload(9)
+    ref = reference(reqs)
+    out = []
+    for i, (r, toks) in enumerate(zip(reqs, ref)):
+        sp = r.sampling
+        if i % 3 == 0:
+            sp = dataclasses.replace(sp, ignore_eos=False, stop_token_ids=(toks[min(2 + i % 4, len(toks) - 1)],))
+        elif i % 3 == 1:
+            sp = dataclasses.replace(sp, temperature=0.8, top_k=20, seed=1000 + i)
+        out.append(dataclasses.replace(r, sampling=sp))
+    return out
+
+
+@pytest.mark.parametrize("deployment", [EPD, PD, AGG], ids=lambda d: d.name)
+def test_async_scheduling_keeps_every_output(ray_cluster, deployment):
+    """Greedy, stop-token and sampled requests: the same tokens with the next batch scheduled while
+    one runs as one batch at a time, and as the single-process runtime."""
+    reqs = _stopping_workload()
+    ref = reference(reqs)
+    outputs = {}
+    for mode in (True, False):
+        with OfflineLLM(MODEL, dataclasses.replace(deployment, async_scheduling=mode), "ray") as llm:
+            outs = llm.generate(reqs)
+            llm.core.drain_check()  # every block free, every worker sequence forgotten
+            outputs[mode] = [o.token_ids for o in outs]
+            reasons = [o.finish_reason for o in outs]
+    assert outputs[True] == outputs[False] == [list(t) for t in ref]
+    assert reasons[0] == "stop" and all(len(t) <= r.sampling.max_tokens for t, r in zip(outputs[True], reqs))
+
+
+def test_decode_batches_are_queued_before_the_previous_one_ends(ray_cluster):
+    """The worker finds its next decode step waiting: with async scheduling nearly every decode batch
+    is sent before the one before it has ended on the worker; one at a time, never."""
+    reqs = [dataclasses.replace(r, sampling=SamplingParams(max_tokens=40, ignore_eos=True)) for r in workload(4)]
+    ahead = {}
+    for mode in (True, False):
+        dep = dataclasses.replace(AGG, aggregated=dataclasses.replace(AGG.aggregated, instances=1), async_scheduling=mode)
+        with OfflineLLM(MODEL, dep, "ray") as llm:
+            llm.generate(reqs)
+            decode = [b for b in llm.core.batches if b.kind == "DecodeBatch"]
+        pairs = list(zip(decode, decode[1:]))
+        assert len(pairs) >= 38
+        ahead[mode] = sum(1 for a, b in pairs if b.submitted < a.end) / len(pairs)
+    assert ahead[True] >= 0.8, ahead
+    assert ahead[False] == 0.0, ahead
+
+
+def test_async_scheduling_in_the_simulator_hides_the_round_trip():
+    """The simulator runs the same dispatch: one batch at a time a decode step costs compute +
+    worker overhead + round trip; queued ahead, the round trip is gone."""
+    from epd.models.runtime import load_family
+    from simulator.latency import RooflineModel
+    from simulator.shapes import ModelShape
+    from simulator.sim import Simulation
+
+    family = load_family(MODEL)
+    shape = ModelShape.of(family, MODEL.dtype)
+    hw = HardwareConfig(step_overhead=0.002, rpc_latency=0.010)
+    reqs = [dataclasses.replace(r, sampling=SamplingParams(max_tokens=30, ignore_eos=True)) for r in workload(3)]
+    tpot = {}
+    for mode in (True, False):
+        dep = dataclasses.replace(AGG, aggregated=dataclasses.replace(AGG.aggregated, instances=1), async_scheduling=mode)
+        lat = RooflineModel(shape, hw)
+        result = Simulation(dep, family, shape, lat).run(reqs)
+        by_req = result.events.by_request()
+        tokens = [e.time for e in by_req["r2"] if e.kind.value in ("first_token", "token")]
+        tpot[mode] = (tokens[-1] - tokens[5]) / (len(tokens) - 6)  # steady state, all three decoding
+    step = tpot[True]
+    assert tpot[False] == pytest.approx(step + 0.010, rel=0.05), tpot
+    assert step >= 0.002
+
+
+def test_pushes_to_a_receiver_go_out_in_ticket_order():
+    """NCCL pushes of two batches queued at one receiver may start in any order on the sender's
+    transfer threads; they are sent in the order the receiver reads them."""
+    sent = []
+
+    class Recorder:
+        def push(self, handles, receiver):
+            sent.append(handles[0])
+
+    w = object.__new__(Worker)
+    w.transfer, w._push_turn, w._next_push = Recorder(), threading.Condition(), {}
+    threads = [threading.Thread(target=w.push, args=([t], "decode-0", t)) for t in (3, 1, 2, 0)]
+    for th in threads:
+        th.start()
+        time.sleep(0.01)
+    for th in threads:
+        th.join(5)
+    assert sent == [0, 1, 2, 3]
+
+
+def test_engine_warms_up_every_instance_before_it_is_ready():
+    """Each instance runs a batch of every kind its roles serve before the engine is ready; the run
+    then starts empty (no events, outputs or batches of the warm-up)."""
+    core = EngineCore(EngineConfig(MODEL, dataclasses.replace(EPD, transfer="local"), "local", BackendConfig()))
+    try:
+        assert core.warmup_s is not None and core.warmup_s > 0
+        assert not core.pipeline.states and not core.pipeline.outputs and not list(core.pipeline.events) and not core.batches
+        core.drain_check()
+    finally:
+        core.close()
+    cold = EngineCore(EngineConfig(MODEL, dataclasses.replace(EPD, transfer="local"), "local", BackendConfig(warmup=False)))
+    cold.close()
+    assert cold.warmup_s is None
+
+
+def test_an_engine_that_fails_its_warm_up_raises_and_leaves_nothing(monkeypatch):
+    closed = []
+    monkeypatch.setattr(Worker, "_encode_images", lambda self, pixels: (_ for _ in ()).throw(RuntimeError("tower broke")))
+    monkeypatch.setattr(Worker, "close", lambda self: closed.append(self.worker_id))
+    with pytest.raises(RuntimeError, match="warm-up.*tower broke"):
+        EngineCore(EngineConfig(MODEL, dataclasses.replace(EPD, transfer="local"), "local", BackendConfig()))
+    assert sorted(closed) == ["decode-0", "encode-0", "encode-1", "prefill-0"]
