@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 from bench.configs import model_config  # noqa: E402
 from epd.config import BackendConfig, DeploymentConfig, EngineConfig, PoolConfig  # noqa: E402
 from epd.lifetime import LifetimeEvent as Ev  # noqa: E402
-from epd.request import Request, SamplingParams  # noqa: E402
+from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
+
+LAYOUTS = ("aggregated", "2E1P1D")
 
 
 def worker_steps(worker, batch: int, context: int, iters: int) -> dict:
@@ -69,10 +71,12 @@ def worker_steps(worker, batch: int, context: int, iters: int) -> dict:
     return out
 
 
-def tpots(events, requests) -> list[float]:
+def tpots(events) -> list[float]:
+    """Per request, the mean time between its decode steps' tokens (from the second token on: the
+    first comes from prefill, and prefills of the batch's other requests may sit between)."""
     times: dict[str, list[float]] = {}
     for e in events:
-        if e.kind in (Ev.FIRST_TOKEN, Ev.TOKEN):
+        if e.kind == Ev.TOKEN:
             times.setdefault(e.request_id, []).append(e.time)
     return [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
 
@@ -92,6 +96,7 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="async,sync")
+    ap.add_argument("--layout", default="aggregated", choices=LAYOUTS, help="2E1P1D: one GPU per worker, requests with an image")
     ap.add_argument("--out", default="overhead.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -106,17 +111,27 @@ def main() -> None:
         num_gpus=gpu,
         num_cpus=2,
     )
-    results = {"model": args.model, "device": args.device, "prompt": args.prompt, "output": args.output, "runs": []}
+    results = {"layout": args.layout, "model": args.model, "device": args.device, "prompt": args.prompt, "output": args.output, "runs": []}
     from epd.engine.core import EngineCore
 
     for mode in args.modes.split(","):
         transfer = "ipc" if gpu else "object_store"
-        dep = DeploymentConfig(name="aggregated", aggregated=pool, async_scheduling=mode == "async", transfer=transfer)
+        if args.layout == "aggregated":
+            dep = DeploymentConfig(name="aggregated", aggregated=pool, async_scheduling=mode == "async", transfer=transfer)
+        else:
+            dep = DeploymentConfig(
+                name="epd",
+                encode=dataclasses.replace(pool, instances=2, kv_blocks=1, mm_blocks=1024),
+                prefill=dataclasses.replace(pool, mm_blocks=1024),
+                decode=dataclasses.replace(pool, mm_blocks=1),
+                async_scheduling=mode == "async",
+                transfer=transfer,
+            )
         t0 = time.time()
         core = EngineCore(EngineConfig(model, dep, "ray", BackendConfig()))
         ready = time.time() - t0
         print(f"{mode}: engine ready in {ready:.1f} s (warm-up {core.warmup_s:.1f} s)", flush=True)
-        iid = next(iter(core.pipeline.instances))
+        iid = [i for i, inst in core.pipeline.instances.items() if "decode" in inst.roles][0]
         vocab = min(core.pipeline.text.vocab_size, 30000)
         try:
             for b in batches:
@@ -129,6 +144,7 @@ def main() -> None:
                             f"b{b}-{rep}-{i}",
                             prompt_token_ids=tuple((i * 131 + j * 7) % (vocab - 20) + 10 for j in range(args.prompt)),
                             sampling=SamplingParams(max_tokens=args.output, ignore_eos=True),
+                            images=(ImageInput(width=672, height=504, seed=i),) if args.layout != "aggregated" else (),
                         )
                         for i in range(b)
                     ]
@@ -138,7 +154,7 @@ def main() -> None:
                     aborted = [o.abort_reason for o in core.pipeline.outputs.values() if o.finish_reason == "abort"]
                     if aborted:
                         raise RuntimeError(f"{len(aborted)} requests aborted: {aborted[0]}")
-                    tp = tpots(core.pipeline.events, reqs)
+                    tp = tpots(core.pipeline.events)
                     gaps = idle_gaps(list(core.batches), iid)
                     row = {
                         "mode": mode,

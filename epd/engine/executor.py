@@ -150,7 +150,8 @@ class RayExecutor:
             comm = spec
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
         # A prep thread: the next encode batch's images are prepared while the current batch runs.
-        remote_cls = ray.remote(concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
+        # Three threads for batches and calls: the next batch is taken in while one runs (`execute`'s tickets).
+        remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
         self.actors: dict[str, list[Any]] = {}
         for idx, p in enumerate(procs):
             gpu = p.pool.num_gpus > 0
@@ -172,6 +173,7 @@ class RayExecutor:
             raise
         self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
         self._pushes: list[Any] = []
+        self._tickets: dict[str, int] = {}  # instance -> the ticket of its next batch
         self._push_tickets: dict[tuple[str, str], int] = {}  # (sender, receiver) -> the next push's ticket
 
     def submit(self, iid: str, batch: Batch) -> None:
@@ -182,7 +184,9 @@ class RayExecutor:
             arg = self.ray.put(batch)
             for a in self.actors[iid]:
                 a.prepare.options(concurrency_group="prep").remote(arg)
-        refs = [a.execute.remote(arg) for a in self.actors[iid]]
+        ticket = self._tickets.get(iid, 0)
+        self._tickets[iid] = ticket + 1
+        refs = [a.execute.remote(arg, ticket) for a in self.actors[iid]]
         self._inflight[refs[0]] = (iid, batch, refs[1:])
 
     def _push_for(self, receiver: str, batch: Batch) -> None:
@@ -211,23 +215,35 @@ class RayExecutor:
         return len(self._inflight)
 
     def wait(self, timeout: float) -> list[Done]:
+        """Completed batches, each instance's in the order they were sent: a worker's replies can
+        overtake one another (the next batch starts while the last one's reply is on its way), and
+        the pipeline must see a sequence's tokens in step order."""
         self._check_pushes()
         if not self._inflight:
             return []
-        ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
-        if ready:  # collect everything else that is done too
-            ready, _ = self.ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+        heads = self._heads()
+        ready, _ = self.ray.wait(heads, num_returns=1, timeout=timeout)
         out: list[Done] = []
-        for ref in ready:
-            iid, batch, others = self._inflight.pop(ref)
-            try:
-                result: Any = self.ray.get(ref)
-                self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
-            except Exception as exc:
-                log.error("worker %s failed: %s", iid, exc)
-                result = BatchFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time())
-            out.append((iid, batch, result))
+        while ready:
+            for ref in ready:
+                iid, batch, others = self._inflight.pop(ref)
+                try:
+                    result: Any = self.ray.get(ref)
+                    self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
+                except Exception as exc:
+                    log.error("worker %s failed: %s", iid, exc)
+                    result = BatchFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time())
+                out.append((iid, batch, result))
+            heads = self._heads()
+            ready = self.ray.wait(heads, num_returns=len(heads), timeout=0)[0] if heads else []
         return out
+
+    def _heads(self) -> list[Any]:
+        """Each instance's oldest batch in flight (dicts keep the order batches were sent in)."""
+        heads: dict[str, Any] = {}
+        for ref, (iid, _, _) in self._inflight.items():
+            heads.setdefault(iid, ref)
+        return list(heads.values())
 
     def refresh_transfers(self, iid: str) -> None:
         """`iid` reallocated its caches (a role switch): every worker learns its new export. On the

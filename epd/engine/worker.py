@@ -112,6 +112,8 @@ class Worker:
         self._configure(roles, pool)
         self.seqs: dict[str, _Seq] = {}
         self._push_turn = threading.Condition()
+        self._turn = threading.Condition()  # batches run one at a time, in their tickets' order
+        self._next_ticket = 0
         self._next_push: dict[str, int] = {}  # receiver -> the ticket of its next push
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
@@ -220,7 +222,24 @@ class Worker:
     def live_sequences(self) -> int:
         return len(self.seqs)
 
-    def execute(self, batch: Batch) -> Result:
+    def execute(self, batch: Batch, ticket: Optional[int] = None) -> Result:
+        """Run one batch. A Ray actor takes a second `execute` while one runs, so the next batch is
+        delivered and unpacked beside the running one; `ticket` (the batch's place in its instance's
+        order) makes it start the moment the one before it ends."""
+        if ticket is None:
+            return self._execute(batch)
+        with self._turn:
+            self._turn.wait_for(lambda: self._next_ticket == ticket)
+        try:
+            if self.rt.device.type == "cuda":
+                torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
+            return self._execute(batch)
+        finally:
+            with self._turn:
+                self._next_ticket = ticket + 1
+                self._turn.notify_all()
+
+    def _execute(self, batch: Batch) -> Result:
         if isinstance(batch, EncodeBatch):
             return self._encode(batch)
         if isinstance(batch, PrefillBatch):
