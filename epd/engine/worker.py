@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from epd.images import ImageError, load_image
 from epd.models.generate import lm_step
 from epd.models.image_processing import TorchOps, image_tensor
 from epd.models.runtime import ModelRuntime
-from epd.models.sampling import sample_full, sample_on_device
+from epd.models.sampling import sample_full
 from epd.request import INTERNAL, SamplingParams, TokenLogprob
 from epd.stages.work import (
     Batch,
@@ -53,8 +52,6 @@ class _Seq:
     sampling: SamplingParams
     prompt_ids: Optional[list[int]] = None  # kept only for penalties, which read the tokens so far
     output_ids: Optional[list[int]] = None
-    # The last token while it is still only on the device: (its step's sampled ids, its row there).
-    pending: Optional[tuple[torch.Tensor, int]] = None
 
 
 def assigned_gpu() -> Optional[int]:
@@ -71,10 +68,6 @@ def assigned_gpu() -> Optional[int]:
     gid = str(ids[0])
     visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v != ""]
     return visible.index(gid) if visible and gid in visible else int(gid)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _encode_key(batch: EncodeBatch) -> tuple:
@@ -120,7 +113,6 @@ class Worker:
         self.seqs: dict[str, _Seq] = {}
         self._push_turn = threading.Condition()
         self._turn = threading.Condition()  # batches run one at a time, in their tickets' order
-        self._pending_lock = threading.Lock()  # sequences' last tokens, read by one step while the one before resolves them
         self._next_ticket = 0
         self._next_push: dict[str, int] = {}  # receiver -> the ticket of its next push
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
@@ -235,34 +227,26 @@ class Worker:
         delivered and unpacked beside the running one; `ticket` (the batch's place in its instance's
         order) makes it start the moment the one before it ends."""
         if ticket is None:
-            return self._execute(batch, _nothing)
+            return self._execute(batch)
         with self._turn:
             self._turn.wait_for(lambda: self._next_ticket == ticket)
-        handed_on = False
-
-        def hand_on() -> None:  # the next batch may start (a decode step hands on once queued on the device)
-            nonlocal handed_on
-            if not handed_on:
-                handed_on = True
-                with self._turn:
-                    self._next_ticket = ticket + 1
-                    self._turn.notify_all()
-
         try:
             if self.rt.device.type == "cuda":
                 torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
-            return self._execute(batch, hand_on)
+            return self._execute(batch)
         finally:
-            hand_on()
+            with self._turn:
+                self._next_ticket = ticket + 1
+                self._turn.notify_all()
 
-    def _execute(self, batch: Batch, hand_on: Callable[[], None]) -> Result:
+    def _execute(self, batch: Batch) -> Result:
         if isinstance(batch, EncodeBatch):
             return self._encode(batch)
         if isinstance(batch, PrefillBatch):
             return self._prefill(batch)
         if isinstance(batch, SwitchBatch):
             return self._switch(batch)
-        return self._decode(batch, hand_on)
+        return self._decode(batch)
 
     def _sync(self) -> None:
         if self.rt.device.type == "cuda":
@@ -395,7 +379,7 @@ class Worker:
         return list(zip(sampled.tokens, sampled.logprobs))
 
     # ---- D -----------------------------------------------------------------------------
-    def _decode(self, batch: DecodeBatch, hand_on: Callable[[], None] = lambda: None) -> DecodeResult:
+    def _decode(self, batch: DecodeBatch) -> DecodeResult:
         self._release(batch.release)
         transfers, errors = {}, {}
         for new in batch.new:
@@ -417,15 +401,6 @@ class Worker:
                 errors[rid] = f"{self.worker_id} holds no sequence {rid!r}"
         begin = time.time()
         step = [rid for rid in batch.step if rid not in errors]
-        seqs = [self.seqs[rid] for rid in step]
-        if seqs and all(s.sampling.logprobs is None and not s.sampling.needs_history for s in seqs):
-            try:
-                queued = self._queue_step(seqs, step)
-            except Exception as exc:  # run the step the careful way below: one request's failure stays its own
-                describe(exc, f"{self.worker_id} decode")
-            else:
-                hand_on()  # the next step goes on the device behind this one while we wait for these tokens
-                return DecodeResult((begin, time.time()), dict(zip(step, self._await_step(seqs, *queued))), transfers, {}, errors)
         sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
         tokens, logprobs = {}, {}
         for rid, res in zip(step, sampled):
@@ -436,8 +411,7 @@ class Worker:
             tok, logprob = res
             s = self.seqs[rid]
             s.context_len += 1
-            with self._pending_lock:
-                s.last_token, s.pending = tok, None
+            s.last_token = tok
             s.generated += 1
             if s.output_ids is not None:
                 s.output_ids.append(tok)
@@ -446,63 +420,16 @@ class Worker:
                 logprobs[rid] = logprob
         return DecodeResult((begin, time.time()), tokens, transfers, logprobs, errors)
 
-    def _queue_step(self, seqs: list[_Seq], rids: list[str]) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
-        """One decode step of `seqs` (no penalties, no logprobs) put on the device without waiting for
-        it: input tokens the step before left on the device are taken from there, and the samples stay
-        there as the next step's input. Returns them and an event for when they are ready."""
-        tables = [s.blocks for s in seqs]
-        positions = [s.context_len for s in seqs]
-        ids = self._input_ids(seqs)
-        if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run(ids, positions, tables, key=tuple(rids))
-        else:
-            logits = lm_step(self.rt, self.kv, [[0]] * len(seqs), positions, tables, self.pool.kv_block_size, ids=ids)
-        toks = sample_on_device(logits, [s.sampling for s in seqs], [s.generated for s in seqs], eos_token_id=self.rt.text_cfg.eos_token_id)
-        ready = None
-        if toks.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        with self._pending_lock:
-            for row, s in enumerate(seqs):
-                s.context_len += 1
-                s.generated += 1
-                s.pending = (toks, row)
-        return toks, ready
-
-    def _await_step(self, seqs: list[_Seq], toks: torch.Tensor, ready: Optional[torch.cuda.Event]) -> list[int]:
-        """The tokens of a queued step, on the host (the next step may be queued already)."""
-        if ready is not None:
-            ready.synchronize()  # lets go of the GIL: the next batch's thread queues its step meanwhile
-        out = toks.tolist()
-        with self._pending_lock:
-            for row, s in enumerate(seqs):
-                if s.pending is not None and s.pending[0] is toks:  # no later step has taken over
-                    s.last_token, s.pending = out[row], None
-        return out
-
-    def _input_ids(self, seqs: list[_Seq]) -> torch.Tensor:
-        """The sequences' last tokens on the device: from the host, or gathered from the samples of
-        the step before where they have not reached the host yet."""
-        dev = self.rt.device
-        with self._pending_lock:
-            known = [(s.pending, s.last_token) for s in seqs]
-        ids = torch.tensor([0 if p is not None else tok for p, tok in known], dtype=torch.long).to(dev, non_blocking=True)
-        sources = {id(p[0]): p[0] for p, _ in known if p is not None}
-        for src in sources.values():
-            rows = [(i, p[1]) for i, (p, _) in enumerate(known) if p is not None and p[0] is src]
-            dst = torch.tensor([i for i, _ in rows], dtype=torch.long).to(dev, non_blocking=True)
-            ids[dst] = src[torch.tensor([r for _, r in rows], dtype=torch.long).to(dev, non_blocking=True)]
-        return ids
-
     def _decode_compute(self, rids: list[str]) -> list[tuple[int, Optional[TokenLogprob]]]:
         """One step of the sequences `rids`: writes each one's next KV position, samples its next token."""
         seqs = [self.seqs[r] for r in rids]
         tables = [s.blocks for s in seqs]
-        last = self._input_ids(seqs).tolist()
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run(last, [s.context_len for s in seqs], tables, key=tuple(rids))
+            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=tuple(rids))
         else:
-            logits = lm_step(self.rt, self.kv, [[t] for t in last], [s.context_len for s in seqs], tables, self.pool.kv_block_size)
+            logits = lm_step(
+                self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
+            )
         sampled = sample_full(
             logits,
             [s.sampling for s in seqs],

@@ -65,12 +65,11 @@ class DecodeGraphs:
         return batch <= max(self.graphs) and all(len(t) <= self.max_blocks for t in tables)
 
     @torch.inference_mode()
-    def run(self, tokens: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]], key: object = None) -> torch.Tensor:
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions.
 
-        `tokens` may be a device tensor (the step before's samples, not yet seen by the host). `key`
-        names the batch's sequences; when it repeats, the block tables already in place are reused
-        (a sequence's table is fixed while it decodes). Nothing here waits for the device.
+        `key` names the batch's sequences; when it repeats, the block tables already in place are
+        reused (a sequence's table is fixed while it decodes).
         """
         b = len(tokens)
         bs = min(s for s in self.graphs if s >= b)
@@ -78,11 +77,7 @@ class DecodeGraphs:
         slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(tables, positions)]
         pad = bs - b
         dev = self.ids.device
-        if isinstance(tokens, torch.Tensor):
-            self.ids[:b].copy_(tokens)
-            self.ids[b:bs].zero_()
-        else:
-            self.ids[:bs].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        self.ids[:bs].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         self.pos[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
         self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)

@@ -22,14 +22,12 @@ def lm_step(
     tables: list[list[int]],
     block_size: int,
     mm: Optional[list[Optional[torch.Tensor]]] = None,
-    ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
-    `ids`: the tokens already on the device, flat (then `tokens` gives only their counts)."""
+    """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits."""
     assert rt.lm is not None
-    if ids is None:
-        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long).to(rt.device, non_blocking=True)
-    pos = torch.tensor([s + i for seq, s in zip(tokens, starts) for i in range(len(seq))]).to(rt.device, non_blocking=True)
+    flat = [t for seq in tokens for t in seq]
+    ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
+    pos = torch.tensor([s + i for seq, s in zip(tokens, starts) for i in range(len(seq))], device=rt.device)
     qlens = [len(seq) for seq in tokens]
     meta = AttentionMetadata.build(tables, qlens, [s + q for s, q in zip(starts, qlens)], block_size, rt.device)
     mm_embeds = mm_mask = None

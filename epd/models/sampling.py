@@ -63,35 +63,21 @@ def sample_full(
     top-k and top-p (top-p over the top-k renormalised). `prompts`/`outputs` are needed only for rows
     with penalties. Logprobs are of the raw logits.
     """
-    out = sample_on_device(logits, params, steps, prompts, outputs, eos_token_id)
-    tokens = out.tolist()
-    return Sampled(tokens, _logprobs(logits, params, tokens))
-
-
-def sample_on_device(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    steps: list[int],
-    prompts: Optional[Sequence[Optional[Sequence[int]]]] = None,
-    outputs: Optional[Sequence[Optional[Sequence[int]]]] = None,
-    eos_token_id: Optional[int] = None,
-) -> torch.Tensor:
-    """The sampled ids as a device tensor [num_seqs], without waiting for them (see `sample_full`)."""
     vocab = logits.shape[-1]
     dev = logits.device
     x = logits
     rows = [i for i, p in enumerate(params) if p.processes_logits]
     if rows:
         x = logits.float().clone()
-        idx = _on(rows, torch.int64, dev)
+        idx = torch.tensor(rows, device=dev)
         x[idx] = _process(x[idx], [params[i] for i in rows], [steps[i] for i in rows], rows, prompts, outputs, eos_token_id)
     out = x.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        idx = _on(rows, torch.int64, dev)
-        sub = x[idx].double() / _on([params[i].temperature for i in rows], torch.float64, dev)[:, None]
-        top_k = _on([min(params[i].top_k or vocab, vocab) for i in rows], torch.int64, dev)
-        top_p = _on([params[i].top_p for i in rows], torch.float64, dev)
+        idx = torch.tensor(rows, device=dev)
+        sub = x[idx].double() / torch.tensor([params[i].temperature for i in rows], device=dev, dtype=torch.float64)[:, None]
+        top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=dev)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=dev, dtype=torch.float64)
         sorted_logits, order = sub.sort(dim=-1, descending=True)
         in_k = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
         sorted_logits = sorted_logits.masked_fill(~in_k, float("-inf"))
@@ -99,17 +85,12 @@ def sample_on_device(
         # keep the top-k, and the smallest prefix of them whose (renormalised) mass reaches top_p
         keep = in_k & ((probs.cumsum(-1) - probs) < top_p[:, None])
         masked = torch.full_like(sub, float("-inf")).scatter(1, order, sorted_logits.masked_fill(~keep, float("-inf")))
-        seeds = _on([params[i].seed for i in rows], torch.int64, dev)
-        u = uniform(seeds, _on([steps[i] for i in rows], torch.int64, dev), vocab)
+        seeds = torch.tensor([params[i].seed for i in rows], device=dev, dtype=torch.int64)
+        u = uniform(seeds, torch.tensor([steps[i] for i in rows], device=dev, dtype=torch.int64), vocab)
         gumbel = -torch.log(-torch.log(u))
         out[idx] = (masked + gumbel).argmax(dim=-1)  # Gumbel-max: an exact draw from softmax(masked)
-    return out
-
-
-def _on(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """A small host list on the device without waiting for the device's queued work (a blocking
-    copy would wait for the step still running)."""
-    return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+    tokens = out.tolist()
+    return Sampled(tokens, _logprobs(logits, params, tokens))
 
 
 def _process(x, params, steps, rows, prompts, outputs, eos_token_id) -> torch.Tensor:
