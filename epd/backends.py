@@ -31,7 +31,8 @@ class EngineBackend:
         self.executor = "local" if cfg.backend.kind == "local" else "ray"
         self.engine_config = EngineConfig(cfg.model, cfg.deployment, self.executor, cfg.backend)
         self._llm = None
-        self.startup_s: Optional[float] = None  # seconds until every worker was up, for the last engine built
+        self.startup_s: Optional[float] = None  # seconds until the last engine built was ready
+        self.warmup_s: Optional[float] = None
 
     def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
@@ -39,13 +40,14 @@ class EngineBackend:
         started = time.time()
         llm = AsyncLLM(self.engine_config, allocation=self._allocation())
         llm.core.worker_info()  # every worker up
-        self._ready(time.time() - started)
+        self._ready(time.time() - started, llm.core.warmup_s)
         return llm
 
-    def _ready(self, seconds: float) -> None:
-        """Workers are built and loaded: runs measure from here (start-up stays out of the window)."""
-        self.startup_s = seconds
-        print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s", flush=True)
+    def _ready(self, seconds: float, warmup_s: Optional[float]) -> None:
+        """Workers are built, loaded and warmed up: runs measure from here (start-up stays out of the window)."""
+        self.startup_s, self.warmup_s = seconds, warmup_s
+        warm = f" (warm-up {warmup_s:.1f} s)" if warmup_s is not None else " (no warm-up)"
+        print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s{warm}", flush=True)
 
     def _allocation(self):
         from simulator.backend import best_split
@@ -78,7 +80,7 @@ class EngineBackend:
         started = time.time()
         with OfflineLLM(self.engine_config, allocation=self._allocation()) as llm:
             workers = llm.core.worker_info()
-            self._ready(time.time() - started)
+            self._ready(time.time() - started, llm.core.warmup_s)
             llm.core.reset_clock()
             with progress(len(requests), "requests", "req") as bar:
                 outputs = llm.generate(requests, timeout_s=self.cfg.backend.timeout_s, on_finished=bar.update)
@@ -99,7 +101,9 @@ class EngineBackend:
         core.drain_check()
         stage_load = list(core.allocation.stage_load) if core.allocation is not None else []
         outputs = dict(core.pipeline.outputs) if outputs is None else outputs
-        return RunResult(core.pipeline.events, outputs, workers, list(core.timeseries), stage_load, startup_s=self.startup_s)
+        return RunResult(
+            core.pipeline.events, outputs, workers, list(core.timeseries), stage_load, startup_s=self.startup_s, warmup_s=self.warmup_s
+        )
 
     async def _drive(self, llm, requests: list[Request]) -> None:
         start = time.time()

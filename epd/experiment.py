@@ -42,7 +42,8 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
             allocation=cfg.allocation.policy,
             transfer=cfg.deployment.transfer,
             hardware=cfg.hardware.name,
-            engine_startup_s=result.startup_s,
+            engine_startup_s=result.startup_s,  # time to ready
+            engine_warmup_s=result.warmup_s,
         )
         write_record(out_dir, resolved, result, summary)
         logger.log_run(summary, result)

@@ -18,7 +18,8 @@ class RunResult:
     workers: list[dict] = field(default_factory=list)
     timeseries: list[dict] = field(default_factory=list)
     stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
-    startup_s: Optional[float] = None  # engine start-up (workers built and loaded), outside the measured window
+    startup_s: Optional[float] = None  # engine start-up to ready (workers built and loaded, warm-up run), outside the measured window
+    warmup_s: Optional[float] = None  # the warm-up's part of it
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:

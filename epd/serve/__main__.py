@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -22,7 +23,11 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_cfg = to_run_config(cfg)
     executor = "local" if run_cfg.backend.kind == "local" else "ray"
+    started = time.time()
+    # The engine warms up inside AsyncLLM: the server (and /health) comes up only once it is ready.
     llm = AsyncLLM(run_cfg.model, run_cfg.deployment, executor, run_cfg.backend, retain_finished=False)
+    warm = f"warm-up {llm.core.warmup_s:.1f} s" if llm.core.warmup_s is not None else "no warm-up"
+    print(f"engine {run_cfg.deployment.describe()} ready in {time.time() - started:.1f} s ({warm})", flush=True)
     try:
         llm.core.reset_clock()
         uvicorn.run(build_app(run_cfg, llm), host=run_cfg.server.host, port=run_cfg.server.port, log_level="info")
