@@ -382,6 +382,7 @@ class ServerConfig:
     allow_remote_images: bool = False
     default_max_tokens: int = 64
     url: Optional[str] = None  # online benchmark: an existing server; None starts one on loopback
+    drain_timeout_s: float = 30.0  # on SIGTERM: requests in flight get this long to finish, then are aborted
     client_retries: int = 0  # online benchmark: a request refused (429/503) is sent again after Retry-After, this many times
 
 

@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> None:
 
     from epd.serve.app import build_app
     from epd.serve.async_llm import AsyncLLM
+    from epd.serve.shutdown import DrainingServer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_cfg = to_run_config(cfg)
@@ -30,7 +31,9 @@ def main(cfg: DictConfig) -> None:
     print(f"engine {run_cfg.deployment.describe()} ready in {time.time() - started:.1f} s ({warm})", flush=True)
     try:
         llm.core.reset_clock()
-        uvicorn.run(build_app(run_cfg, llm), host=run_cfg.server.host, port=run_cfg.server.port, log_level="info")
+        app = build_app(run_cfg, llm)
+        config = uvicorn.Config(app, host=run_cfg.server.host, port=run_cfg.server.port, log_level="info", timeout_graceful_shutdown=5)
+        DrainingServer(config, app, llm, run_cfg.server.drain_timeout_s).run()
     finally:
         llm.close()
 

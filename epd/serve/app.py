@@ -72,6 +72,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     if srv.api_key:
         app.add_middleware(ApiKey, key=srv.api_key)
     state = {"inflight": 0, "started": int(time.time())}
+    # Shutting down (SIGTERM, `epd.serve.shutdown`): new requests get 503 while those in flight finish.
+    app.state.draining = False
+    app.state.inflight = lambda: state["inflight"]
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_req: Request, exc: RequestValidationError):
@@ -96,7 +99,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "inflight": state["inflight"], "active_requests": llm.core.pipeline.num_active}
+        body = {"status": "draining" if app.state.draining else "ok", "inflight": state["inflight"]}
+        body["active_requests"] = llm.core.pipeline.num_active
+        return JSONResponse(body, status_code=503 if app.state.draining else 200)
 
     @app.get("/metrics")
     async def prometheus():
@@ -115,6 +120,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
         return await serve(body, request, chat=False)
 
     async def serve(body: Union[ChatCompletionRequest, CompletionRequest], request: Request, chat: bool):
+        if app.state.draining:
+            metrics.requests.labels("rejected").inc()
+            return error(503, "the server is shutting down; send this request elsewhere", kind="server_error", headers={"Retry-After": "5"})
         if state["inflight"] >= srv.max_concurrent_requests:
             metrics.requests.labels("rejected").inc()
             return error(
