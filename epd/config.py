@@ -378,6 +378,7 @@ class ServerConfig:
     max_images_per_request: int = 8
     max_image_bytes: int = 20_000_000
     max_body_bytes: int = 32 * 1024 * 1024  # a larger request body gets 413 before it is parsed
+    max_inflight_bytes: int = 512 * 1024 * 1024  # images and prompts of the requests in flight; beyond: 429
     image_root: Optional[str] = None  # local image files are allowed only under this directory
     allow_remote_images: bool = False
     default_max_tokens: int = 64

@@ -104,6 +104,7 @@ def check_run_config(cfg: RunConfig) -> None:
     c.optional_at_least("backend.num_cpus", b.num_cpus, 1)
     c.at_least("server.client_retries", cfg.server.client_retries, 0)
     c.at_least("server.drain_timeout_s", cfg.server.drain_timeout_s, 0)
+    c.at_least("server.max_inflight_bytes", cfg.server.max_inflight_bytes, 1)
     c.choice("logger.kind", cfg.logger.kind, ("wandb", "none"))
     c.choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     c.choice("deployment.transfer", cfg.deployment.transfer, TRANSFER_BACKENDS)

@@ -71,7 +71,7 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     app.add_middleware(BodyLimit, limit=srv.max_body_bytes)
     if srv.api_key:
         app.add_middleware(ApiKey, key=srv.api_key)
-    state = {"inflight": 0, "started": int(time.time())}
+    state = {"inflight": 0, "inflight_bytes": 0, "started": int(time.time())}
     # Shutting down (SIGTERM, `epd.serve.shutdown`): new requests get 503 while those in flight finish.
     app.state.draining = False
     app.state.inflight = lambda: state["inflight"]
@@ -99,7 +99,11 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {"status": "draining" if app.state.draining else "ok", "inflight": state["inflight"]}
+        body = {
+            "status": "draining" if app.state.draining else "ok",
+            "inflight": state["inflight"],
+            "inflight_bytes": state["inflight_bytes"],
+        }
         body["active_requests"] = llm.core.pipeline.num_active
         return JSONResponse(body, status_code=503 if app.state.draining else 200)
 
@@ -134,6 +138,7 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
         state["inflight"] += 1
         metrics.inflight.set(state["inflight"])
         runs: list[ChoiceRun] = []
+        prompts: list = []
         streaming = False
         try:
             if body.model is not None and body.model != model_name:
@@ -141,7 +146,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
                     f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model", 404, "model_not_found"
                 )
             sampling, stops = sampling_params(body, chat, cfg)
-            prompts = await asyncio.to_thread(render_chat if chat else render_prompts, body, cfg, tokenizer)
+            rendered = await asyncio.to_thread(render_chat if chat else render_prompts, body, cfg, tokenizer)
+            admit_bytes(state, payload_bytes(rendered), srv.max_inflight_bytes)
+            prompts = rendered  # holds its bytes in the server's count from here on
             runs = start_runs(llm, prompts, sampling, body, stops, tokenizer, metrics)
             refusal = await first_refusal(runs)
             if refusal is not None:
@@ -156,6 +163,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
             if not done:
                 return Response(status_code=499)  # nobody is listening
             return respond(runs, chat, model_name, prompts)
+        except Overloaded as exc:
+            metrics.requests.labels("rejected").inc()
+            return error(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"})
         except BadRequest as exc:
             metrics.requests.labels("invalid").inc()
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
@@ -169,7 +179,7 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
         finally:
             if not streaming:
                 await asyncio.gather(*(r.close() for r in runs))
-                release(state, metrics)
+                release(state, metrics, payload_bytes(prompts))
 
     return app
 
@@ -193,9 +203,29 @@ def field_path(loc) -> str:
     return ".".join(parts)
 
 
-def release(state: dict, metrics: ServerMetrics) -> None:
+def release(state: dict, metrics: ServerMetrics, nbytes: int = 0) -> None:
     state["inflight"] -= 1
+    state["inflight_bytes"] -= nbytes
     metrics.inflight.set(state["inflight"])
+
+
+class Overloaded(Exception):
+    """The server holds as many bytes of requests as it may: 429, retry later."""
+
+
+def payload_bytes(prompts) -> int:
+    """What a request's prompts hold in memory while it runs: its images' encoded bytes (pixels are
+    made on the E worker, batch by batch) and its token ids."""
+    return sum(8 * len(ids) + sum(len(im.data or b"") for im in images) for ids, images in prompts)
+
+
+def admit_bytes(state: dict, nbytes: int, limit: int) -> None:
+    """Count `nbytes` in, or refuse: 413 for a request that could never fit, 429 while others hold the room."""
+    if nbytes > limit:
+        raise BadRequest(f"the request holds {nbytes} bytes of images and prompt; this server takes at most {limit}", None, 413)
+    if state["inflight_bytes"] + nbytes > limit:
+        raise Overloaded(f"server holds {state['inflight_bytes']} of its {limit} bytes of requests in flight; retry later")
+    state["inflight_bytes"] += nbytes
 
 
 # ---- requests -> engine requests -------------------------------------------------------------
@@ -413,4 +443,4 @@ async def sse(runs: list[ChoiceRun], chat: bool, include_usage: bool, model: str
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(r.close() for r in runs))
-        release(state, metrics)
+        release(state, metrics, payload_bytes(prompts))

@@ -1,0 +1,80 @@
+"""Admission by bytes: the images and prompts of the requests in flight are bounded by
+`server.max_inflight_bytes` as well as by their count."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from epd.config import ModelConfig, RunConfig, ServerConfig
+from epd.serve.app import build_app
+from epd.serve.async_llm import AsyncLLM
+from tests.serving import DEPLOYMENT, LiveServer, _wait_drained
+
+
+def _noisy_png(w: int, h: int, seed: int) -> str:
+    """A PNG that does not compress: its bytes are about 3 * w * h."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _body(url: str, max_tokens: int, stream: bool = False) -> dict:
+    content = [{"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+
+
+@pytest.fixture(scope="module")
+def live():
+    llm = AsyncLLM(ModelConfig(), DEPLOYMENT, "local")
+    cfg = dataclasses.replace(RunConfig(deployment=DEPLOYMENT), server=ServerConfig(max_inflight_bytes=100_000))
+    server = LiveServer(build_app(cfg, llm))
+    yield server, llm
+    server.stop()
+    llm.close()
+
+
+def test_a_request_larger_than_the_byte_bound_is_413(live):
+    server, llm = live
+    r = httpx.post(server.url + "/v1/chat/completions", json=_body(_noisy_png(200, 200, 1), 2), timeout=30)
+    assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["inflight_bytes"] == 0
+
+
+def test_bytes_in_flight_refuse_with_429_until_released(live):
+    server, llm = live
+    holder_done = threading.Event()
+    first = threading.Event()
+
+    def holder():  # ~60 KB of image held while it streams 300 tokens
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=_body(_noisy_png(140, 140, 2), 300, True), timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    first.set()
+        holder_done.set()
+
+    t = threading.Thread(target=holder, daemon=True)
+    t.start()
+    assert first.wait(30)
+    assert httpx.get(server.url + "/health").json()["inflight_bytes"] > 50_000
+    refused = httpx.post(server.url + "/v1/chat/completions", json=_body(_noisy_png(140, 140, 3), 2), timeout=30)
+    assert refused.status_code == 429 and refused.headers.get("retry-after"), refused.text
+    small = httpx.post(server.url + "/v1/chat/completions", json=_body(_noisy_png(20, 20, 4), 2), timeout=30)
+    assert small.status_code == 200  # what fits beside it is served
+    assert holder_done.wait(60)
+    deadline = time.time() + 10
+    while httpx.get(server.url + "/health").json()["inflight_bytes"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["inflight_bytes"] == 0
+    again = httpx.post(server.url + "/v1/chat/completions", json=_body(_noisy_png(140, 140, 3), 2), timeout=30)
+    assert again.status_code == 200
+    _wait_drained(llm)
