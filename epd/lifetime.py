@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,10 +58,11 @@ class Event:
 
 
 class EventLog:
-    """Append-only list of events; `shift` moves a wall-clock log onto run-relative time."""
+    """Append-only list of events; `shift` moves a wall-clock log onto run-relative time. With a
+    `capacity` (a server that runs for weeks) only the latest that many are kept."""
 
-    def __init__(self, events: Iterable[Event] = ()):
-        self._events: list[Event] = list(events)
+    def __init__(self, events: Iterable[Event] = (), capacity: Optional[int] = None):
+        self._events: list[Event] | deque[Event] = list(events) if capacity is None else deque(events, maxlen=capacity)
 
     def emit(self, time: float, request_id: str, kind: LifetimeEvent, instance: Optional[str] = None, **data: Any) -> None:
         self._events.append(Event(time, request_id, kind, instance, data))

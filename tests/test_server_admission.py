@@ -78,3 +78,35 @@ def test_bytes_in_flight_refuse_with_429_until_released(live):
     again = httpx.post(server.url + "/v1/chat/completions", json=_body(_noisy_png(140, 140, 3), 2), timeout=30)
     assert again.status_code == 200
     _wait_drained(llm)
+
+
+def test_a_server_engine_holds_only_bounded_state(monkeypatch):
+    """As the server runs it (`retain_finished=False`), the engine keeps no finished request's state or
+    output, and only the latest events and load samples, however many requests pass."""
+    import asyncio
+
+    import epd.serve.async_llm as async_llm
+    from epd.request import ImageInput, Request, SamplingParams
+
+    monkeypatch.setattr(async_llm, "SERVER_EVENTS", 120)
+    llm = AsyncLLM(ModelConfig(), DEPLOYMENT, "local", retain_finished=False)
+    try:
+
+        async def one(i: int) -> int:
+            req = Request(f"s{i}", prompt_token_ids=(10 + i % 50, 11), images=(ImageInput(width=60, height=40, seed=i),))
+            req = dataclasses.replace(req, sampling=SamplingParams(max_tokens=4, ignore_eos=True))
+            return sum([len(d.token_ids) async for d in llm.generate(req)])
+
+        async def run_all() -> list[int]:
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+        assert asyncio.run(run_all()) == [4] * 40
+        _wait_drained(llm)
+        deadline = time.time() + 10
+        while llm.core.pipeline.states and time.time() < deadline:
+            time.sleep(0.05)
+        assert not llm.core.pipeline.states and not llm.core.pipeline.outputs
+        assert len(llm.core.pipeline.events) == 120  # 40 requests made ~600; the latest 120 are kept
+        assert llm.core.timeseries.maxlen == async_llm.SERVER_SAMPLES
+    finally:
+        llm.close()

@@ -8,13 +8,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from epd.config import BackendConfig, DeploymentConfig, EngineConfig, ModelConfig
 from epd.engine.core import EngineCore
+from epd.lifetime import EventLog
 from epd.request import INTERNAL, Request, TokenLogprob
+
+SERVER_EVENTS = 50_000  # lifetime events a server keeps (the latest; ~17 per request with an image)
+SERVER_SAMPLES = 20_000  # load samples a server keeps (~80 min at 4 per second)
+SERVER_BATCHES = 10_000  # batch records a server keeps
 
 
 @dataclass
@@ -43,6 +49,10 @@ class AsyncLLM:
         holds the requests in flight only; True (benchmarks) keeps them for the run's record."""
         self.retain_finished = retain_finished
         self.core = EngineCore(EngineConfig.of(model, deployment, executor, backend), on_output=self._on_output, allocation=allocation)
+        if not retain_finished:  # a server: the latest events and load samples only, memory stays flat
+            self.core.pipeline.events = EventLog(capacity=SERVER_EVENTS)
+            self.core.timeseries = deque(maxlen=SERVER_SAMPLES)
+            self.core.batches = deque(maxlen=SERVER_BATCHES)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
