@@ -1,6 +1,7 @@
 """Soak: many requests with images through the server, the process's resident memory sampled as they go.
 
     python bench/soak.py --requests 20000 --out soak.json
+    python bench/soak.py --offline --requests 20000 --every 500 --out soak_offline.json   # OfflineLLM.generate calls
 
 One process holds the server (uvicorn on loopback), the engine (tiny LLaVA, EPD, in-process workers,
 as `python -m epd.serve backend.kind=local` runs) and the client (httpx, `--concurrency` streams at
@@ -73,29 +74,67 @@ async def drive(url: str, n: int, concurrency: int, every: int, samples: list, c
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def soak_server(n: int, concurrency: int, every: int) -> tuple[list, dict, dict]:
+    dep = DeploymentConfig(name="epd", encode=PoolConfig(), prefill=PoolConfig(kv_blocks=512), decode=PoolConfig(kv_blocks=512))
+    llm = AsyncLLM(ModelConfig(), dep, "local", retain_finished=False)
+    cfg = RunConfig(deployment=dep, server=ServerConfig(max_concurrent_requests=concurrency * 2))
+    server = LiveServer(build_app(cfg, llm))
+    samples: list = [{"requests": 0, "rss_mb": rss_mb(), "t": time.time()}]
+    counts: dict = {}
+    try:
+        asyncio.run(drive(server.url, n, concurrency, every, samples, counts))
+    finally:
+        server.stop()
+        held = {"states": len(llm.core.pipeline.states), "outputs": len(llm.core.pipeline.outputs), "events": len(llm.core.pipeline.events)}
+        llm.close()
+    return samples, counts, held
+
+
+def soak_offline(n: int, every: int) -> tuple[list, dict, dict]:
+    """The offline engine over many `generate` calls of `every` requests each."""
+    from epd.request import ImageInput, Request, SamplingParams
+    from epd.serve.offline import OfflineLLM
+
+    dep = DeploymentConfig(name="epd", encode=PoolConfig(), prefill=PoolConfig(kv_blocks=512), decode=PoolConfig(kv_blocks=512))
+    samples: list = [{"requests": 0, "rss_mb": rss_mb(), "t": time.time()}]
+    counts: dict = {}
+    with OfflineLLM(ModelConfig(), dep, "local") as llm:
+        for start in range(0, n, every):
+            reqs = [
+                Request(
+                    f"o{i}",
+                    prompt_token_ids=tuple(10 + (i + j) % 300 for j in range(8 + i % 16)),
+                    images=(ImageInput(data=base64.b64decode(png_url(i).split(",", 1)[1])),),
+                    sampling=SamplingParams(max_tokens=6, ignore_eos=True),
+                )
+                for i in range(start, min(n, start + every))
+            ]
+            for o in llm.generate(reqs):
+                counts[o.finish_reason] = counts.get(o.finish_reason, 0) + 1
+            gc.collect()
+            samples.append({"requests": start + len(reqs), "rss_mb": rss_mb(), "t": time.time()})
+            print(f"  {samples[-1]['requests']:6d} requests  rss {samples[-1]['rss_mb']:.1f} MB", flush=True)
+        held = {"states": len(llm.core.pipeline.states), "outputs": len(llm.core.pipeline.outputs), "events": len(llm.core.pipeline.events)}
+    return samples, counts, held
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--offline", action="store_true", help="the offline engine (OfflineLLM.generate calls) instead of the server")
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--out", default="soak.json")
     args = ap.parse_args()
-    dep = DeploymentConfig(name="epd", encode=PoolConfig(), prefill=PoolConfig(kv_blocks=512), decode=PoolConfig(kv_blocks=512))
-    llm = AsyncLLM(ModelConfig(), dep, "local", retain_finished=False)
-    cfg = RunConfig(deployment=dep, server=ServerConfig(max_concurrent_requests=args.concurrency * 2))
-    server = LiveServer(build_app(cfg, llm))
-    samples: list = [{"requests": 0, "rss_mb": rss_mb(), "t": time.time()}]
-    counts: dict = {}
     start = time.time()
-    try:
-        asyncio.run(drive(server.url, args.requests, args.concurrency, args.every, samples, counts))
-    finally:
-        server.stop()
-        held = {"states": len(llm.core.pipeline.states), "outputs": len(llm.core.pipeline.outputs), "events": len(llm.core.pipeline.events)}
-        llm.close()
+    if args.offline:
+        samples, counts, held = soak_offline(args.requests, args.every)
+    else:
+        samples, counts, held = soak_server(args.requests, args.concurrency, args.every)
     warm = samples[max(1, len(samples) // 10)]
     last = samples[-1]
     result = {
+        "mode": "offline" if args.offline else "server",
         "requests": args.requests,
         "concurrency": args.concurrency,
         "status_counts": counts,

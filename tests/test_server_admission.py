@@ -110,3 +110,22 @@ def test_a_server_engine_holds_only_bounded_state(monkeypatch):
         assert llm.core.timeseries.maxlen == async_llm.SERVER_SAMPLES
     finally:
         llm.close()
+
+
+def test_offline_generate_calls_hold_one_calls_worth():
+    """Each OfflineLLM.generate call is a run of its own: after many calls the engine holds no request
+    state or output and only the last call's events."""
+    from epd.lifetime import LifetimeEvent as Ev
+    from epd.request import Request, SamplingParams
+    from epd.serve.offline import OfflineLLM
+
+    with OfflineLLM(ModelConfig(), DEPLOYMENT, "local") as llm:
+        for call in range(5):
+            reqs = [
+                Request(f"c{call}-{i}", prompt_token_ids=(10 + i, 11), sampling=SamplingParams(max_tokens=3, ignore_eos=True))
+                for i in range(6)
+            ]
+            assert [len(o.token_ids) for o in llm.generate(reqs)] == [3] * 6
+            finished = {e.request_id for e in llm.core.pipeline.events if e.kind == Ev.FINISHED}
+            assert finished == {r.request_id for r in reqs}  # this call's requests only
+        assert not llm.core.pipeline.states and not llm.core.pipeline.outputs

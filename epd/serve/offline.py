@@ -25,7 +25,8 @@ class OfflineLLM:
     def generate(self, requests: list[Request], timeout_s: float = 600.0, on_finished=None) -> list[RequestOutput]:
         """Outputs in the order of `requests`. Ids must be unique among them and among requests still
         active; a finished request is forgotten once returned, so its id may be used again.
-        `on_finished(n)`: told as n more of them end (a progress bar)."""
+        `on_finished(n)`: told as n more of them end (a progress bar). The engine's events
+        (`core.pipeline.events`) are this call's."""
         for r in requests:
             check_identity(r)
         ids = [r.request_id for r in requests]
@@ -35,8 +36,11 @@ class OfflineLLM:
         active = sorted(i for i in ids if i in self.core.pipeline.states and not self.core.pipeline.states[i].done)
         if active:
             raise ValueError(f"request ids still active in the engine: {active[:10]}; nothing was submitted")
-        for rid in ids:
-            self.core.pipeline.forget(rid)  # a finished request of an earlier call that was not forgotten
+        # Each call is a run of its own: its events, load samples and clock start afresh, so a process
+        # that calls generate for weeks holds one call's worth (after a call that timed out, requests
+        # may still be active: then this call's run shares theirs).
+        if not self.core.has_work():
+            self.core.new_run()
         for req in requests:
             self.core.add_request(req)
         self.core.run_until_idle(timeout_s, on_finished)
