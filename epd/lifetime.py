@@ -33,10 +33,11 @@ class LifetimeEvent(str, enum.Enum):
     # Worker events (request_id is SYSTEM): a worker leaves one stage for another while serving.
     ROLE_SWITCH_BEGIN = "role_switch_begin"
     ROLE_SWITCH_END = "role_switch_end"
+    WORKER_LOST = "worker_lost"  # a worker's process died: its instance is out of service
 
 
 SYSTEM = ""  # the request_id of events that belong to no request
-SYSTEM_EVENTS = frozenset({LifetimeEvent.ROLE_SWITCH_BEGIN, LifetimeEvent.ROLE_SWITCH_END})
+SYSTEM_EVENTS = frozenset({LifetimeEvent.ROLE_SWITCH_BEGIN, LifetimeEvent.ROLE_SWITCH_END, LifetimeEvent.WORKER_LOST})
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ class EngineCore:
             state = self.pipeline.states.get(rid)
             if state is not None and state.done:
                 self.pipeline.forget(rid)
+        for iid, reason in self.executor.lost_workers().items():  # found dead while it had nothing to run
+            self.pipeline.lose_instance(self.pipeline.instances[iid], reason, time.time())
         self._dispatch()
         if not self.executor.inflight:
             self._wake.wait(timeout)  # nothing running: sleep until a request comes
@@ -213,7 +215,7 @@ class EngineCore:
     def drain_check(self) -> dict[str, int]:
         """Every block free on the driver, every sequence forgotten on the workers."""
         self.pipeline.assert_drained()
-        releases = {iid: inst.take_releases() for iid, inst in self.pipeline.instances.items()}
+        releases = {iid: inst.take_releases() for iid, inst in self.pipeline.instances.items() if not inst.failed}
         held = {iid: self.executor.call_one(iid, "release", ids) for iid, ids in releases.items()}
         left = {iid: n for iid, n in held.items() if n}
         if left:

@@ -53,6 +53,10 @@ class LocalExecutor:
         done, self._done = self._done, []
         return done
 
+    def lost_workers(self, interval_s: float = 0.5) -> dict[str, str]:
+        """In one process a worker cannot die alone."""
+        return {}
+
     def refresh_transfers(self, iid: str) -> None:
         """In one process the local backend finds every worker's current caches by itself."""
 
@@ -173,6 +177,9 @@ class RayExecutor:
             raise
         self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
         self._pushes: list[Any] = []
+        self.lost: set[str] = set()  # instances whose worker died
+        self._pings: dict[Any, str] = {}  # liveness pings in flight -> instance
+        self._next_ping = 0.0
         self._tickets: dict[str, int] = {}  # instance -> the ticket of its next batch
         self._push_tickets: dict[tuple[str, str], int] = {}  # (sender, receiver) -> the next push's ticket
 
@@ -232,7 +239,11 @@ class RayExecutor:
                     self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
                 except Exception as exc:
                     log.error("worker %s failed: %s", iid, exc)
-                    result = BatchFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time())
+                    lost = isinstance(exc, self.ray.exceptions.RayActorError)
+                    if lost:
+                        self.lost.add(iid)
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    result = BatchFailure(reason, time.time(), worker_lost=lost)
                 out.append((iid, batch, result))
             heads = self._heads()
             ready = self.ray.wait(heads, num_returns=len(heads), timeout=0)[0] if heads else []
@@ -245,6 +256,30 @@ class RayExecutor:
             heads.setdefault(iid, ref)
         return list(heads.values())
 
+    def lost_workers(self, interval_s: float = 0.5) -> dict[str, str]:
+        """Instances whose worker process died since the last call, with the reason: each actor answers
+        a ping on its transfer thread (never queued behind a batch) every `interval_s`."""
+        now = time.time()
+        out: dict[str, str] = {}
+        if self._pings:
+            done, _ = self.ray.wait(list(self._pings), num_returns=len(self._pings), timeout=0)
+            for ref in done:
+                iid = self._pings.pop(ref)
+                try:
+                    self.ray.get(ref)
+                except self.ray.exceptions.RayActorError as exc:
+                    if iid not in self.lost:
+                        self.lost.add(iid)
+                        out[iid] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if now >= self._next_ping:
+            self._next_ping = now + interval_s
+            waiting = set(self._pings.values())
+            for iid, ranks in self.actors.items():
+                if iid not in self.lost and iid not in waiting:
+                    for a in ranks:
+                        self._pings[a.ping.options(concurrency_group="transfer").remote()] = iid
+        return out
+
     def refresh_transfers(self, iid: str) -> None:
         """`iid` reallocated its caches (a role switch): every worker learns its new export. On the
         transfer threads, so no one waits for a running batch."""
@@ -254,7 +289,7 @@ class RayExecutor:
         self.ray.get([a.transfer_connect.options(**group).remote(self._exports) for a in everyone])
 
     def call(self, method: str, *args) -> dict[str, Any]:
-        refs = {iid: getattr(ranks[0], method).remote(*args) for iid, ranks in self.actors.items()}
+        refs = {iid: getattr(ranks[0], method).remote(*args) for iid, ranks in self.actors.items() if iid not in self.lost}
         return {iid: self.ray.get(r) for iid, r in refs.items()}
 
     def call_one(self, iid: str, method: str, *args) -> Any:

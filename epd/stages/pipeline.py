@@ -62,6 +62,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         self.frees_on_send = frees_on_send
         self.max_pending = deployment.max_pending_transfers
         self.depth = 2 if deployment.async_scheduling else 1  # batches an instance may have in flight
+        self.now = time_origin  # the latest time the pipeline was told of (arrivals, results)
         self.origin = time_origin
         self.on_output = on_output
         self.tokenizer = tokenizer
@@ -135,6 +136,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
 
     # ---- admission ---------------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> None:
+        self.now = max(self.now, now)
         check_identity(req)
         if req.request_id in self.states:
             raise ValueError(f"duplicate request id {req.request_id!r}")
@@ -185,6 +187,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         return None
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
+        self.now = max(self.now, result.time if isinstance(result, BatchFailure) else result.span[1])
         inst.inflight -= 1
         if isinstance(batch, DecodeBatch):
             for rid in batch.step:

@@ -161,6 +161,17 @@ class Results:
 
     def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
         ids = [i.request_id for i in batch.items] if isinstance(batch, (EncodeBatch, PrefillBatch)) else list(batch.step)
+        if isinstance(batch, DecodeBatch):
+            ids += [n.request_id for n in batch.new]
+        restart = []  # images a lost worker had not encoded, of requests with nothing done elsewhere: encoded again
+        if failure.worker_lost and isinstance(batch, EncodeBatch):
+            for rid in dict.fromkeys(ids):
+                state = self._live(rid)
+                if state is not None and state.images_pending == len(state.req.images) and all(k.instance == inst.id for k in state.holds):
+                    state.release_all()
+                    restart.append(state)
         for rid in ids:
-            if rid in self.states:
+            if rid in self.states and all(self.states[rid] is not s for s in restart):
                 self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time, INTERNAL)
+        if failure.worker_lost:
+            self.lose_instance(inst, failure.reason, failure.time, restart)

@@ -4,6 +4,7 @@ parallelism), then a P instance, then a D instance (the P instance itself when i
 from __future__ import annotations
 
 from epd.config import Role
+from epd.request import INTERNAL
 from epd.stages.instance import EncodeWork, Instance
 from epd.stages.state import RequestState
 
@@ -11,7 +12,16 @@ from epd.stages.state import RequestState
 class Routes:
     """Pipeline part: routing between stages."""
 
+    def _none_in_service(self, state: RequestState, role: Role) -> bool:
+        """No worker of `role` is left (lost ones are not replaced): the request is aborted."""
+        if self.by_role[role]:
+            return False
+        self.abort(state, f"no {role.value} worker is in service", self.now, INTERNAL)
+        return True
+
     def _route_encode(self, state: RequestState) -> None:
+        if self._none_in_service(state, Role.ENCODE):
+            return
         encoders = self.by_role[Role.ENCODE]
         n = len(state.req.images)
         targets = self.router.spread(Role.ENCODE, encoders, n) if self.deployment.irp else [self.router.choose(Role.ENCODE, encoders)] * n
@@ -23,6 +33,8 @@ class Routes:
 
     def _route_prefill(self, state: RequestState) -> None:
         if state.prefill_instance is None:
+            if self._none_in_service(state, Role.PREFILL):
+                return
             state.prefill_instance = self.router.choose(Role.PREFILL, self.by_role[Role.PREFILL]).id
         self.instances[state.prefill_instance].prefill_queue.append(state)
         self._pull_first_if_switching(state)
@@ -32,6 +44,8 @@ class Routes:
             state.kv_local = True
             inst = prefill_inst
         else:
+            if self._none_in_service(state, Role.DECODE):
+                return
             inst = self.router.choose(Role.DECODE, self.by_role[Role.DECODE])
         state.decode_instance = inst.id
         inst.decode_queue.append(state)

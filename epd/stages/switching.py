@@ -9,6 +9,7 @@ from typing import Optional
 from epd.config import POOL_ROLES, ROLES, Role, describe_layout
 from epd.lifetime import SYSTEM
 from epd.lifetime import LifetimeEvent as Ev
+from epd.request import INTERNAL
 from epd.stages.instance import Instance
 from epd.stages.schedulers import select_decode
 from epd.stages.state import RequestState
@@ -100,6 +101,55 @@ class RoleSwitching:
             target = inst.switching_to
             return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())
         return None
+
+    def lose_instance(self, inst: Instance, reason: str, t: float, restart: list[RequestState] = ()) -> None:
+        """Its worker died: the instance leaves service. Work queued there that holds nothing on it
+        goes to a sibling of its stage; requests whose data only it held are aborted with the reason,
+        as are those whose stage has no worker left. Its blocks come free with those requests."""
+        if inst.failed:
+            return
+        inst.failed = reason
+        for role in inst.roles:
+            if inst in self.by_role[role]:
+                self.by_role[role].remove(inst)
+        self.events.emit(self._t(t), SYSTEM, Ev.WORKER_LOST, inst.id, reason=reason, layout=self.layout())
+        why = f"worker {inst.id} died: {reason}"
+        encode = list(restart) + [w.state for w in inst.encode_queue]
+        prefill, decode = list(inst.prefill_queue), list(inst.decode_queue)
+        inst.encode_queue.clear()
+        inst.prefill_queue.clear()
+        inst.decode_queue.clear()
+        for state in list(self.states.values()):  # whatever lives on the lost worker is lost
+            if not state.done and (state.keys_of(inst.id) or inst.id in state.senders or state in inst.running):
+                self.abort(state, why, t, INTERNAL)
+        seen: set[str] = set()
+        for state in encode:  # not encoded anywhere yet: start over on a sibling
+            if state.done or state.rid in seen:
+                continue
+            seen.add(state.rid)
+            if state.holds or state.images_pending != len(state.req.images) or not self.by_role[Role.ENCODE]:
+                self.abort(state, why, t, INTERNAL)
+                continue
+            for other in self.instances.values():
+                other.encode_queue = type(other.encode_queue)(w for w in other.encode_queue if w.state is not state)
+            state.prefill_instance = None
+            self._route_encode(state)
+        for state in prefill:
+            if state.done:
+                continue
+            if not self.by_role[Role.PREFILL]:
+                self.abort(state, why, t, INTERNAL)
+                continue
+            state.prefill_instance = None
+            self._route_prefill(state)
+        for state in decode:
+            if state.done:
+                continue
+            if state.kv_local or not self.by_role[Role.DECODE]:
+                self.abort(state, why, t, INTERNAL)
+                continue
+            self._route_decode(state, self.instances[state.prefill_instance])
+        inst.running.clear()
 
     def _switched(self, inst: Instance, batch: SwitchBatch, result: Result | BatchFailure) -> None:
         old, target = inst.pool, inst.switching_to

@@ -142,6 +142,7 @@ class BatchFailure:
 
     reason: str
     time: float
+    worker_lost: bool = False  # the worker itself is gone (its process died): its instance leaves service
 
 
 def pulled_handles(batch: Batch) -> list:

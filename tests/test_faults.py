@@ -1,0 +1,71 @@
+"""Chaos on CPU: a worker of each stage is killed while requests run. Every request either finishes
+with the tokens of a fault-free run or is aborted with a reason naming the lost worker; none is lost
+or duplicated; every block is free at the end; the siblings go on serving what comes after."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+from helpers import MODEL, reference
+
+from epd.config import BackendConfig, DeploymentConfig, EngineConfig, PoolConfig
+from epd.engine.core import EngineCore
+from epd.lifetime import LifetimeEvent as Ev
+from epd.request import ImageInput, Request, SamplingParams
+
+TWO_OF_EACH = DeploymentConfig(
+    name="epd",
+    encode=PoolConfig(instances=2, mm_blocks=64),
+    prefill=PoolConfig(instances=2, kv_blocks=128),
+    decode=PoolConfig(instances=2, kv_blocks=128, max_decode_seqs=8),
+)
+
+
+def _requests(prefix: str, n: int) -> list[Request]:
+    return [
+        Request(
+            f"{prefix}{i}",
+            prompt_token_ids=tuple(range(20 + i, 30 + i)),
+            images=tuple(ImageInput(width=100 + 10 * i, height=80, seed=7 * i + k) for k in range(1 + i % 2)),
+            sampling=SamplingParams(max_tokens=24, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("victim", ["encode-1", "prefill-1", "decode-1"])
+def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, victim):
+    reqs, later = _requests("a", 12), _requests("b", 6)
+    expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
+    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig()))
+    try:
+        for r in reqs:
+            core.add_request(r)
+        deadline = time.time() + 120
+        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 3:  # mid-run: some decoding, some not started
+            assert time.time() < deadline
+            core.step()
+        ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
+        core.run_until_idle(120)
+        for r in later:  # after the loss: served by the siblings
+            core.add_request(r)
+        core.run_until_idle(120)
+        outputs = core.pipeline.outputs
+        events = list(core.pipeline.events)
+        assert set(outputs) == set(expected)  # none lost
+        ends = Counter(e.request_id for e in events if e.kind in (Ev.FINISHED, Ev.ABORTED))
+        assert all(n == 1 for n in ends.values()) and len(ends) == len(expected)  # none ended twice
+        aborted = {rid: o for rid, o in outputs.items() if o.finish_reason == "abort"}
+        for rid, o in outputs.items():
+            if rid not in aborted:
+                assert o.token_ids == expected[rid], rid
+        assert all(victim in o.abort_reason for o in aborted.values()), [o.abort_reason for o in aborted.values()]
+        assert not [rid for rid in aborted if rid.startswith("b")]  # what came after: all served
+        lost = [e for e in events if e.kind == Ev.WORKER_LOST]
+        assert [e.instance for e in lost] == [victim]
+        assert core.pipeline.instances[victim].failed
+        core.drain_check()  # every block free, every live worker forgot its sequences
+    finally:
+        core.close()
