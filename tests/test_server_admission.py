@@ -129,3 +129,25 @@ def test_offline_generate_calls_hold_one_calls_worth():
             finished = {e.request_id for e in llm.core.pipeline.events if e.kind == Ev.FINISHED}
             assert finished == {r.request_id for r in reqs}  # this call's requests only
         assert not llm.core.pipeline.states and not llm.core.pipeline.outputs
+
+
+def test_health_says_degraded_when_a_worker_is_lost():
+    """A lost worker makes /health 'degraded' (200 while its stage has a sibling); a stage with no
+    worker left makes it a 503 naming the stage."""
+    from epd.config import DeploymentConfig, PoolConfig
+
+    dep = DeploymentConfig(name="epd", encode=PoolConfig(instances=2), prefill=PoolConfig(), decode=PoolConfig())
+    llm = AsyncLLM(ModelConfig(), dep, "local")
+    server = LiveServer(build_app(RunConfig(deployment=dep), llm))
+    try:
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        pipe = llm.core.pipeline
+        pipe.lose_instance(pipe.instances["encode-1"], "killed", time.time())
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 200 and r.json()["status"] == "degraded" and r.json()["lost_workers"] == ["encode-1"]
+        pipe.lose_instance(pipe.instances["decode-0"], "killed", time.time())
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 503 and r.json()["stages_without_workers"] == ["decode"]
+    finally:
+        server.stop()
+        llm.close()

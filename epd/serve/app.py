@@ -99,13 +99,13 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {
-            "status": "draining" if app.state.draining else "ok",
-            "inflight": state["inflight"],
-            "inflight_bytes": state["inflight_bytes"],
-        }
-        body["active_requests"] = llm.core.pipeline.num_active
-        return JSONResponse(body, status_code=503 if app.state.draining else 200)
+        pipe = llm.core.pipeline
+        lost = sorted(i.id for i in pipe.instances.values() if i.failed)
+        unserved = sorted(r.value for r, insts in pipe.by_role.items() if not insts)  # no worker left: its requests fail
+        status = "draining" if app.state.draining else "degraded" if lost else "ok"
+        body = {"status": status, "inflight": state["inflight"], "inflight_bytes": state["inflight_bytes"]}
+        body |= {"active_requests": pipe.num_active, "lost_workers": lost, "stages_without_workers": unserved}
+        return JSONResponse(body, status_code=503 if app.state.draining or unserved else 200)
 
     @app.get("/metrics")
     async def prometheus():
