@@ -12,11 +12,17 @@ from typing import Any, Optional
 
 from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig, PoolConfig
 from epd.distributed import CommSpec, free_port
+from epd.engine.ordering import Tickets
 from epd.stages.work import Batch, BatchFailure, EncodeBatch, Result, pulled_handles
 from epd.transfer import Endpoint, TransferHandle, transfer_class
 
 log = logging.getLogger(__name__)
 Done = tuple[str, Batch, "Result | BatchFailure"]
+
+
+def _reason(exc: BaseException) -> str:
+    """A worker's failure in one line: the exception's type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _worker_specs(deployment: DeploymentConfig):
@@ -180,8 +186,8 @@ class RayExecutor:
         self.lost: set[str] = set()  # instances whose worker died
         self._pings: dict[Any, str] = {}  # liveness pings in flight -> instance
         self._next_ping = 0.0
-        self._tickets: dict[str, int] = {}  # instance -> the ticket of its next batch
-        self._push_tickets: dict[tuple[str, str], int] = {}  # (sender, receiver) -> the next push's ticket
+        self._tickets = Tickets()  # per instance: its batches' order
+        self._push_tickets = Tickets()  # per (sender, receiver): the order of pushes between them
 
     def submit(self, iid: str, batch: Batch) -> None:
         if self.needs_push:
@@ -191,8 +197,7 @@ class RayExecutor:
             arg = self.ray.put(batch)
             for a in self.actors[iid]:
                 a.prepare.options(concurrency_group="prep").remote(arg)
-        ticket = self._tickets.get(iid, 0)
-        self._tickets[iid] = ticket + 1
+        ticket = self._tickets.take(iid)
         refs = [a.execute.remote(arg, ticket) for a in self.actors[iid]]
         self._inflight[refs[0]] = (iid, batch, refs[1:])
 
@@ -202,8 +207,7 @@ class RayExecutor:
         for h in pulled_handles(batch):
             by_sender.setdefault(h.worker, []).append(h)
         for sender, handles in by_sender.items():
-            ticket = self._push_tickets.get((sender, receiver), 0)
-            self._push_tickets[(sender, receiver)] = ticket + 1
+            ticket = self._push_tickets.take((sender, receiver))
             for actor in self.actors[sender]:
                 self._pushes.append(actor.push.options(concurrency_group="transfer").remote(handles, receiver, ticket))
 
@@ -242,8 +246,7 @@ class RayExecutor:
                     lost = isinstance(exc, self.ray.exceptions.RayActorError)
                     if lost:
                         self.lost.add(iid)
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    result = BatchFailure(reason, time.time(), worker_lost=lost)
+                    result = BatchFailure(_reason(exc), time.time(), worker_lost=lost)
                 out.append((iid, batch, result))
             heads = self._heads()
             ready = self.ray.wait(heads, num_returns=len(heads), timeout=0)[0] if heads else []
@@ -258,8 +261,12 @@ class RayExecutor:
 
     def lost_workers(self, interval_s: float = 0.5) -> dict[str, str]:
         """Instances whose worker process died since the last call, with the reason: each actor answers
-        a ping on its transfer thread (never queued behind a batch) every `interval_s`."""
+        a ping on its transfer thread (never queued behind a batch) every `interval_s`; between
+        those, the driver's loop pays nothing here."""
         now = time.time()
+        if now < self._next_ping:
+            return {}
+        self._next_ping = now + interval_s
         out: dict[str, str] = {}
         if self._pings:
             done, _ = self.ray.wait(list(self._pings), num_returns=len(self._pings), timeout=0)
@@ -270,14 +277,12 @@ class RayExecutor:
                 except self.ray.exceptions.RayActorError as exc:
                     if iid not in self.lost:
                         self.lost.add(iid)
-                        out[iid] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if now >= self._next_ping:
-            self._next_ping = now + interval_s
-            waiting = set(self._pings.values())
-            for iid, ranks in self.actors.items():
-                if iid not in self.lost and iid not in waiting:
-                    for a in ranks:
-                        self._pings[a.ping.options(concurrency_group="transfer").remote()] = iid
+                        out[iid] = _reason(exc)
+        waiting = set(self._pings.values())
+        for iid, ranks in self.actors.items():
+            if iid not in self.lost and iid not in waiting:
+                for a in ranks:
+                    self._pings[a.ping.options(concurrency_group="transfer").remote()] = iid
         return out
 
     def refresh_transfers(self, iid: str) -> None:

@@ -20,6 +20,7 @@ from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, join, leave
 from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
 from epd.engine.isolation import Failed, describe, isolated
+from epd.engine.ordering import InOrder
 from epd.images import ImageError, load_image
 from epd.models.generate import lm_step
 from epd.models.image_processing import TorchOps, image_tensor
@@ -111,10 +112,8 @@ class Worker:
             self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
         self.seqs: dict[str, _Seq] = {}
-        self._push_turn = threading.Condition()
-        self._turn = threading.Condition()  # batches run one at a time, in their tickets' order
-        self._next_ticket = 0
-        self._next_push: dict[str, int] = {}  # receiver -> the ticket of its next push
+        self._batches_in_order = InOrder()  # batches run one at a time, in their tickets' order
+        self._pushes_in_order = InOrder()  # per receiver
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
         self.prefetch = prefetch
@@ -165,14 +164,8 @@ class Worker:
         """Sender side of a push-based transfer (NCCL); runs on one of the actor's transfer threads.
         A receiver reads its batches' pulls in order, and with async scheduling two of its batches'
         pushes can be in flight at once: they go out in the order of their tickets."""
-        with self._push_turn:
-            self._push_turn.wait_for(lambda: self._next_push.get(receiver, 0) == ticket)
-        try:
+        with self._pushes_in_order.turn(receiver, ticket):
             self.transfer.push(handles, receiver)
-        finally:
-            with self._push_turn:
-                self._next_push[receiver] = ticket + 1
-                self._push_turn.notify_all()
 
     def close(self) -> None:
         self._prep.shutdown(wait=False)
@@ -204,7 +197,7 @@ class Worker:
         the batch before it runs; `execute` takes it over. A Ray executor sends this on the actor's
         prep thread ahead of `execute`; the in-process executor calls it at submit."""
         if isinstance(batch, EncodeBatch):
-            futures = [self._prep.submit(self._preprocess, it) for it in batch.items]
+            futures = self._start_preparing(batch)
             with self._prepared_turn:
                 self._prepared[_encode_key(batch)] = futures
                 self._prepared_turn.notify_all()
@@ -216,8 +209,11 @@ class Worker:
                 self._prepared_turn.wait_for(lambda: key in self._prepared, timeout=60)
             futures = self._prepared.pop(key, None)
         if futures is None:
-            futures = [self._prep.submit(self._preprocess, it) for it in batch.items]
+            futures = self._start_preparing(batch)
         return [f.result() for f in futures]
+
+    def _start_preparing(self, batch: EncodeBatch) -> list[Future]:
+        return [self._prep.submit(self._preprocess, it) for it in batch.items]
 
     def live_sequences(self) -> int:
         return len(self.seqs)
@@ -228,16 +224,10 @@ class Worker:
         order) makes it start the moment the one before it ends."""
         if ticket is None:
             return self._execute(batch)
-        with self._turn:
-            self._turn.wait_for(lambda: self._next_ticket == ticket)
-        try:
+        with self._batches_in_order.turn(None, ticket):
             if self.rt.device.type == "cuda":
                 torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
             return self._execute(batch)
-        finally:
-            with self._turn:
-                self._next_ticket = ticket + 1
-                self._turn.notify_all()
 
     def _execute(self, batch: Batch) -> Result:
         if isinstance(batch, EncodeBatch):
