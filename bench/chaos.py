@@ -1,0 +1,83 @@
+"""Chaos on CPU: one worker of a 2E2P2D Ray engine (tiny LLaVA) is killed while requests run.
+
+    HF_HUB_OFFLINE=1 python bench/chaos.py --out chaos.json
+
+For each stage: 12 requests with images are added, one worker of that stage is killed once 3 have
+their first token, 6 more requests follow once the first ones have ended. Reports how many finished,
+were aborted (with a reason naming the lost worker) or were lost (must be 0), and how long the engine
+took to notice the loss. The same scenario as tests/test_faults.py, with its counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import MODEL  # noqa: E402
+from test_faults import TWO_OF_EACH, _requests  # noqa: E402
+
+from epd.config import BackendConfig, EngineConfig  # noqa: E402
+from epd.engine.core import EngineCore  # noqa: E402
+from epd.lifetime import LifetimeEvent as Ev  # noqa: E402
+
+
+def one(victim: str) -> dict:
+    import ray
+
+    reqs, later = _requests("a", 12), _requests("b", 6)
+    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig()))
+    try:
+        for r in reqs:
+            core.add_request(r)
+        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 3:
+            core.step()
+        killed = time.time()
+        ray.kill(core.executor.actors[victim][0], no_restart=True)
+        while not core.pipeline.instances[victim].failed and time.time() - killed < 30:
+            core.step()
+        noticed = time.time() - killed
+        core.run_until_idle(120)
+        for r in later:
+            core.add_request(r)
+        core.run_until_idle(120)
+        outs = core.pipeline.outputs
+        aborted = [o for o in outs.values() if o.finish_reason == "abort"]
+        return {
+            "victim": victim,
+            "requests": len(reqs) + len(later),
+            "ended": len(outs),
+            "finished": len(outs) - len(aborted),
+            "aborted": len(aborted),
+            "aborts_naming_the_victim": sum(victim in o.abort_reason for o in aborted),
+            "lost": len(reqs) + len(later) - len(outs),
+            "noticed_after_s": noticed,
+        }
+    finally:
+        core.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="chaos.json")
+    args = ap.parse_args()
+    rows = []
+    for victim in ("encode-1", "prefill-1", "decode-1"):
+        rows.append(one(victim))
+        r = rows[-1]
+        print(
+            f"{victim}: {r['ended']} of {r['requests']} ended, {r['finished']} finished, {r['aborted']} aborted "
+            f"({r['aborts_naming_the_victim']} naming it), {r['lost']} lost; loss noticed after {r['noticed_after_s']:.2f} s",
+            flush=True,
+        )
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
