@@ -99,6 +99,9 @@ class PoolConfig:
     mm_block_tokens: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Encoded images kept by content hash in the MM pool of an instance that encodes, evicted least
+    # recently used when blocks are needed: None lets every free MM block hold them, 0 turns it off.
+    encoder_cache_blocks: Optional[int] = None
 
 
 TRANSFER_BACKENDS = ("object_store", "ipc", "nccl", "local")
@@ -137,6 +140,17 @@ class DeploymentConfig:
     # never waits for the driver between steps); decode finishes are then seen one step late and the
     # extra token is discarded. False: one batch at a time, each scheduled after the last one's result.
     async_scheduling: bool = True
+    # Prompts longer than a pool's max_prefill_tokens are prefilled in chunks of at most that many tokens
+    # per step; an instance that also decodes runs its running decodes and prefill chunks in one step,
+    # decodes first (the step's token budget is max_prefill_tokens). False: whole prompts only.
+    chunked_prefill: bool = True
+    # KV of decoding sequences: "on_demand" (blocks allocated as they grow; when the pool runs dry the
+    # newest running sequence is preempted, its blocks freed, and recomputed later) or "reserve" (prompt
+    # + max_tokens reserved at admission: never preempted, but fewer sequences fit).
+    kv_allocation: str = "on_demand"
+    # Prefill instances keep the KV blocks of prompts they prefilled (by a hash chained over tokens and
+    # images) and reuse them for requests that begin the same way; unused blocks are evicted LRU.
+    prefix_caching: bool = True
 
     def pools(self) -> dict[str, PoolConfig]:
         return {n: getattr(self, n) for n in POOL_ROLES if getattr(self, n) is not None}
@@ -165,6 +179,13 @@ class DeploymentConfig:
         self._validate_block_sizes()
         if self.irp and self.pool_for("encode") != "encode":
             raise ValueError("deployment.irp needs a separate encode pool (encode images apart from prefill)")
+        if self.kv_allocation not in ("on_demand", "reserve"):
+            raise ValueError(f"deployment.kv_allocation must be on_demand or reserve, got {self.kv_allocation!r}")
+        for n, p in self.pools().items():
+            if p.encoder_cache_blocks is not None and not 0 <= p.encoder_cache_blocks <= p.mm_blocks:
+                raise ValueError(
+                    f"deployment.{n}.encoder_cache_blocks must be in [0, mm_blocks={p.mm_blocks}] or null, got {p.encoder_cache_blocks}"
+                )
         if self.routing not in ("round_robin", "least_loaded"):
             raise ValueError(f"deployment.routing must be round_robin or least_loaded, got {self.routing!r}")
 
@@ -219,6 +240,19 @@ class WorkloadConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    # Output lengths: "uniform" in [output_tokens, output_tokens_max], or "lognormal" (mean output_tokens,
+    # a long tail of sigma output_sigma, capped at output_tokens_max or 8x the mean).
+    output_dist: str = "uniform"
+    output_sigma: float = 1.0
+    # The drawn length is the answer's: each request ends with EOS there (max_tokens is the cap), so the
+    # schedulers, like a real server's, do not know when it will stop. False: max_tokens is the length.
+    answer_lengths: bool = False
+    long_prompt_share: float = 0.0  # share of requests whose text prompt is long_prompt_tokens long
+    long_prompt_tokens: int = 2048
+    repeat_image_share: float = 0.0  # share of images drawn from `image_pool` popular ones (the same bytes again)
+    image_pool: int = 8
+    system_prompt_tokens: int = 0  # each text prompt begins with one of `system_prompts` shared prefixes this long
+    system_prompts: int = 1
     dataset_path: Optional[str] = None
     trace_path: Optional[str] = None
     # A workload whose mix shifts: each phase overrides fields of this one (num_requests, images, output

@@ -3,6 +3,7 @@ seeded procedural images of synthetic workloads. Pillow and numpy only (no torch
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -37,6 +38,22 @@ def image_size(image: ImageInput) -> tuple[int, int]:
     if size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise ImageError(f"image of {size[0]}x{size[1]} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
     return size
+
+
+def image_key(image: ImageInput) -> str:
+    """The image's content hash: the same picture sent twice (as bytes, or a file with those bytes) gets
+    the same key, whatever it is called. Procedural images are named by their parameters."""
+    if image.is_procedural:
+        return f"procedural:{image.width}x{image.height}:{image.seed}"
+    if image.data is not None:
+        blob = image.data
+    else:
+        try:
+            with open(image.path, "rb") as f:
+                blob = f.read()
+        except OSError as exc:
+            raise ImageError(f"image file not readable: {image.path}: {exc}") from exc
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -28,6 +28,7 @@ class LifetimeEvent(str, enum.Enum):
     KV_TRANSFER_END = "kv_transfer_end"
     DECODE_BEGIN = "decode_begin"
     TOKEN = "token"
+    PREEMPTED = "preempted"  # its KV was freed for others; it is recomputed (encode hit, prefill) and goes on
     FINISHED = "finished"
     ABORTED = "aborted"
     # Worker events (request_id is SYSTEM): a worker leaves one stage for another while serving.

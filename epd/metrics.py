@@ -73,7 +73,8 @@ def timelines(events: Iterable[Event]) -> dict[str, Timeline]:
             continue
         tl = out.setdefault(ev.request_id, Timeline(ev.request_id))
         tl.first.setdefault(ev.kind, ev.time)
-        tl.last[ev.kind] = ev.time
+        if Ev.PREEMPTED not in tl.first or ev.kind in (Ev.TOKEN, Ev.FINISHED, Ev.ABORTED):
+            tl.last[ev.kind] = ev.time  # stage times are of a request's first pass, not its recompute
         if ev.kind == Ev.FINISHED:
             tl.num_output_tokens = int(ev.data.get("num_output_tokens", 0))
         elif ev.kind == Ev.ABORTED:
@@ -106,6 +107,23 @@ def stage_times(tl: Timeline) -> dict[str, float]:
         if Ev.FINISHED in f:
             out["decode_service"] = f[Ev.FINISHED] - f[Ev.DECODE_BEGIN]
     return out
+
+
+def scheduling_counts(events: list) -> dict:
+    """What the schedulers' features did: preemptions, encoder-cache hits, prefill work saved."""
+    encodes = [e for e in events if e.kind == Ev.ENCODE_END]
+    hits = sum(1 for e in encodes if e.data.get("cached"))
+    prefills = [e for e in events if e.kind == Ev.PREFILL_BEGIN]
+    computed = sum(e.data.get("tokens", 0) - e.data.get("cached_tokens", 0) for e in prefills)
+    cached = sum(e.data.get("cached_tokens", 0) for e in prefills)
+    return {
+        "preemptions": sum(1 for e in events if e.kind == Ev.PREEMPTED),
+        "recomputed_prefills": sum(1 for e in prefills if e.data.get("recompute")),
+        "encoder_cache_hits": hits,
+        "encoder_cache_hit_rate": hits / len(encodes) if encodes else 0.0,
+        "prefill_tokens_computed": computed,
+        "prefix_cache_hit_rate": cached / (cached + computed) if cached + computed else 0.0,
+    }
 
 
 def meets_slo(tl: Timeline, ttft: float, tpot: float) -> bool:
@@ -195,6 +213,7 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
             stages.setdefault(k, []).append(v)
     for k, vals in sorted(stages.items()):
         summary[f"{k}_mean"] = _mean(vals)
+    summary.update(scheduling_counts(events))
     switches = [e for e in events if e.kind == Ev.ROLE_SWITCH_END]
     summary["role_switches"] = len(switches)
     summary["role_switch_mean_s"] = _mean([e.data["duration"] for e in switches])

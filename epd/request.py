@@ -56,6 +56,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    # Benchmarks: the model answers with this many tokens, the last one EOS (EOS masked before it). A
+    # model with random weights rarely chooses to stop; this stands in for one that does, at a length
+    # the schedulers do not know in advance (they never read it; the sampler and the simulator do).
+    answer_tokens: Optional[int] = None
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         """Every field within what the runtime supports; `vocab_size` bounds token ids where known."""
@@ -66,6 +70,8 @@ class SamplingParams:
         _int("top_k", self.top_k, 0)
         _int("seed", self.seed, -MAX_SEED - 1, MAX_SEED)
         _int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        if self.answer_tokens is not None:
+            _int("answer_tokens", self.answer_tokens, 1)
         _float("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -92,7 +98,7 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0 or self.answer_tokens is not None
 
 
 def _int(name: str, value, low: int, high: Optional[int] = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -49,31 +50,72 @@ def _draw(rng: np.random.Generator, low: int, high: int | None) -> int:
     return int(low if high is None or high <= low else rng.integers(low, high + 1))
 
 
-def _sampling(cfg: WorkloadConfig, max_tokens: int, seed: int) -> SamplingParams:
+def _sampling(cfg: WorkloadConfig, max_tokens: int, seed: int, answer: Optional[int] = None) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, ignore_eos=cfg.ignore_eos
+        max_tokens=max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=seed,
+        ignore_eos=cfg.ignore_eos,
+        answer_tokens=answer,
     )
 
 
+def output_length(cfg: WorkloadConfig, rng: np.random.Generator) -> tuple[int, int]:
+    """(max_tokens, answer length or 0) of one request."""
+    if cfg.output_dist == "uniform":
+        n = _draw(rng, cfg.output_tokens, cfg.output_tokens_max)
+        cap = max(n, cfg.output_tokens_max or n)
+    elif cfg.output_dist == "lognormal":
+        if cfg.output_sigma <= 0 or cfg.output_tokens < 1:
+            raise ValueError(f"lognormal lengths need output_tokens >= 1 and output_sigma > 0, got {cfg.output_tokens}, {cfg.output_sigma}")
+        cap = cfg.output_tokens_max or 8 * cfg.output_tokens
+        mu = np.log(cfg.output_tokens) - cfg.output_sigma**2 / 2  # the mean is output_tokens (before the cap)
+        n = int(min(cap, max(1, round(float(rng.lognormal(mu, cfg.output_sigma))))))
+    else:
+        raise ValueError(f"workload.output_dist must be uniform or lognormal, got {cfg.output_dist!r}")
+    return (cap, n) if cfg.answer_lengths else (n, 0)
+
+
+def _check_mix(cfg: WorkloadConfig) -> None:
+    for name in ("long_prompt_share", "repeat_image_share"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"workload.{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.answer_lengths and cfg.ignore_eos:
+        raise ValueError("workload.answer_lengths ends requests with EOS: it needs ignore_eos: false")
+    if cfg.image_pool < 1 or cfg.system_prompts < 1:
+        raise ValueError(f"workload.image_pool and workload.system_prompts must be >= 1, got {cfg.image_pool}, {cfg.system_prompts}")
+
+
 def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+    _check_mix(cfg)
     rng = np.random.default_rng(cfg.seed)
+    mix = np.random.default_rng([cfg.seed, 1])  # the mix's draws apart: a workload without one keeps its requests
     times = arrival_times(cfg, cfg.num_requests, rng)
     text_ids = np.array([i for i in range(4, vocab_size) if i not in reserved_ids])
+    systems = [tuple(int(x) for x in mix.choice(text_ids, cfg.system_prompt_tokens)) for _ in range(cfg.system_prompts)]
     reqs = []
     for i, t in enumerate(times):
         n_img = _draw(rng, cfg.images_per_request, cfg.images_per_request_max)
         n_prompt = _draw(rng, cfg.prompt_tokens, cfg.prompt_tokens_max)
-        n_out = _draw(rng, cfg.output_tokens, cfg.output_tokens_max)
-        images = tuple(
-            ImageInput(width=cfg.image_width, height=cfg.image_height, seed=cfg.seed * 100_003 + i * 97 + k) for k in range(n_img)
-        )
+        max_tokens, answer = output_length(cfg, rng)
+        if cfg.long_prompt_share and mix.random() < cfg.long_prompt_share:
+            n_prompt = cfg.long_prompt_tokens
+        images = []
+        for k in range(n_img):
+            seed = cfg.seed * 100_003 + i * 97 + k
+            if cfg.repeat_image_share and mix.random() < cfg.repeat_image_share:
+                seed = (1 << 40) + int(mix.integers(cfg.image_pool))  # one of the popular pictures
+            images.append(ImageInput(width=cfg.image_width, height=cfg.image_height, seed=seed))
+        system = systems[int(mix.integers(cfg.system_prompts))] if cfg.system_prompt_tokens else ()
         reqs.append(
             Request(
                 request_id=f"req-{i:05d}",
                 arrival_time=t,
-                prompt_token_ids=tuple(int(x) for x in rng.choice(text_ids, n_prompt)),
-                images=images,
-                sampling=_sampling(cfg, n_out, cfg.seed * 100_003 + i),
+                prompt_token_ids=system + tuple(int(x) for x in rng.choice(text_ids, n_prompt)),
+                images=tuple(images),
+                sampling=_sampling(cfg, max_tokens, cfg.seed * 100_003 + i, answer or None),
             )
         )
     return reqs

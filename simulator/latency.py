@@ -20,7 +20,8 @@ class EncodeShape:
 
 @dataclass(frozen=True)
 class PrefillShape:
-    lens: tuple[int, ...]
+    lens: tuple[int, ...]  # new tokens per sequence
+    starts: tuple[int, ...] = ()  # tokens each already has in the KV cache (chunked prefill; empty: none)
 
     @property
     def tokens(self) -> int:
@@ -28,7 +29,9 @@ class PrefillShape:
 
     @property
     def square(self) -> int:
-        return sum(n * n for n in self.lens)
+        """Twice the causal attention pairs: n^2 for a fresh prompt, n^2 + 2ns for a chunk after s tokens."""
+        starts = self.starts or (0,) * len(self.lens)
+        return sum(n * n + 2 * n * s for n, s in zip(self.lens, starts))
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class RooflineModel(LatencyModel):
 
     def prefill(self, s: PrefillShape) -> float:
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops
-        nbytes = self.m.lm_params * self.m.dtype_bytes + s.tokens * self.m.kv_bytes_per_token
+        nbytes = self.m.lm_params * self.m.dtype_bytes + (s.tokens + sum(s.starts)) * self.m.kv_bytes_per_token
         return self._time(flops, nbytes)
 
     def decode(self, s: DecodeShape) -> float:

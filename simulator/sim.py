@@ -18,6 +18,8 @@ from epd.stages.work import (
     EncodeBatch,
     EncodedItem,
     EncodeResult,
+    MixedBatch,
+    MixedResult,
     PrefillBatch,
     PrefilledItem,
     PrefillResult,
@@ -48,7 +50,8 @@ class Simulation:
         self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0, tokenizer=tokenizer)
         self.shape, self.lat = shape, latency
         text = family.text_config()
-        self.token = (text.eos_token_id + 1) % text.vocab_size  # never EOS: outputs run to max_tokens
+        self.eos = text.eos_token_id
+        self.token = (text.eos_token_id + 1) % text.vocab_size  # any token but EOS
         self.sample_interval = sample_interval
         self.shared_cores = shared_cores
         self.timeseries: list[dict] = []
@@ -124,8 +127,30 @@ class Simulation:
             result, busy_for = self._run_batch(batch, inst)
             yield self.env.timeout(busy_for + self.lat.overhead)
         yield self.env.timeout(half_rpc)
+        self._sample_tokens(result)
         self.pipe.complete(inst, batch, result)
         self._wake_all()
+
+    def _sample_tokens(self, result: Result) -> None:
+        """The tokens a batch sampled, decided as it completes (when the request's output so far is known):
+        EOS where the request's answer ends (`answer_tokens`), another token everywhere else."""
+        if isinstance(result, MixedResult):
+            self._sample_tokens(result.decode)
+            self._sample_tokens(result.prefill)
+        elif isinstance(result, DecodeResult):
+            for rid in result.tokens:
+                result.tokens[rid] = self._token(rid)
+        elif isinstance(result, PrefillResult):
+            for item in result.items:
+                if item.first_token != -1:
+                    item.first_token = self._token(item.request_id)
+
+    def _token(self, rid: str) -> int:
+        state = self.pipe.states.get(rid)
+        if state is None:
+            return self.token
+        n = state.req.sampling.answer_tokens
+        return self.eos if n is not None and len(state.output) + 1 >= n else self.token
 
     def _allocate(self):
         while not self._finished():
@@ -155,35 +180,72 @@ class Simulation:
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
-            images = []  # (source megapixels, tiles) per image
+            images = []  # (source megapixels, tiles) per image encoded (not the encoder cache's hits)
             for it in batch.items:
-                w, h = self.pipe.states[it.request_id].image_sizes[it.image_index]
-                images.append((w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
+                if not it.cached:
+                    w, h = self.pipe.states[it.request_id].image_sizes[it.image_index]
+                    images.append((w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
             prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
-            d = (self.lat.encode(EncodeShape(sum(t for _, t in images))) + prep) * slow + sends
+            tower = self.lat.encode(EncodeShape(sum(t for _, t in images))) if images else 0.0
+            d = (tower + prep) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):
-            t = now
-            spans = {}
-            for it in batch.items:
-                pulled = sum(mm.num_tokens for mm in it.images if mm.handle is not None)
-                if pulled:
-                    d = self.lat.transfer(pulled * m.mm_bytes_per_token) * (1 - self.send_share)
-                    spans[it.request_id] = (t, t + d)
-                    t += d
-            sends = sum(self.lat.transfer(len(it.prompt_ids) * m.kv_bytes_per_token) * self.send_share for it in batch.items if it.send_kv)
-            d = self.lat.prefill(PrefillShape(tuple(len(it.prompt_ids) for it in batch.items))) * slow + sends
-            items = [PrefilledItem(it.request_id, self.token, spans.get(it.request_id), SENT if it.send_kv else None) for it in batch.items]
-            return PrefillResult((t, t + d), items), t + d - now
+            t, spans = self._pulls(batch, now)
+            d = self._prefill_time(batch, []) * slow
+            return PrefillResult((t, t + d), self._prefilled(batch, spans)), t + d - now
+        if isinstance(batch, MixedBatch):
+            t, spans = self._kv_pulls(batch.decode, now)
+            t, mm_spans = self._pulls(batch.prefill, t)
+            states = [self.pipe.states[r] for r in batch.decode.step]
+            d = self._prefill_time(batch.prefill, [s.prompt_len + len(s.output) + s.steps_inflight for s in states]) * slow
+            decode = DecodeResult((t, t + d), {r: self.token for r in batch.decode.step}, spans)
+            return MixedResult(decode, PrefillResult((t, t + d), self._prefilled(batch.prefill, mm_spans))), t + d - now
         assert isinstance(batch, DecodeBatch)
-        t = now
-        spans = {}
-        for new in batch.new:
-            d = self.lat.transfer(new.context_len * m.kv_bytes_per_token) * (1 - self.send_share) if new.kv_handle is not None else 0.0
-            spans[new.request_id] = (t, t + d)
-            t += d
+        t, spans = self._kv_pulls(batch, now)
         states = [self.pipe.states[r] for r in batch.step]
         context = sum(s.prompt_len + len(s.output) for s in states)
-        d = self.lat.decode(DecodeShape(len(states), context)) * slow
+        d = self.lat.decode(DecodeShape(len(states), context)) * slow if states else 0.0
         return DecodeResult((t, t + d), {r: self.token for r in batch.step}, spans), t + d - now
+
+    def _kv_pulls(self, batch: DecodeBatch, t: float) -> tuple[float, dict]:
+        """New sequences' KV pulled one after another before the step: (when the step starts, their spans)."""
+        spans = {}
+        for new in batch.new:
+            d = (
+                self.lat.transfer(new.context_len * self.shape.kv_bytes_per_token) * (1 - self.send_share)
+                if new.kv_handle is not None
+                else 0.0
+            )
+            spans[new.request_id] = (t, t + d)
+            t += d
+        return t, spans
+
+    def _pulls(self, batch: PrefillBatch, t: float) -> tuple[float, dict]:
+        """Images pulled with a sequence's first chunk, one request after another."""
+        spans = {}
+        for it in batch.items:
+            pulled = sum(mm.num_tokens for mm in it.images if mm.handle is not None)
+            if pulled:
+                d = self.lat.transfer(pulled * self.shape.mm_bytes_per_token) * (1 - self.send_share)
+                spans[it.request_id] = (t, t + d)
+                t += d
+        return t, spans
+
+    def _prefill_time(self, batch: PrefillBatch, decode_contexts: list[int]) -> float:
+        """One forward over prefill chunks (each attending to its earlier chunks) and, in a mixed step,
+        decode rows (one token attending to its context); the KV sends of finished prompts after it."""
+        lens = tuple(len(it.prompt_ids) for it in batch.items) + (1,) * len(decode_contexts)
+        starts = tuple(it.start for it in batch.items) + tuple(decode_contexts)
+        sends = sum(
+            self.lat.transfer(it.end * self.shape.kv_bytes_per_token) * self.send_share for it in batch.items if it.send_kv and it.final
+        )
+        return self.lat.prefill(PrefillShape(lens, starts)) + sends
+
+    def _prefilled(self, batch: PrefillBatch, spans: dict) -> list[PrefilledItem]:
+        return [
+            PrefilledItem(
+                it.request_id, self.token if it.final else -1, spans.get(it.request_id), SENT if it.send_kv and it.final else None
+            )
+            for it in batch.items
+        ]

@@ -34,8 +34,11 @@ from epd.stages.work import (
     EncodeBatch,
     EncodedItem,
     EncodeResult,
+    MixedBatch,
+    MixedResult,
     PrefillBatch,
     PrefilledItem,
+    PrefillItem,
     PrefillResult,
     Result,
     SwitchBatch,
@@ -72,7 +75,7 @@ def assigned_gpu() -> Optional[int]:
 
 
 def _encode_key(batch: EncodeBatch) -> tuple:
-    return tuple((it.request_id, it.image_index) for it in batch.items)
+    return tuple((it.request_id, it.image_index) for it in batch.items if not it.cached)
 
 
 def _parts(roles: tuple[str, ...]) -> set[str]:
@@ -112,6 +115,7 @@ class Worker:
             self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
         self.seqs: dict[str, _Seq] = {}
+        self._tables_version = 0  # bumped when any sequence's block table changes: graph inputs are recopied
         self._batches_in_order = InOrder()  # batches run one at a time, in their tickets' order
         self._pushes_in_order = InOrder()  # per receiver
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
@@ -213,7 +217,7 @@ class Worker:
         return [f.result() for f in futures]
 
     def _start_preparing(self, batch: EncodeBatch) -> list[Future]:
-        return [self._prep.submit(self._preprocess, it) for it in batch.items]
+        return [self._prep.submit(self._preprocess, it) for it in batch.items if not it.cached]
 
     def live_sequences(self) -> int:
         return len(self.seqs)
@@ -236,6 +240,8 @@ class Worker:
             return self._prefill(batch)
         if isinstance(batch, SwitchBatch):
             return self._switch(batch)
+        if isinstance(batch, MixedBatch):
+            return self._mixed(batch)
         return self._decode(batch)
 
     def _sync(self) -> None:
@@ -246,7 +252,8 @@ class Worker:
     def _encode(self, batch: EncodeBatch) -> EncodeResult:
         begin = time.time()
         ok, results, pixels = [], [], []
-        for item, px in zip(batch.items, self._prepared_images(batch)):
+        todo = [it for it in batch.items if not it.cached]
+        for item, px in zip(todo, self._prepared_images(batch) if todo else []):
             if isinstance(px, str):
                 results.append(EncodedItem(item.request_id, item.image_index, error=px))
             else:
@@ -276,6 +283,14 @@ class Worker:
                 )
                 continue
             results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
+        for item in batch.items:  # encoder-cache hits, after the images they may share blocks with were written
+            if item.cached:
+                try:
+                    handle = self.transfer.send("mm", item.mm_blocks, item.num_tokens) if item.send else None
+                    results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
+                except Exception as exc:
+                    why = describe(exc, f"{self.worker_id} encode")
+                    results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
         self._sync()
         return EncodeResult((begin, time.time()), results)
 
@@ -307,10 +322,20 @@ class Worker:
     # ---- P -----------------------------------------------------------------------------
     def _prefill(self, batch: PrefillBatch) -> PrefillResult:
         self._release(batch.release)
+        transfers, failed = self._pull_mm(batch.items)
+        begin = time.time()
+        items = [it for it in batch.items if it.request_id not in failed]
+        results = isolated(lambda idx: self._forward([], [items[i] for i in idx]), len(items), f"{self.worker_id} prefill")
+        out = self._prefilled(items, results, transfers, failed)
+        self._sync()
+        return PrefillResult((begin, time.time()), out)
+
+    def _pull_mm(self, items: list[PrefillItem]) -> tuple[dict, dict]:
+        """The images prefill pulls (with a sequence's first chunk): all of a request's at once, one copy per sender."""
         transfers, failed = {}, {}
-        for item in batch.items:
+        for item in items:
             pulls = [(m.handle, m.blocks) for m in item.images if m.handle is not None]
-            if pulls:  # all of a request's images at once: one copy per sender
+            if pulls:
                 t0 = time.time()
                 try:
                     self.transfer.recv_many(pulls)
@@ -319,58 +344,89 @@ class Worker:
                     failed[item.request_id] = describe(exc, f"{self.worker_id} MM pull")
                     continue
                 transfers[item.request_id] = (t0, time.time())
-        begin = time.time()
+        return transfers, failed
+
+    def _prefilled(self, items: list[PrefillItem], results: list, transfers: dict, failed: dict) -> list[PrefilledItem]:
+        """Per chunk: the next token of a sequence whose last chunk this was (its KV sent, or the sequence
+        kept for decode here); nothing yet for an earlier chunk."""
         out = [PrefilledItem(rid, -1, error=why) for rid, why in failed.items()]
-        items = [it for it in batch.items if it.request_id not in failed]
-        sampled = isolated(lambda idx: self._prefill_compute([items[i] for i in idx]), len(items), f"{self.worker_id} prefill")
-        for it, first in zip(items, sampled):
+        for it, first in zip(items, results):
             done = PrefilledItem(it.request_id, -1, mm_transfer=transfers.get(it.request_id))
+            out.append(done)
             if isinstance(first, Failed):
                 done.error = first.reason
-                out.append(done)
+                continue
+            if not it.final:
                 continue
             done.first_token, done.logprob = first
+            total = it.end
             try:
                 if it.send_kv:
-                    done.kv_handle = self.transfer.send("kv", it.kv_blocks, len(it.prompt_ids))
+                    done.kv_handle = self.transfer.send("kv", it.kv_blocks, total)
             except Exception as exc:
                 done.error = describe(exc, f"{self.worker_id} prefill")
-                out.append(done)
                 continue
             if it.keep_for_decode:
+                outputs = it.generated + [done.first_token]
                 history = it.sampling.needs_history
+                self._tables_version += 1
                 self.seqs[it.request_id] = _Seq(
-                    it.kv_blocks,
-                    len(it.prompt_ids),
+                    list(it.kv_blocks),
+                    total,
                     done.first_token,
-                    1,
+                    len(outputs),
                     it.sampling,
-                    it.prompt_ids if history else None,
-                    [done.first_token] if history else None,
+                    it.prompt if history else None,
+                    outputs if history else None,
                 )
-            out.append(done)
-        self._sync()
-        return PrefillResult((begin, time.time()), out)
+        return out
 
-    def _prefill_compute(self, items: list) -> list[tuple[int, Optional[TokenLogprob]]]:
-        """Forward over the prompts (writing their KV) and the first token of each."""
-        mm = [torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images]) if it.images else None for it in items]
+    def _chunk_rows(self, it: PrefillItem) -> Optional[torch.Tensor]:
+        """The image-embedding rows of a chunk's placeholders (its share of the sequence's images)."""
+        if not it.images:
+            return None
+        limit = len(it.prompt_ids) if it.prompt_end is None else max(0, it.prompt_end - it.start)
+        n = it.prompt_ids[:limit].count(self.rt.family.image_token_id)
+        if n == 0:
+            return None
+        rows = torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images])
+        return rows[it.mm_offset : it.mm_offset + n]
+
+    def _forward(self, rids: list[str], chunks: list[PrefillItem]) -> list[Optional[tuple[int, Optional[TokenLogprob]]]]:
+        """One forward over decode steps of `rids` and prefill `chunks` (each writes its KV): per entry the
+        sampled token and logprob; None for a chunk that is not its sequence's last."""
+        if not chunks:
+            return self._decode_compute(rids)
+        seqs = [self.seqs[r] for r in rids]
         logits = lm_step(
-            self.rt, self.kv, [it.prompt_ids for it in items], [0] * len(items), [it.kv_blocks for it in items], self.pool.kv_block_size, mm
+            self.rt,
+            self.kv,
+            [[s.last_token] for s in seqs] + [it.prompt_ids for it in chunks],
+            [s.context_len for s in seqs] + [it.start for it in chunks],
+            [s.blocks for s in seqs] + [it.kv_blocks for it in chunks],
+            self.pool.kv_block_size,
+            [None] * len(seqs) + [self._chunk_rows(it) for it in chunks],
+            [0] * len(seqs) + [it.prompt_end if it.prompt_end is not None else it.end for it in chunks],
         )
+        finals = [it for it in chunks if it.final]
+        rows = list(range(len(seqs))) + [len(seqs) + j for j, it in enumerate(chunks) if it.final]
+        if not rows:
+            return [None] * len(chunks)
         sampled = sample_full(
-            logits,
-            [it.sampling for it in items],
-            [0] * len(items),
-            prompts=[it.prompt_ids for it in items],
-            outputs=[[]] * len(items),
+            logits[rows] if len(rows) < logits.shape[0] else logits,
+            [s.sampling for s in seqs] + [it.sampling for it in finals],
+            [s.generated for s in seqs] + [len(it.generated) for it in finals],
+            prompts=[s.prompt_ids for s in seqs] + [it.prompt for it in finals],
+            outputs=[s.output_ids for s in seqs] + [it.generated for it in finals],
             eos_token_id=self.rt.text_cfg.eos_token_id,
         )
-        return list(zip(sampled.tokens, sampled.logprobs))
+        picked = iter(zip(sampled.tokens, sampled.logprobs))
+        out: list = [next(picked) for _ in seqs]
+        return out + [next(picked) if it.final else None for it in chunks]
 
     # ---- D -----------------------------------------------------------------------------
-    def _decode(self, batch: DecodeBatch) -> DecodeResult:
-        self._release(batch.release)
+    def _admit(self, batch: DecodeBatch) -> tuple[dict, dict]:
+        """Sequences new to this worker (their KV pulled from prefill), then the blocks running ones grew by."""
         transfers, errors = {}, {}
         for new in batch.new:
             t0 = time.time()
@@ -382,18 +438,30 @@ class Worker:
                     errors[new.request_id] = describe(exc, f"{self.worker_id} KV pull")
                     continue
             transfers[new.request_id] = (t0, time.time())
+            outputs = new.output_ids or [new.last_token]
             history = new.sampling.needs_history
             self.seqs[new.request_id] = _Seq(
-                new.kv_blocks, new.context_len, new.last_token, 1, new.sampling, new.prompt_ids, [new.last_token] if history else None
+                list(new.kv_blocks),
+                new.context_len,
+                new.last_token,
+                len(outputs),
+                new.sampling,
+                new.prompt_ids,
+                list(outputs) if history else None,
             )
+        for rid, blocks in batch.grow.items():
+            if rid in self.seqs:
+                self.seqs[rid].blocks = self.seqs[rid].blocks + blocks
+        if batch.new or batch.grow:
+            self._tables_version += 1
         for rid in batch.step:  # e.g. failed in the step before, which the driver had not seen when it sent this one
             if rid not in self.seqs and rid not in errors:
                 errors[rid] = f"{self.worker_id} holds no sequence {rid!r}"
-        begin = time.time()
-        step = [rid for rid in batch.step if rid not in errors]
-        sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+        return transfers, errors
+
+    def _stepped(self, step: list[str], results: list, errors: dict) -> tuple[dict, dict]:
         tokens, logprobs = {}, {}
-        for rid, res in zip(step, sampled):
+        for rid, res in zip(step, results):
             if isinstance(res, Failed):
                 errors[rid] = res.reason
                 self.seqs.pop(rid, None)  # the driver aborts it
@@ -408,14 +476,45 @@ class Worker:
             tokens[rid] = tok
             if logprob is not None:
                 logprobs[rid] = logprob
+        return tokens, logprobs
+
+    def _decode(self, batch: DecodeBatch) -> DecodeResult:
+        self._release(batch.release)
+        transfers, errors = self._admit(batch)
+        begin = time.time()
+        step = [rid for rid in batch.step if rid not in errors]
+        sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+        tokens, logprobs = self._stepped(step, sampled, errors)
         return DecodeResult((begin, time.time()), tokens, transfers, logprobs, errors)
+
+    def _mixed(self, batch: MixedBatch) -> MixedResult:
+        """Running decodes and prefill chunks in one forward: the chunks ride on the decode step."""
+        self._release(batch.decode.release + batch.prefill.release)
+        transfers, errors = self._admit(batch.decode)
+        mm_transfers, failed = self._pull_mm(batch.prefill.items)
+        begin = time.time()
+        step = [rid for rid in batch.decode.step if rid not in errors]
+        items = [it for it in batch.prefill.items if it.request_id not in failed]
+        n = len(step)
+        results = isolated(
+            lambda idx: self._forward([step[i] for i in idx if i < n], [items[i - n] for i in idx if i >= n]),
+            n + len(items),
+            f"{self.worker_id} step",
+        )
+        tokens, logprobs = self._stepped(step, results[:n], errors)
+        prefilled = self._prefilled(items, results[n:], mm_transfers, failed)
+        self._sync()
+        span = (begin, time.time())
+        return MixedResult(DecodeResult(span, tokens, transfers, logprobs, errors), PrefillResult(span, prefilled))
 
     def _decode_compute(self, rids: list[str]) -> list[tuple[int, Optional[TokenLogprob]]]:
         """One step of the sequences `rids`: writes each one's next KV position, samples its next token."""
         seqs = [self.seqs[r] for r in rids]
         tables = [s.blocks for s in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=tuple(rids))
+            logits = self.graphs.run(
+                [s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=(tuple(rids), self._tables_version)
+            )
         else:
             logits = lm_step(
                 self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
@@ -433,6 +532,8 @@ class Worker:
     def _release(self, ids: list[str]) -> None:
         for rid in ids:
             self.seqs.pop(rid, None)
+        if ids:
+            self._tables_version += 1  # a released id may come back (recomputed) with other blocks
 
     def release(self, ids: list[str]) -> int:
         """Forget finished sequences; returns how many the worker still holds."""

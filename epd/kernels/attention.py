@@ -25,6 +25,7 @@ class AttentionMetadata:
     logits_indices: Optional[torch.Tensor]  # the last new token of each sequence; None: every token
     is_decode: bool = False  # one new token per sequence
     is_fresh_prefill: bool = False  # no earlier KV: queries attend only to this step's keys
+    split: Optional[MixedSplit] = None  # a mixed step (decodes beside prefill chunks): its two parts
 
     @property
     def num_seqs(self) -> int:
@@ -42,6 +43,10 @@ class AttentionMetadata:
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         is_decode = all(q == 1 for q in query_lens)
         ends = torch.tensor(query_lens, dtype=torch.long).cumsum(0) - 1
+        fresh = list(query_lens) == list(context_lens)
+        split = None
+        if not is_decode and not fresh and 1 in query_lens and len(query_lens) > 1:
+            split = MixedSplit.build(block_tables, query_lens, context_lens, block_size, device)
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             query_lens=list(query_lens),
@@ -51,8 +56,38 @@ class AttentionMetadata:
             context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
             logits_indices=None if is_decode else ends.to(device),
             is_decode=is_decode,
-            is_fresh_prefill=list(query_lens) == list(context_lens),
+            is_fresh_prefill=fresh,
+            split=split,
         )
+
+
+@dataclass
+class MixedSplit:
+    """A mixed step's decode rows (one query each: the paged decode kernel) and the rest (prefill
+    chunks), each with the token rows and metadata of its sequences."""
+
+    decode_rows: torch.Tensor  # [n] flat token index of each decoding sequence's query
+    decode: AttentionMetadata
+    rest_rows: torch.Tensor
+    rest: AttentionMetadata
+
+    @staticmethod
+    def build(block_tables, query_lens, context_lens, block_size, device) -> MixedSplit:
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        dec = [i for i, q in enumerate(query_lens) if q == 1]
+        rest = [i for i, q in enumerate(query_lens) if q != 1]
+
+        def part(seqs):
+            rows = [t for i in seqs for t in range(starts[i], starts[i + 1])]
+            meta = AttentionMetadata.build(
+                [block_tables[i] for i in seqs], [query_lens[i] for i in seqs], [context_lens[i] for i in seqs], block_size, device
+            )
+            return torch.tensor(rows, dtype=torch.long, device=device), meta
+
+        (dr, dm), (rr, rm) = part(dec), part(rest)
+        return MixedSplit(dr, dm, rr, rm)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -127,4 +162,14 @@ def paged_attention(
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens_t, scale)
         if meta.is_fresh_prefill:
             return prefill_attention_sdpa(q, k, v, meta, scale)
+        if meta.split is not None:  # decodes through the decode kernel, not one by one beside the chunks
+            return split_attention(q, k, v, k_cache, v_cache, meta.split, scale, paged_attention)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+def split_attention(q, k, v, k_cache, v_cache, split: MixedSplit, scale: float, attend) -> torch.Tensor:
+    """A mixed step as its two parts, each through `attend` (the entry point: the kernels on GPU)."""
+    out = torch.empty_like(q)
+    for rows, meta in ((split.decode_rows, split.decode), (split.rest_rows, split.rest)):
+        out[rows] = attend(q[rows], k[rows], v[rows], k_cache, v_cache, meta, scale)
+    return out

@@ -68,8 +68,8 @@ class DecodeGraphs:
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions.
 
-        `key` names the batch's sequences; when it repeats, the block tables already in place are
-        reused (a sequence's table is fixed while it decodes).
+        `key` names the batch's sequences and their tables' version; when it repeats, the block tables
+        already in place are reused.
         """
         b = len(tokens)
         bs = min(s for s in self.graphs if s >= b)

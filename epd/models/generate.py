@@ -22,8 +22,12 @@ def lm_step(
     tables: list[list[int]],
     block_size: int,
     mm: Optional[list[Optional[torch.Tensor]]] = None,
+    mm_ends: Optional[list[int]] = None,
 ) -> torch.Tensor:
-    """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits."""
+    """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
+
+    mm[i]: the image-embedding rows of sequence i's placeholders among its new tokens, in order;
+    mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images)."""
     assert rt.lm is not None
     flat = [t for seq in tokens for t in seq]
     ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
@@ -33,7 +37,10 @@ def lm_step(
     mm_embeds = mm_mask = None
     if mm is not None and any(m is not None and m.shape[0] for m in mm):
         mm_embeds = torch.cat([m for m in mm if m is not None and m.shape[0]]).to(rt.device)
-        mm_mask = ids == rt.family.image_token_id
+        big = 1 << 62
+        ends = [(big if mm_ends is None else mm_ends[i]) if m is not None and m.shape[0] else 0 for i, m in enumerate(mm)]
+        limit = torch.tensor(ends, device=rt.device).repeat_interleave(torch.tensor(qlens, device=rt.device))
+        mm_mask = (ids == rt.family.image_token_id) & (pos < limit)
     return rt.lm(ids, pos, kv, meta, mm_embeds, mm_mask)
 
 

@@ -113,10 +113,14 @@ def _process(x, params, steps, rows, prompts, outputs, eos_token_id) -> torch.Te
         pres = torch.tensor([params[r].presence_penalty for r in opn], device=dev, dtype=x.dtype)[:, None]
         x[opn] -= freq * counts + pres * (counts > 0).to(x.dtype)
     for r, p in enumerate(params):
-        if steps[r] < p.min_tokens and not p.ignore_eos:
-            stops = [*p.stop_token_ids, *([] if eos_token_id is None else [eos_token_id])]
-            if stops:
-                x[r, torch.tensor(stops, device=dev)] = float("-inf")
+        stops = [*p.stop_token_ids, *([] if eos_token_id is None else [eos_token_id])]
+        if p.ignore_eos or not stops:
+            continue
+        if p.answer_tokens is not None and steps[r] + 1 >= p.answer_tokens and eos_token_id is not None:
+            x[r] = float("-inf")  # the answer's last token: EOS
+            x[r, eos_token_id] = 0.0
+        elif steps[r] < p.min_tokens or (p.answer_tokens is not None and steps[r] + 1 < p.answer_tokens):
+            x[r, torch.tensor(stops, device=dev)] = float("-inf")
     return x
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from epd.config import Role, TextModelConfig
-from epd.images import image_size
+from epd.images import image_key, image_size
 from epd.request import ImageInput, Request, SamplingParams
 from epd.stages.instance import Instance
 from epd.stages.model_view import ModelView
@@ -21,7 +21,14 @@ class AdmissionError(ValueError):
     pass
 
 
-def prepare(state: RequestState, family: ModelView, text: TextModelConfig, tokenizer, by_role: dict[Role, list[Instance]]) -> None:
+def prepare(
+    state: RequestState,
+    family: ModelView,
+    text: TextModelConfig,
+    tokenizer,
+    by_role: dict[Role, list[Instance]],
+    chunked: bool = False,
+) -> None:
     """Validate the request and build its prompt (BOS, each image's placeholders, the text)."""
     req = state.req
     check_request(req, text.vocab_size)
@@ -41,6 +48,7 @@ def prepare(state: RequestState, family: ModelView, text: TextModelConfig, token
             "placeholders are inserted for each image, leave them out of the prompt"
         )
     state.image_sizes = [image_size(im) for im in req.images]
+    state.image_keys = [f"{image_key(im)}:{w}x{h}" for im, (w, h) in zip(req.images, state.image_sizes)]
     state.image_tokens = [family.num_image_tokens(w, h) for w, h in state.image_sizes]
     state.prompt_ids = family.build_prompt(text_ids, state.image_sizes)
     total = state.prompt_len + req.sampling.max_tokens
@@ -49,7 +57,7 @@ def prepare(state: RequestState, family: ModelView, text: TextModelConfig, token
             f"prompt of {state.prompt_len} tokens + max_tokens {req.sampling.max_tokens} exceeds the model's "
             f"context of {text.max_position_embeddings}"
         )
-    check_fits(state, by_role)
+    check_fits(state, by_role, chunked)
 
 
 def check_identity(req) -> None:
@@ -77,15 +85,17 @@ def check_request(req: Request, vocab_size: int) -> None:
         raise AdmissionError(f"arrival_time must be a finite number, got {req.arrival_time!r}")
 
 
-def check_fits(state: RequestState, by_role: dict[Role, list[Instance]]) -> None:
-    """Reject what no instance could ever hold, instead of letting it wait forever."""
+def check_fits(state: RequestState, by_role: dict[Role, list[Instance]], chunked: bool = False) -> None:
+    """Reject what no instance could ever hold, instead of letting it wait forever. With chunked
+    prefill a prompt may be longer than a step's token budget; with KV on demand a sequence still
+    needs room for all of its tokens in one instance's pool (alone, it is never preempted)."""
     max_tokens = state.req.sampling.max_tokens
     for inst in by_role[Role.ENCODE] if state.image_tokens else []:
         need = max(inst.mm.blocks_for(n) for n in state.image_tokens)
         if need > inst.mm.num_blocks:
             raise AdmissionError(f"an image needs {need} MM blocks; {inst.pool} instances hold {inst.mm.num_blocks}")
     for inst in by_role[Role.PREFILL][:1]:
-        if state.prompt_len > inst.cfg.max_prefill_tokens:
+        if not chunked and state.prompt_len > inst.cfg.max_prefill_tokens:
             raise AdmissionError(
                 f"prompt of {state.prompt_len} tokens exceeds {inst.pool}.max_prefill_tokens={inst.cfg.max_prefill_tokens}"
             )

@@ -8,6 +8,7 @@ from epd.stages.state import RequestState
 from epd.stages.work import (
     Batch,
     DecodeBatch,
+    MixedBatch,
     PrefillBatch,
 )
 
@@ -35,6 +36,10 @@ class HandOff:
         state.senders = []
 
     def _pull_done(self, batch: Batch) -> None:
+        if isinstance(batch, MixedBatch):
+            self._pull_done(batch.decode)
+            self._pull_done(batch.prefill)
+            return
         if isinstance(batch, PrefillBatch):
             rids = [it.request_id for it in batch.items]
         elif isinstance(batch, DecodeBatch):

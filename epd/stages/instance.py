@@ -8,6 +8,8 @@ from typing import Optional
 
 from epd.config import PoolConfig, Role
 from epd.stages.blocks import KVBlockManager, MMBlockManager
+from epd.stages.encoder_cache import EncoderCache
+from epd.stages.prefix_cache import PrefixCache
 from epd.stages.state import RequestState
 
 
@@ -18,8 +20,9 @@ class EncodeWork:
 
 
 class Instance:
-    def __init__(self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig):
+    def __init__(self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig, prefix_caching: bool = False):
         self.id = instance_id
+        self.prefix_caching = prefix_caching
         self.configure(pool, roles, cfg)
         self.encode_queue: deque[EncodeWork] = deque()
         self.prefill_queue: deque[RequestState] = deque()
@@ -38,6 +41,32 @@ class Instance:
         holds_lm = Role.PREFILL in roles or Role.DECODE in roles
         self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
         self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
+        self.prefix_cache = PrefixCache(self.kv) if self.prefix_caching and Role.PREFILL in roles else None
+        cap = cfg.mm_blocks if cfg.encoder_cache_blocks is None else cfg.encoder_cache_blocks
+        self.encoder_cache = EncoderCache(self.mm, cap) if Role.ENCODE in roles and cap > 0 else None
+
+    @property
+    def kv_owner(self):
+        """What a hold on this instance's KV frees through: the prefix cache, where there is one."""
+        return self.prefix_cache if self.prefix_cache is not None else self.kv
+
+    def can_allocate_kv(self, n: int) -> bool:
+        return self.kv.can_allocate(n) or (self.prefix_cache is not None and self.kv.num_free + self.prefix_cache.evictable >= n)
+
+    def allocate_kv(self, n: int) -> Optional[list[int]]:
+        """KV blocks, evicting cached prefixes nobody uses when the pool is short."""
+        if self.prefix_cache is not None and not self.kv.can_allocate(n):
+            self.prefix_cache.make_room(n)
+        return self.kv.allocate(n)
+
+    def can_allocate_mm(self, n: int) -> bool:
+        return self.mm.can_allocate(n) or (self.encoder_cache is not None and self.mm.num_free + self.encoder_cache.evictable >= n)
+
+    def allocate_mm(self, n: int) -> Optional[list[int]]:
+        """MM blocks, evicting cached images nobody uses when the pool is short."""
+        if self.encoder_cache is not None and not self.mm.can_allocate(n):
+            self.encoder_cache.make_room(n)
+        return self.mm.allocate(n)
 
     @property
     def busy(self) -> bool:
@@ -46,8 +75,15 @@ class Instance:
     def drained(self) -> bool:
         """Nothing queued, running, in flight or held: the worker can change role."""
         queues = self.encode_queue or self.prefill_queue or self.decode_queue or self.running
+        if not queues:  # cached images and prefixes are kept only while the instance serves
+            self._clear_caches()
         pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm))
         return not self.busy and not queues and self.outgoing == 0 and pools_free
+
+    def _clear_caches(self) -> None:
+        for cache in (self.encoder_cache, self.prefix_cache):
+            if cache is not None:
+                cache.clear()
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -60,6 +96,7 @@ class Instance:
         return out
 
     def assert_drained(self) -> None:
+        self._clear_caches()  # what nobody references is cache, not a leak
         for pool in (self.kv, self.mm):
             if pool is not None:
                 pool.assert_all_free()

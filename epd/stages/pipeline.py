@@ -19,10 +19,11 @@ from epd.stages.admission import AdmissionError, check_identity, prepare
 from epd.stages.handoff import HandOff
 from epd.stages.instance import Instance
 from epd.stages.model_view import ModelView
+from epd.stages.preemption import Preemption
 from epd.stages.results import Results
 from epd.stages.router import Router
 from epd.stages.routes import Routes
-from epd.stages.schedulers import select_decode, select_encode, select_prefill
+from epd.stages.schedulers import Policy, select_decode, select_encode, select_prefill, take_prefill
 from epd.stages.state import RequestState
 from epd.stages.switching import RoleSwitching
 from epd.stages.work import (
@@ -31,6 +32,9 @@ from epd.stages.work import (
     DecodeBatch,
     DecodeResult,
     EncodeResult,
+    MixedBatch,
+    MixedResult,
+    PrefillBatch,
     PrefillResult,
     Result,
     SwitchBatch,
@@ -40,9 +44,9 @@ from epd.stages.work import (
 OutputCallback = Callable[[str, list[int], Optional[str], Optional[list[TokenLogprob]]], None]
 
 
-class Pipeline(Routes, HandOff, Results, RoleSwitching):
-    """The request flow: admission, scheduling, results; routing, hand-offs, endings and role
-    switching live in the parts it is made of (routes, handoff, results, switching)."""
+class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
+    """The request flow: admission, scheduling, results; routing, hand-offs, endings, preemption and
+    role switching live in the parts it is made of (routes, handoff, results, preemption, switching)."""
 
     def __init__(
         self,
@@ -62,6 +66,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         self.frees_on_send = frees_on_send
         self.max_pending = deployment.max_pending_transfers
         self.depth = 2 if deployment.async_scheduling else 1  # batches an instance may have in flight
+        self.policy = Policy(deployment.chunked_prefill, deployment.kv_allocation == "reserve", family.image_token_id)
         self.now = time_origin  # the latest time the pipeline was told of (arrivals, results)
         self.origin = time_origin
         self.on_output = on_output
@@ -72,7 +77,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         for pool_name, pool in deployment.pools().items():
             roles = POOL_ROLES[pool_name]
             for k in range(pool.instances):
-                inst = Instance(f"{pool_name}-{k}", pool_name, roles, pool)
+                inst = Instance(f"{pool_name}-{k}", pool_name, roles, pool, deployment.prefix_caching)
                 self.instances[inst.id] = inst
                 for r in roles:
                     self.by_role[r].append(inst)
@@ -144,7 +149,7 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         self.states[req.request_id] = state
         self.emit(now, state, Ev.ISSUED, num_images=len(req.images) if isinstance(req.images, (tuple, list)) else 0)
         try:
-            prepare(state, self.family, self.text, self.tokenizer, self.by_role)
+            prepare(state, self.family, self.text, self.tokenizer, self.by_role, self.policy.chunked)
         except (AdmissionError, ImageError, ValueError) as exc:
             self.abort(state, str(exc), now)
             return
@@ -178,21 +183,46 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
             batch = select_encode(inst, self.max_pending)
             if batch:
                 return batch
+        if inst.has(Role.PREFILL) and inst.has(Role.DECODE) and self.policy.chunked:
+            return self._mixed_step(inst)
         if inst.has(Role.PREFILL):
-            batch = select_prefill(inst, self.max_pending, self.pulled)
+            batch = select_prefill(inst, self.max_pending, self.pulled, self.policy)
             if batch:
                 return batch
         if inst.has(Role.DECODE):
-            return select_decode(inst, self.pulled)
+            return select_decode(inst, self.pulled, self.policy, self.preempt)
         return None
+
+    def _mixed_step(self, inst: Instance) -> Optional[Batch]:
+        """Decodes first, then prefill chunks in what is left of the step's token budget."""
+        decode = select_decode(inst, self.pulled, self.policy, self.preempt)
+        budget = inst.cfg.max_prefill_tokens - (len(decode.step) if decode else 0)
+        chunks = take_prefill(inst, budget, self.pulled, self.policy)
+        if decode is None:
+            return PrefillBatch(chunks, inst.take_releases()) if chunks else None
+        if not chunks:
+            return decode
+        return MixedBatch(decode, PrefillBatch(chunks))
+
+    def _steps_back(self, inst: Instance, batch: DecodeBatch) -> set[str]:
+        """Count a decode batch's steps back in; the ids whose step was sent before they were preempted
+        (their tokens are dropped)."""
+        stale = set()
+        for rid in batch.step:
+            if (state := self.states.get(rid)) is None:
+                continue
+            if state.stale_steps.get(inst.id):
+                state.stale_steps[inst.id] -= 1
+                stale.add(rid)
+            else:
+                state.steps_inflight -= 1
+        return stale
 
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
         self.now = max(self.now, result.time if isinstance(result, BatchFailure) else result.span[1])
         inst.inflight -= 1
-        if isinstance(batch, DecodeBatch):
-            for rid in batch.step:
-                if (state := self.states.get(rid)) is not None:
-                    state.steps_inflight -= 1
+        decode = batch.decode if isinstance(batch, MixedBatch) else batch if isinstance(batch, DecodeBatch) else None
+        stale = self._steps_back(inst, decode) if decode is not None else set()
         if isinstance(batch, SwitchBatch):
             self._switched(inst, batch, result)
             return
@@ -200,8 +230,11 @@ class Pipeline(Routes, HandOff, Results, RoleSwitching):
         if isinstance(result, BatchFailure):
             self._fail_batch(inst, batch, result)
         elif isinstance(result, EncodeResult):
-            self._encoded(inst, result)
+            self._encoded(inst, batch, result)
         elif isinstance(result, PrefillResult):
-            self._prefilled(inst, result)
+            self._prefilled(inst, batch, result)
         elif isinstance(result, DecodeResult):
-            self._decoded(inst, batch, result)
+            self._decoded(inst, result, stale)
+        elif isinstance(result, MixedResult):
+            self._decoded(inst, result.decode, stale)
+            self._prefilled(inst, batch.prefill, result.prefill)

@@ -13,13 +13,13 @@ from epd.stages.state import Hold, RequestState
 from epd.stages.work import (
     Batch,
     BatchFailure,
-    DecodeBatch,
     DecodeResult,
     EncodeBatch,
     EncodeResult,
     MMSource,
     PrefillBatch,
     PrefillResult,
+    request_ids,
 )
 
 
@@ -31,9 +31,18 @@ class Results:
         state = self.states.get(rid)
         return None if state is None or state.done else state
 
-    def _encoded(self, inst: Instance, result: EncodeResult) -> None:
+    def _encoded(self, inst: Instance, batch: EncodeBatch, result: EncodeResult) -> None:
         b, e = result.span
-        for item in result.items:
+        sent = {(it.request_id, it.image_index): it for it in batch.items}
+        cache = inst.encoder_cache
+        # Encoded images first: a copy in this batch that waited on one of them learns how it went.
+        for item in sorted(result.items, key=lambda it: sent[it.request_id, it.image_index].cached):
+            hit, blocks = sent[item.request_id, item.image_index].cached, sent[item.request_id, item.image_index].mm_blocks
+            if cache is not None and cache.holds(blocks):
+                if hit and not item.error and cache.failure(blocks):
+                    item.error = cache.failure(blocks)  # the same bytes failed for the request that encoded them
+                elif not hit and item.error:
+                    cache.fail(blocks, item.error)
             state = self._live(item.request_id)
             if state is None:
                 continue
@@ -41,9 +50,8 @@ class Results:
                 self.abort(state, item.error, e, item.error_kind)
                 continue
             self.emit(b, state, Ev.ENCODE_BEGIN, inst.id, image=item.image_index)
-            self.emit(e, state, Ev.ENCODE_END, inst.id, image=item.image_index)
+            self.emit(e, state, Ev.ENCODE_END, inst.id, image=item.image_index, cached=hit)
             key = Hold.mm(inst.id, item.image_index)
-            blocks = state.holds[key][1]
             state.mm[item.image_index] = MMSource(state.image_tokens[item.image_index], blocks, item.handle)
             if item.handle is not None:
                 if inst.id not in state.senders:
@@ -55,8 +63,9 @@ class Results:
             if state.images_pending == 0:
                 self._route_prefill(state)
 
-    def _prefilled(self, inst: Instance, result: PrefillResult) -> None:
+    def _prefilled(self, inst: Instance, batch: PrefillBatch, result: PrefillResult) -> None:
         b, e = result.span
+        chunks = {it.request_id: it for it in batch.items}
         for item in result.items:
             state = self._live(item.request_id)
             if state is None:
@@ -68,9 +77,17 @@ class Results:
                 nbytes = sum(state.image_tokens) * self.mm_bytes_per_token
                 self.emit(item.mm_transfer[0], state, Ev.MM_TRANSFER_BEGIN, inst.id, bytes=nbytes)
                 self.emit(item.mm_transfer[1], state, Ev.MM_TRANSFER_END, inst.id)
-            self.emit(b, state, Ev.PREFILL_BEGIN, inst.id, tokens=state.prompt_len)
+            chunk = chunks[item.request_id]
+            if chunk.start == state.prefix_hit:  # its first chunk
+                total = chunk.total or len(chunk.prompt_ids)
+                self.emit(b, state, Ev.PREFILL_BEGIN, inst.id, tokens=total, cached_tokens=state.prefix_hit, recompute=bool(state.output))
+            if not chunk.final:
+                continue
             self.emit(e, state, Ev.PREFILL_END, inst.id)
-            self.emit(e, state, Ev.FIRST_TOKEN, inst.id)
+            if inst.prefix_cache is not None and state.block_hashes:  # its KV is written: later prompts may reuse it
+                inst.prefix_cache.register(state.block_hashes, state.blocks(Hold.kv(inst.id)))
+            if not state.output:
+                self.emit(e, state, Ev.FIRST_TOKEN, inst.id)
             for i in range(len(state.image_tokens)):  # embeddings consumed
                 state.release(Hold.mm(inst.id, i))
             if self._append_token(state, item.first_token, e, inst, item.logprob):
@@ -83,19 +100,20 @@ class Results:
                     state.release(Hold.kv(inst.id))
             self._route_decode(state, inst)
 
-    def _decoded(self, inst: Instance, batch: DecodeBatch, result: DecodeResult) -> None:
+    def _decoded(self, inst: Instance, result: DecodeResult, stale: set[str] = frozenset()) -> None:
+        """`stale`: sequences preempted after their step was sent; their tokens are dropped."""
         b, e = result.span
         for rid, (tb, te) in result.kv_transfers.items():
             state = self._live(rid)
             if state is not None:
-                self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.prompt_len * self.kv_bytes_per_token)
+                self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.kv_len * self.kv_bytes_per_token)
                 self.emit(te, state, Ev.KV_TRANSFER_END, inst.id)
         for rid, why in result.errors.items():
-            if (state := self._live(rid)) is not None:
+            if rid not in stale and (state := self._live(rid)) is not None:
                 self.abort(state, f"decode on {inst.id} failed: {why}", e, INTERNAL)
         for rid, tok in result.tokens.items():
             state = self._live(rid)
-            if state is None:
+            if state is None or rid in stale:
                 continue
             if not state.decode_started:
                 state.decode_started = True
@@ -160,9 +178,11 @@ class Results:
                 self.instances[iid].pending_release.append(state.rid)
 
     def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
-        ids = [i.request_id for i in batch.items] if isinstance(batch, (EncodeBatch, PrefillBatch)) else list(batch.step)
-        if isinstance(batch, DecodeBatch):
-            ids += [n.request_id for n in batch.new]
+        ids = request_ids(batch)
+        if isinstance(batch, EncodeBatch) and inst.encoder_cache is not None:  # what was to be encoded never was
+            for it in batch.items:
+                if not it.cached and inst.encoder_cache.holds(it.mm_blocks):
+                    inst.encoder_cache.fail(it.mm_blocks, failure.reason)
         restart = []  # images a lost worker had not encoded, of requests with nothing done elsewhere: encoded again
         if failure.worker_lost and isinstance(batch, EncodeBatch):
             for rid in dict.fromkeys(ids):

@@ -19,24 +19,47 @@ class Routes:
         self.abort(state, f"no {role.value} worker is in service", self.now, INTERNAL)
         return True
 
-    def _route_encode(self, state: RequestState) -> None:
+    def _route_encode(self, state: RequestState, front: bool = False) -> None:
+        """`front`: ahead of the queue (a preempted request, whose images are most likely cached)."""
         if self._none_in_service(state, Role.ENCODE):
             return
         encoders = self.by_role[Role.ENCODE]
         n = len(state.req.images)
-        targets = self.router.spread(Role.ENCODE, encoders, n) if self.deployment.irp else [self.router.choose(Role.ENCODE, encoders)] * n
+        if self.deployment.irp:
+            targets = self.router.spread(Role.ENCODE, encoders, n)
+        else:
+            targets = [self._holding(state, encoders) or self.router.choose(Role.ENCODE, encoders)] * n
         state.images_pending = n
         for i, inst in enumerate(targets):
-            inst.encode_queue.append(EncodeWork(state, i))
+            if front:
+                inst.encode_queue.appendleft(EncodeWork(state, i))
+            else:
+                inst.encode_queue.append(EncodeWork(state, i))
         if targets[0].has(Role.PREFILL):
             state.prefill_instance = targets[0].id
 
-    def _route_prefill(self, state: RequestState) -> None:
+    @staticmethod
+    def _holding(state: RequestState, encoders: list[Instance]) -> Instance | None:
+        """The encoder whose cache holds the most of the request's images, if any holds one."""
+        best, most = None, 0
+        for inst in encoders:
+            if inst.encoder_cache is not None:
+                have = sum(1 for k in state.image_keys if k in inst.encoder_cache)
+                if have > most:
+                    best, most = inst, have
+        return best
+
+    def _route_prefill(self, state: RequestState, front: bool = False) -> None:
         if state.prefill_instance is None:
             if self._none_in_service(state, Role.PREFILL):
                 return
             state.prefill_instance = self.router.choose(Role.PREFILL, self.by_role[Role.PREFILL]).id
-        self.instances[state.prefill_instance].prefill_queue.append(state)
+        queue = self.instances[state.prefill_instance].prefill_queue
+        if front:  # behind the prompts already part-way through their chunks: they hold blocks
+            at = next((i for i, s in enumerate(queue) if s.prefilled == 0), len(queue))
+            queue.insert(at, state)
+        else:
+            queue.append(state)
         self._pull_first_if_switching(state)
 
     def _route_decode(self, state: RequestState, prefill_inst: Instance) -> None:

@@ -32,6 +32,7 @@ class RequestState:
     prompt_ids: list[int]
     image_tokens: list[int]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image, read at admission
+    image_keys: list[str] = field(default_factory=list)  # content hash per image: the encoder cache's key
     images_pending: int = 0
     mm: dict[int, MMSource] = field(default_factory=dict)  # image index -> where its embeddings are
     prefill_instance: Optional[str] = None
@@ -44,6 +45,12 @@ class RequestState:
     logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
     decode_started: bool = False
     steps_inflight: int = 0  # decode steps dispatched whose tokens have not come back
+    stale_steps: dict[str, int] = field(default_factory=dict)  # instance -> steps sent before a preemption: tokens dropped
+    prefilled: int = 0  # tokens of the sequence sent to prefill on its prefill instance (chunked prefill)
+    mm_rows_done: int = 0  # image-embedding rows those tokens took
+    prefix_hit: int = 0  # of them, tokens whose KV the prefix cache had (not computed)
+    block_hashes: list = field(default_factory=list)  # its full blocks' chained hashes on its prefill instance
+    preemptions: int = 0
     done: bool = False
     forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
     holds: dict[Hold, tuple[BlockPool, list[int]]] = field(default_factory=dict)
@@ -56,9 +63,28 @@ class RequestState:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def sequence(self) -> list[int]:
+        """The tokens prefill puts in the KV cache: the prompt, and after a preemption what it had sampled."""
+        return self.prompt_ids + self.output if self.output else self.prompt_ids
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens in the KV cache once prefilled: all but the latest sampled token (the next step's input)."""
+        return self.prompt_len + max(len(self.output) - 1, 0)
+
     def hold(self, key: Hold, pool: BlockPool, blocks: list[int]) -> None:
         assert key not in self.holds, key
         self.holds[key] = (pool, blocks)
+
+    def extend(self, key: Hold, blocks: list[int]) -> list[int]:
+        """More blocks for a hold (a growing KV): a new list, so a batch already sent keeps the table it had."""
+        pool, held = self.holds[key]
+        self.holds[key] = (pool, held + blocks)
+        return self.holds[key][1]
+
+    def blocks(self, key: Hold) -> list[int]:
+        return self.holds[key][1]
 
     def keys_of(self, instance: str) -> list[Hold]:
         """Holds on `instance`'s blocks: its KV and its images' MM."""

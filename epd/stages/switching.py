@@ -11,7 +11,7 @@ from epd.lifetime import SYSTEM
 from epd.lifetime import LifetimeEvent as Ev
 from epd.request import INTERNAL
 from epd.stages.instance import Instance
-from epd.stages.schedulers import select_decode
+from epd.stages.schedulers import select_decode, select_prefill
 from epd.stages.state import RequestState
 from epd.stages.work import (
     Batch,
@@ -64,11 +64,13 @@ class RoleSwitching:
             work = inst.encode_queue.popleft()
             if not work.state.done:
                 self.router.choose(Role.ENCODE, self.by_role[Role.ENCODE]).encode_queue.append(work)
-        while inst.prefill_queue:
-            state = inst.prefill_queue.popleft()
-            if not state.done:
-                state.prefill_instance = None
-                self._route_prefill(state)
+        partial = [s for s in inst.prefill_queue if s.prefilled and not s.done]  # their KV is here: they finish here
+        moving = [s for s in inst.prefill_queue if not s.prefilled and not s.done]
+        inst.prefill_queue.clear()
+        inst.prefill_queue.extend(partial)
+        for state in moving:
+            state.prefill_instance = None
+            self._route_prefill(state)
         while inst.decode_queue:
             state = inst.decode_queue.popleft()
             if not state.done:
@@ -95,8 +97,12 @@ class RoleSwitching:
                 self._pull_first(sender)
 
     def _drain_or_switch(self, inst: Instance) -> Optional[Batch]:
+        if inst.has(Role.PREFILL) and inst.prefill_queue:  # chunks of prompts begun here
+            batch = select_prefill(inst, self.max_pending, self.pulled, self.policy)
+            if batch:
+                return batch
         if inst.has(Role.DECODE) and inst.running:
-            return select_decode(inst, self.pulled)
+            return select_decode(inst, self.pulled, self.policy, self.preempt)
         if inst.drained():
             target = inst.switching_to
             return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())

@@ -21,6 +21,7 @@ class EncodeItem:
     num_tokens: int
     mm_blocks: list[int]  # where the embeddings go on this worker
     send: bool  # prefill runs elsewhere: hand the embeddings to the transfer backend
+    cached: bool = False  # the blocks hold its embeddings already (an encoder-cache hit): nothing to encode
 
 
 @dataclass
@@ -39,13 +40,30 @@ class MMSource:
 
 @dataclass
 class PrefillItem:
+    """One chunk of a sequence's prefill: `prompt_ids` are its tokens, the sequence's positions
+    [start, start + len(prompt_ids)). The chunk that reaches `total` samples the next token."""
+
     request_id: str
     prompt_ids: list[int]
-    images: list[MMSource]
+    images: list[MMSource]  # all of the sequence's images; their handles are pulled with its first chunk
     kv_blocks: list[int]
     sampling: SamplingParams
     send_kv: bool  # decode runs elsewhere
     keep_for_decode: bool  # decode runs here: remember the sequence
+    start: int = 0  # tokens of the sequence already in the KV cache (earlier chunks)
+    total: Optional[int] = None  # the sequence's length; None: this chunk is all of it
+    mm_offset: int = 0  # image-embedding rows that belong to earlier chunks
+    prompt_end: Optional[int] = None  # the prompt's length: placeholder ids past it were sampled, not images
+    prompt: Optional[list[int]] = None  # the request's prompt, on the last chunk when sampling reads it (penalties)
+    generated: list[int] = field(default_factory=list)  # tokens sampled before a preemption (the sequence's tail)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.prompt_ids)
+
+    @property
+    def final(self) -> bool:
+        return self.total is None or self.end >= self.total
 
 
 @dataclass
@@ -60,16 +78,27 @@ class NewDecodeSeq:
     kv_handle: Any
     kv_blocks: list[int]
     context_len: int  # tokens already in the KV cache (the prompt)
-    last_token: int  # the first token, sampled by prefill
+    last_token: int  # the latest token, sampled by prefill
     sampling: SamplingParams
     prompt_ids: Optional[list[int]] = None  # sent only when sampling needs the tokens so far (penalties)
+    output_ids: Optional[list[int]] = None  # the tokens sampled so far, when more than one (a recomputed sequence)
 
 
 @dataclass
 class DecodeBatch:
     step: list[str]  # sequences that take one step
     new: list[NewDecodeSeq] = field(default_factory=list)
-    release: list[str] = field(default_factory=list)  # finished or aborted: forget them first
+    release: list[str] = field(default_factory=list)  # finished, aborted or preempted: forget them first
+    grow: dict[str, list[int]] = field(default_factory=dict)  # KV blocks appended to a sequence's table first
+
+
+@dataclass
+class MixedBatch:
+    """One forward over an instance's running decodes and prefill chunks (chunked prefill where the
+    instance both prefills and decodes: decodes first, chunks up to the step's token budget)."""
+
+    decode: DecodeBatch
+    prefill: PrefillBatch
 
 
 @dataclass
@@ -82,7 +111,7 @@ class SwitchBatch:
     release: list[str] = field(default_factory=list)
 
 
-Batch = Union[EncodeBatch, PrefillBatch, DecodeBatch, SwitchBatch]
+Batch = Union[EncodeBatch, PrefillBatch, DecodeBatch, MixedBatch, SwitchBatch]
 
 
 @dataclass
@@ -126,12 +155,22 @@ class DecodeResult:
 
 
 @dataclass
+class MixedResult:
+    decode: DecodeResult
+    prefill: PrefillResult
+
+    @property
+    def span(self) -> Span:
+        return self.decode.span
+
+
+@dataclass
 class SwitchResult:
     span: Span
     weights_loaded: dict[str, str] = field(default_factory=dict)  # part -> "host copy" | "built" | "kept"
 
 
-Result = Union[EncodeResult, PrefillResult, DecodeResult, SwitchResult]
+Result = Union[EncodeResult, PrefillResult, DecodeResult, MixedResult, SwitchResult]
 
 
 @dataclass
@@ -151,4 +190,19 @@ def pulled_handles(batch: Batch) -> list:
         return [m.handle for it in batch.items for m in it.images if m.handle is not None]
     if isinstance(batch, DecodeBatch):
         return [n.kv_handle for n in batch.new if n.kv_handle is not None]
+    if isinstance(batch, MixedBatch):  # the worker pulls the decodes' KV first
+        return pulled_handles(batch.decode) + pulled_handles(batch.prefill)
     return []
+
+
+def request_ids(batch: Batch) -> list[str]:
+    """Every request a batch holds work of, each once."""
+    if isinstance(batch, (EncodeBatch, PrefillBatch)):
+        ids = [i.request_id for i in batch.items]
+    elif isinstance(batch, DecodeBatch):
+        ids = list(batch.step) + [n.request_id for n in batch.new]
+    elif isinstance(batch, MixedBatch):
+        ids = request_ids(batch.decode) + request_ids(batch.prefill)
+    else:
+        ids = []
+    return list(dict.fromkeys(ids))

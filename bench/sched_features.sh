@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The serving-grade schedulers' features one at a time, on the engine (one GPU) and in the simulator,
+# the same workload (conf/experiment/sched_features.yaml, serving_mix):
+#   . .device/setup.sh && bash bench/sched_features.sh "$OUT" [RATE] [N]
+# Each run's summary goes to $OUT/<variant>/summary.json; a table of them is printed at the end.
+set -u
+OUT=${1:?output directory}
+RATE=${2:-8}
+N=${3:-300}
+export RAY_AUTH_MODE=disabled
+HW=$(python3 -c "import torch; print(('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100') if torch.cuda.is_available() else 'cpu')")
+echo "hardware=$HW rate=$RATE requests=$N"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+mkdir -p "$OUT"
+declare -A VARIANTS=(
+  [all_on]=""
+  [chunked_off]="deployment.chunked_prefill=false deployment.aggregated.max_prefill_tokens=8192"
+  [kv_reserve]="deployment.kv_allocation=reserve"
+  [encoder_cache_off]="deployment.aggregated.encoder_cache_blocks=0"
+)
+for name in all_on chunked_off kv_reserve encoder_cache_off; do
+  for backend in ray sim; do
+    [ "$backend" = ray ] && [ "$HW" = cpu ] && continue
+    dir="$OUT/$name-$backend"
+    t0=$SECONDS
+    # shellcheck disable=SC2086
+    timeout 300 python3 -m epd.run +experiment=sched_features backend=$backend hardware="$HW" logger=none \
+      workload.rate="$RATE" workload.num_requests="$N" ${VARIANTS[$name]} hydra.run.dir="$dir" 2>&1 | grep -E "rror|requests  " | tail -3
+    echo "$name $backend: $((SECONDS - t0)) s"
+    rm -rf "$dir/.hydra" "$dir"/*.jsonl 2>/dev/null
+  done
+done
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+rows = []
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*/summary.json")):
+    s = json.loads(p.read_text())
+    rows.append((p.parent.name, s))
+keys = ["request_throughput", "output_throughput", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "slo_attainment",
+        "preemptions", "encoder_cache_hit_rate", "engine_startup_s"]
+print("| run | " + " | ".join(keys) + " |")
+print("|---" * (len(keys) + 1) + "|")
+for name, s in rows:
+    cells = [f"{s.get(k):.3g}" if isinstance(s.get(k), float) else str(s.get(k)) for k in keys]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+PY
