@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The serving-grade schedulers' features one at a time, on the engine (one GPU) and in the simulator,
 # the same workload (conf/experiment/sched_features.yaml, serving_mix):
-#   . .device/setup.sh && bash bench/sched_features.sh "$OUT" [RATE] [N]
-# Each run's summary goes to $OUT/<variant>/summary.json; a table of them is printed at the end.
+#   . .device/setup.sh && bash bench/sched_features.sh "$OUT" [RATE] [N] [BACKENDS]
+# BACKENDS: "ray sim" (default; ray is skipped where there is no GPU). Each run's summary goes to
+# $OUT/<variant>-<backend>/summary.json (the rest of the run record is dropped); a table is printed at the end.
 set -u
 OUT=${1:?output directory}
 RATE=${2:-8}
 N=${3:-300}
+BACKENDS=${4:-ray sim}
 export RAY_AUTH_MODE=disabled
 HW=$(python3 -c "import torch; print(('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100') if torch.cuda.is_available() else 'cpu')")
 echo "hardware=$HW rate=$RATE requests=$N"
@@ -19,7 +21,7 @@ declare -A VARIANTS=(
   [encoder_cache_off]="deployment.aggregated.encoder_cache_blocks=0"
 )
 for name in all_on chunked_off kv_reserve encoder_cache_off; do
-  for backend in ray sim; do
+  for backend in $BACKENDS; do
     [ "$backend" = ray ] && [ "$HW" = cpu ] && continue
     dir="$OUT/$name-$backend"
     t0=$SECONDS
@@ -27,7 +29,7 @@ for name in all_on chunked_off kv_reserve encoder_cache_off; do
     timeout 300 python3 -m epd.run +experiment=sched_features backend=$backend hardware="$HW" logger=none \
       workload.rate="$RATE" workload.num_requests="$N" ${VARIANTS[$name]} hydra.run.dir="$dir" 2>&1 | grep -E "rror|requests  " | tail -3
     echo "$name $backend: $((SECONDS - t0)) s"
-    rm -rf "$dir/.hydra" "$dir"/*.jsonl 2>/dev/null
+    find "$dir" -mindepth 1 ! -name summary.json -exec rm -rf {} + 2>/dev/null
   done
 done
 python3 - "$OUT" <<'PY'
@@ -37,7 +39,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*/summary.json")):
     s = json.loads(p.read_text())
     rows.append((p.parent.name, s))
 keys = ["request_throughput", "output_throughput", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "slo_attainment",
-        "preemptions", "encoder_cache_hit_rate", "engine_startup_s"]
+        "preemptions", "encoder_cache_hit_rate", "prefix_cache_hit_rate", "prefill_tokens_computed",
+        "busy_encode_s", "busy_prefill_s", "busy_mixed_s", "busy_decode_s", "batch_mixed_mean_ms", "batch_decode_mean_ms"]
 print("| run | " + " | ".join(keys) + " |")
 print("|---" * (len(keys) + 1) + "|")
 for name, s in rows:

@@ -14,7 +14,7 @@ from epd.allocation import make_allocation
 from epd.config import EngineConfig, RunConfig
 from epd.progress import progress
 from epd.request import Request
-from epd.run_result import RunResult
+from epd.run_result import RunResult, batch_stats
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,14 @@ class EngineBackend:
         stage_load = list(core.allocation.stage_load) if core.allocation is not None else []
         outputs = dict(core.pipeline.outputs) if outputs is None else outputs
         return RunResult(
-            core.pipeline.events, outputs, workers, list(core.timeseries), stage_load, startup_s=self.startup_s, warmup_s=self.warmup_s
+            core.pipeline.events,
+            outputs,
+            workers,
+            list(core.timeseries),
+            stage_load,
+            startup_s=self.startup_s,
+            warmup_s=self.warmup_s,
+            batch_stats=batch_stats(core.batches),
         )
 
     async def _drive(self, llm, requests: list[Request]) -> None:

@@ -20,6 +20,7 @@ class RunResult:
     stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
     startup_s: Optional[float] = None  # engine start-up to ready (workers built and loaded, warm-up run), outside the measured window
     warmup_s: Optional[float] = None  # the warm-up's part of it
+    batch_stats: dict = field(default_factory=dict)  # engine runs: per batch kind, how many and the workers' time in them
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:
@@ -27,3 +28,17 @@ class RunResult:
         if self._timelines is None:
             self._timelines = timelines(self.events)
         return self._timelines
+
+
+def batch_stats(batches) -> dict:
+    """From an engine's batch records: per kind (EncodeBatch, PrefillBatch, MixedBatch, DecodeBatch...)
+    the count, the seconds workers spent in them and the mean batch in ms; where a run's time went."""
+    out: dict = {}
+    for b in batches:
+        kind = b.kind.removesuffix("Batch").lower()
+        out[f"batches_{kind}"] = out.get(f"batches_{kind}", 0) + 1
+        out[f"busy_{kind}_s"] = out.get(f"busy_{kind}_s", 0.0) + (b.end - b.begin)
+    for key in [k for k in out if k.startswith("batches_")]:
+        kind = key.removeprefix("batches_")
+        out[f"batch_{kind}_mean_ms"] = 1e3 * out[f"busy_{kind}_s"] / out[key]
+    return out

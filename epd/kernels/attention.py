@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -115,8 +116,11 @@ def paged_attention_ref(
             ki = ki.repeat_interleave(group, dim=0)
             vi = vi.repeat_interleave(group, dim=0)
         # Query j sits at absolute position ctx - qlen + j and sees keys 0..that position.
-        q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+        if q.is_cuda:  # the same mask as a bias the fused kernels take (flash / memory-efficient)
+            mask = causal_lower_right(qlen, ctx)
+        else:
+            q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
         o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=mask, scale=scale)
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
