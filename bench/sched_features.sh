@@ -2,7 +2,7 @@
 # The serving-grade schedulers' features one at a time, on the engine (one GPU) and in the simulator,
 # the same workload (conf/experiment/sched_features.yaml, serving_mix):
 #   . .device/setup.sh && bash bench/sched_features.sh "$OUT" [RATE] [N] [BACKENDS]
-# BACKENDS: "ray sim" (default; ray is skipped where there is no GPU). Each run's summary goes to
+# BACKENDS: "ray sim" (default; ray is skipped where there is no GPU); VARIANT_LIST picks variants. Each run's summary goes to
 # $OUT/<variant>-<backend>/summary.json (the rest of the run record is dropped); a table is printed at the end.
 set -u
 OUT=${1:?output directory}
@@ -20,7 +20,7 @@ declare -A VARIANTS=(
   [kv_reserve]="deployment.kv_allocation=reserve"
   [encoder_cache_off]="deployment.aggregated.encoder_cache_blocks=0"
 )
-for name in all_on chunked_off kv_reserve encoder_cache_off; do
+for name in ${VARIANT_LIST:-all_on chunked_off kv_reserve encoder_cache_off}; do
   for backend in $BACKENDS; do
     [ "$backend" = ray ] && [ "$HW" = cpu ] && continue
     dir="$OUT/$name-$backend"

@@ -116,12 +116,13 @@ def paged_attention_ref(
             ki = ki.repeat_interleave(group, dim=0)
             vi = vi.repeat_interleave(group, dim=0)
         # Query j sits at absolute position ctx - qlen + j and sees keys 0..that position.
-        if q.is_cuda:  # the same mask as a bias the fused kernels take (flash / memory-efficient)
-            mask = causal_lower_right(qlen, ctx)
+        if q.is_cuda:  # the same mask as a bias the fused (memory-efficient) kernel takes, on 4-D inputs
+            bias = causal_lower_right(qlen, ctx)
+            o = F.scaled_dot_product_attention(qi[None], ki.to(qi.dtype)[None], vi.to(qi.dtype)[None], attn_mask=bias, scale=scale)[0]
         else:
             q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
-        o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=mask, scale=scale)
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
     return out
