@@ -144,6 +144,11 @@ class DeploymentConfig:
     # per step; an instance that also decodes runs its running decodes and prefill chunks in one step,
     # decodes first (the step's token budget is max_prefill_tokens). False: whole prompts only.
     chunked_prefill: bool = True
+    # Where an instance prefills and decodes (chunked prefill on): "mixed" runs its decodes and prefill
+    # chunks in one forward (as vLLM does; here that forward runs without CUDA graphs), "alternate" runs a
+    # decode step (a graph replay) after every prefill step while both have work, bounding the decodes'
+    # wait to one chunk.
+    prefill_decode_steps: str = "mixed"
     # KV of decoding sequences: "on_demand" (blocks allocated as they grow; when the pool runs dry the
     # newest running sequence is preempted, its blocks freed, and recomputed later) or "reserve" (prompt
     # + max_tokens reserved at admission: never preempted, but fewer sequences fit).
@@ -179,6 +184,8 @@ class DeploymentConfig:
         self._validate_block_sizes()
         if self.irp and self.pool_for("encode") != "encode":
             raise ValueError("deployment.irp needs a separate encode pool (encode images apart from prefill)")
+        if self.prefill_decode_steps not in ("mixed", "alternate"):
+            raise ValueError(f"deployment.prefill_decode_steps must be mixed or alternate, got {self.prefill_decode_steps!r}")
         if self.kv_allocation not in ("on_demand", "reserve"):
             raise ValueError(f"deployment.kv_allocation must be on_demand or reserve, got {self.kv_allocation!r}")
         for n, p in self.pools().items():

@@ -47,7 +47,9 @@ def _long_workload(n: int = 6, seed: int = 0) -> list[Request]:
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
-@pytest.mark.parametrize("dep", [EPD, PD, AGG], ids=lambda d: d.name)
+@pytest.mark.parametrize(
+    "dep", [EPD, PD, AGG, dataclasses.replace(AGG, name="agg-alternate", prefill_decode_steps="alternate")], ids=lambda d: d.name
+)
 @pytest.mark.parametrize("budget", [7, 16, 41])
 def test_chunked_prefill_gives_the_unchunked_tokens(family, dep, budget):
     """Prompts longer than a step's token budget (7 tokens: every image is cut by chunk edges) give the
@@ -89,6 +91,14 @@ def test_chunked_prefill_mixes_decodes_and_chunks_in_one_step_on_ray(ray_cluster
         llm.core.drain_check()
     assert [o.token_ids for o in outs] == [list(r) for r in ref]
     assert kinds.count("MixedBatch") >= 300 // 24 - 3, kinds  # the long prompt's chunks rode on decode steps
+    with OfflineLLM(MODEL, dataclasses.replace(dep, prefill_decode_steps="alternate"), "ray") as llm:
+        outs = llm.generate(reqs)
+        kinds = [b.kind for b in llm.core.batches]
+    assert [o.token_ids for o in outs] == [list(r) for r in ref]
+    assert "MixedBatch" not in kinds
+    # a decode step after every chunk while the short requests decode: none waits behind the whole prompt
+    chunks = [i for i, k in enumerate(kinds) if k == "PrefillBatch"]
+    assert any(kinds[i + 1] == "DecodeBatch" for i in chunks[:-1])
 
 
 @pytest.mark.parametrize("dep", [EPD, PD, AGG], ids=lambda d: d.name)

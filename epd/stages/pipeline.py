@@ -184,7 +184,7 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
             if batch:
                 return batch
         if inst.has(Role.PREFILL) and inst.has(Role.DECODE) and self.policy.chunked:
-            return self._mixed_step(inst)
+            return self._mixed_step(inst) if self.deployment.prefill_decode_steps == "mixed" else self._alternate_step(inst)
         if inst.has(Role.PREFILL):
             batch = select_prefill(inst, self.max_pending, self.pulled, self.policy)
             if batch:
@@ -203,6 +203,19 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         if not chunks:
             return decode
         return MixedBatch(decode, PrefillBatch(chunks))
+
+    def _alternate_step(self, inst: Instance) -> Optional[Batch]:
+        """A prefill step, then a decode step, while both have work (each its own forward)."""
+        kinds = ("decode", "prefill") if inst.prefilled_last else ("prefill", "decode")
+        for kind in kinds:
+            if kind == "prefill":
+                batch = select_prefill(inst, self.max_pending, self.pulled, self.policy)
+            else:
+                batch = select_decode(inst, self.pulled, self.policy, self.preempt)
+            if batch is not None:
+                inst.prefilled_last = kind == "prefill"
+                return batch
+        return None
 
     def _steps_back(self, inst: Instance, batch: DecodeBatch) -> set[str]:
         """Count a decode batch's steps back in; the ids whose step was sent before they were preempted
