@@ -10,7 +10,7 @@ RATE=${2:-8}
 N=${3:-300}
 BACKENDS=${4:-ray sim}
 export RAY_AUTH_MODE=disabled
-HW=$(python3 -c "import torch; print(('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100') if torch.cuda.is_available() else 'cpu')")
+HW=${HW:-$(python3 -c "import torch; print(('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100') if torch.cuda.is_available() else 'cpu')")}
 echo "hardware=$HW rate=$RATE requests=$N"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 mkdir -p "$OUT"
