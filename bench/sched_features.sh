@@ -2,7 +2,8 @@
 # The serving-grade schedulers' features one at a time, on the engine (one GPU) and in the simulator,
 # the same workload (conf/experiment/sched_features.yaml, serving_mix):
 #   . .device/setup.sh && bash bench/sched_features.sh "$OUT" [RATE] [N] [BACKENDS]
-# BACKENDS: "ray sim" (default; ray is skipped where there is no GPU); VARIANT_LIST picks variants. Each run's summary goes to
+# BACKENDS: "ray sim" by default; VARIANT_LIST picks variants; EXTRA adds overrides to every run. On CPU:
+#   HW=cpu EXTRA="model=tiny-llava workload=serving_mix_tiny slo=cpu" bash bench/sched_features.sh out 4 64 "local sim" Each run's summary goes to
 # $OUT/<variant>-<backend>/summary.json (the rest of the run record is dropped); a table is printed at the end.
 set -u
 OUT=${1:?output directory}
@@ -23,12 +24,11 @@ declare -A VARIANTS=(
 )
 for name in ${VARIANT_LIST:-all_on chunked_off kv_reserve encoder_cache_off}; do
   for backend in $BACKENDS; do
-    [ "$backend" = ray ] && [ "$HW" = cpu ] && continue
     dir="$OUT/$name-$backend"
     t0=$SECONDS
     # shellcheck disable=SC2086
     timeout 300 python3 -m epd.run +experiment=sched_features backend=$backend hardware="$HW" logger=none \
-      workload.rate="$RATE" workload.num_requests="$N" ${VARIANTS[$name]} hydra.run.dir="$dir" 2>&1 | grep -E "rror|requests  " | tail -3
+      workload.rate="$RATE" workload.num_requests="$N" ${VARIANTS[$name]} ${EXTRA:-} hydra.run.dir="$dir" 2>&1 | grep -E "rror|requests  " | tail -3
     echo "$name $backend: $((SECONDS - t0)) s"
     find "$dir" -mindepth 1 ! -name summary.json -exec rm -rf {} + 2>/dev/null
   done

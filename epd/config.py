@@ -260,6 +260,12 @@ class WorkloadConfig:
     image_pool: int = 8
     system_prompt_tokens: int = 0  # each text prompt begins with one of `system_prompts` shared prefixes this long
     system_prompts: int = 1
+    # Synthetic images as requests carry them: "procedural" (drawn from a seed by whoever reads them, no
+    # file) or "jpeg" (photo-like pictures encoded once into files under image_cache_dir, reused by later
+    # runs; the engine decodes them as it would a client's). image_cache_dir None: $EPD_IMAGE_CACHE or
+    # ~/.cache/epd/images.
+    image_format: str = "procedural"
+    image_cache_dir: Optional[str] = None
     dataset_path: Optional[str] = None
     trace_path: Optional[str] = None
     # A workload whose mix shifts: each phase overrides fields of this one (num_requests, images, output

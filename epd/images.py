@@ -79,6 +79,41 @@ def _open(image: ImageInput) -> Image.Image:
     return Image.open(io.BytesIO(image.data or b""))
 
 
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A seeded picture with a photograph's statistics for a codec: smooth shapes at a few scales and
+    fine sensor noise (JPEG sizes and decode times like a camera's), not flat cells."""
+    rng = np.random.default_rng(seed)
+    side = max(width, height)
+    layers = []
+    for cells in (3, 12, 48):
+        grid = rng.integers(0, 256, size=(max(2, height * cells // side), max(2, width * cells // side), 3), dtype=np.uint8)
+        layers.append(Image.fromarray(grid).resize((width, height), Image.BILINEAR))
+    smooth = Image.blend(Image.blend(layers[0], layers[1], 0.35), layers[2], 0.15)
+    grain = rng.integers(-5, 6, size=(height, width, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(np.asarray(smooth, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def encoded_image(width: int, height: int, seed: int, cache_dir: str, fmt: str = "jpeg", quality: int = 90) -> str:
+    """The path of `photo_like(width, height, seed)` encoded as `fmt`, made once and kept under
+    `cache_dir` (written to a temporary name and renamed: readers never see half a file)."""
+    import os
+    import tempfile
+
+    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}[fmt]
+    path = os.path.join(cache_dir, f"photo-{width}x{height}-{seed}-q{quality}.{ext}")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=f".{ext}.part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                photo_like(width, height, seed).save(f, format=fmt.upper(), quality=quality)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
 def _procedural(width: int, height: int, seed: int) -> Image.Image:
     """A seeded, textured image: coarse random colour cells upscaled, cheap at 4032x3024."""
     rng = np.random.default_rng(seed)

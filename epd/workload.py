@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -88,8 +89,28 @@ def _check_mix(cfg: WorkloadConfig) -> None:
         raise ValueError(f"workload.image_pool and workload.system_prompts must be >= 1, got {cfg.image_pool}, {cfg.system_prompts}")
 
 
+def image_cache_dir(cfg: WorkloadConfig) -> str:
+    return cfg.image_cache_dir or os.environ.get("EPD_IMAGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "epd", "images")
+
+
+def _encode_images(cfg: WorkloadConfig, reqs: list[Request]) -> list[Request]:
+    """Requests with their procedural images replaced by encoded files (made once, in parallel: PIL
+    encodes without the GIL), before any clock starts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from epd.images import encoded_image
+
+    folder = image_cache_dir(cfg)
+    todo = sorted({(im.width, im.height, im.seed) for r in reqs for im in r.images})
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        paths = dict(zip(todo, pool.map(lambda k: encoded_image(*k, folder), todo)))
+    return [dataclasses.replace(r, images=tuple(ImageInput(path=paths[im.width, im.height, im.seed]) for im in r.images)) for r in reqs]
+
+
 def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
     _check_mix(cfg)
+    if cfg.image_format not in ("procedural", "jpeg"):
+        raise ValueError(f"workload.image_format must be procedural or jpeg, got {cfg.image_format!r}")
     rng = np.random.default_rng(cfg.seed)
     mix = np.random.default_rng([cfg.seed, 1])  # the mix's draws apart: a workload without one keeps its requests
     times = arrival_times(cfg, cfg.num_requests, rng)
@@ -118,7 +139,7 @@ def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> l
                 sampling=_sampling(cfg, max_tokens, cfg.seed * 100_003 + i, answer or None),
             )
         )
-    return reqs
+    return _encode_images(cfg, reqs) if cfg.image_format == "jpeg" else reqs
 
 
 def dataset(cfg: WorkloadConfig) -> list[Request]:
