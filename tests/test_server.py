@@ -290,3 +290,16 @@ def test_online_benchmark_writes_a_record(tmp_path):
     refused = [e for e in events if e["kind"] == "aborted"]
     assert refused and all("refused: HTTP 429" in e["data"]["reason"] for e in refused)
     assert summary["num_finished"] + summary["num_aborted"] == 5 and summary["num_finished"] >= 1
+
+
+def test_answer_tokens_through_the_api(client, engine):
+    """The benchmark extension: the answer ends with EOS at the asked length (the schedulers do not know it)."""
+    msg = [{"role": "user", "content": "Tell me more."}]
+    for n in (1, 6):
+        out = client.chat.completions.create(
+            model="tiny-llava", messages=msg, max_tokens=30, temperature=0, extra_body={"answer_tokens": n}
+        )
+        assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == n
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-llava", messages=msg, max_tokens=5, extra_body={"answer_tokens": 0})
+    _wait_drained(engine)

@@ -271,6 +271,7 @@ def sampling_params(body: Union[ChatCompletionRequest, CompletionRequest], chat:
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(body.top_k or 0, 0),
             ignore_eos=body.ignore_eos,
+            answer_tokens=body.answer_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens,
             repetition_penalty=body.repetition_penalty,

@@ -62,6 +62,7 @@ def chat_body(req: Request) -> dict:
         "top_p": sp.top_p,
         "seed": sp.seed,
         "ignore_eos": sp.ignore_eos,
+        **({"answer_tokens": sp.answer_tokens} if sp.answer_tokens is not None else {}),
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -71,6 +71,7 @@ class SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(default=1, ge=1, le=16)
     ignore_eos: StrictBool = False
+    answer_tokens: Optional[StrictInt] = Field(default=None, ge=1)  # benchmarks: the answer ends with EOS at this length
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)
