@@ -332,3 +332,47 @@ def test_block_hashes_chain_tokens_and_image_contents():
     assert block_hashes(toks[:8] + [9], 4, 3, ["pic-a"], [4], 9) == a  # a partial last block is not hashed
     assert block_hashes([2] + toks[1:], 4, 3, ["pic-a"], [4], 9)[1] != a[1]  # a change early changes later ones
     assert block_hashes(toks, 4, 3, ["pic-a"], [4], 2)[0] != a[0]  # placeholder ids after the prompt are tokens
+
+
+def test_cache_accounting_references_eviction_and_failure():
+    """Both caches over a block pool: a referenced entry is never evicted, unreferenced ones go least
+    recently used first when blocks are wanted, a failed encoding frees with its last reference."""
+    from epd.stages.blocks import BlockPool
+    from epd.stages.encoder_cache import EncoderCache
+    from epd.stages.prefix_cache import PrefixCache
+
+    pool = BlockPool("MM", "e", 6, 4)
+    enc = EncoderCache(pool, capacity_blocks=4)
+    a = enc.add("a", 2)
+    b = enc.add("b", 2)
+    assert a and b and enc.add("c", 1) is None  # over capacity while a and b are referenced
+    enc.free(a)
+    enc.free(b)
+    assert enc.lookup("a") == a  # a is now the most recently used
+    enc.free(a)
+    c = enc.add("c", 2)  # room by evicting b, the least recently used
+    assert c and "b" not in enc and "a" in enc and enc.evictions == 1
+    enc.fail(c, "unreadable")
+    assert "c" not in enc and enc.failure(c) == "unreadable" and pool.num_free == 2
+    enc.free(c)  # its last reference: the blocks go back
+    assert pool.num_free == 4
+    enc.clear()
+    pool.assert_all_free()
+
+    kv = BlockPool("KV", "p", 5, 2)
+    pc = PrefixCache(kv)
+    seq1 = kv.allocate(3)
+    pc.register([b"h1", b"h2"], seq1)  # two full blocks cached, the third not
+    pc.free(seq1)
+    assert kv.num_free == 3 and pc.evictable == 2
+    hit = pc.match([b"h1", b"h2", b"h3"], limit=1)  # at most one block: the rest is computed
+    assert hit == seq1[:1] and pc.evictable == 1
+    assert pc.make_room(5) is False and kv.num_free == 4  # h2 evicted; h1 is held
+    pc.free(hit)
+    pc.clear()
+    kv.assert_all_free()
+    block = kv.allocate(1)
+    pc.register([b"x"], block)
+    pc.free(block)
+    with pytest.raises(RuntimeError, match="more often"):
+        pc.free(block)  # a hold released twice

@@ -49,8 +49,8 @@ def _instant(pipe: Pipeline, stage: str) -> StageLoad:
         capacity = n * max(i.cfg.max_decode_seqs for i in insts)
     load.running = sum(len(i.running) for i in insts)
     load.bridge = sum(i.outgoing for i in insts)
-    load.kv_usage = sum(i.kv.usage for i in insts if i.kv) / n
-    load.mm_usage = sum(i.mm.usage for i in insts if i.mm) / n
+    load.kv_usage = sum(i.kv_usage for i in insts) / n
+    load.mm_usage = sum(i.mm_usage for i in insts) / n
     load.busy = sum(1 for i in insts if i.busy) / n
     load.pressure = load.waiting / capacity + load.busy
     return load

@@ -86,6 +86,21 @@ class Instance:
             if cache is not None:
                 cache.clear()
 
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV pool in use, cached prefixes nobody holds counted free (they are evicted on demand)."""
+        if self.kv is None:
+            return 0.0
+        cached = self.prefix_cache.evictable if self.prefix_cache is not None else 0
+        return (self.kv.num_blocks - self.kv.num_free - cached) / self.kv.num_blocks
+
+    @property
+    def mm_usage(self) -> float:
+        if self.mm is None:
+            return 0.0
+        cached = self.encoder_cache.evictable if self.encoder_cache is not None else 0
+        return (self.mm.num_blocks - self.mm.num_free - cached) / self.mm.num_blocks
+
     def has(self, role: str) -> bool:
         return role in self.roles
 
