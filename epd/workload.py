@@ -107,7 +107,9 @@ def _encode_images(cfg: WorkloadConfig, reqs: list[Request]) -> list[Request]:
     return [dataclasses.replace(r, images=tuple(ImageInput(path=paths[im.width, im.height, im.seed]) for im in r.images)) for r in reqs]
 
 
-def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int], image_token: Optional[int] = None) -> list[Request]:
+    """`image_token`: the model's placeholder id; with a system prompt the images are marked after it
+    (None: the images come first, before the system prompt)."""
     _check_mix(cfg)
     if cfg.image_format not in ("procedural", "jpeg"):
         raise ValueError(f"workload.image_format must be procedural or jpeg, got {cfg.image_format!r}")
@@ -130,6 +132,10 @@ def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> l
                 seed = (1 << 40) + int(mix.integers(cfg.image_pool))  # one of the popular pictures
             images.append(ImageInput(width=cfg.image_width, height=cfg.image_height, seed=seed))
         system = systems[int(mix.integers(cfg.system_prompts))] if cfg.system_prompt_tokens else ()
+        if (
+            system and images and image_token is not None
+        ):  # as chat templates lay it out: the system prompt, then the images, then the user's text
+            system = system + (image_token,) * len(images)
         reqs.append(
             Request(
                 request_id=f"req-{i:05d}",
@@ -168,7 +174,7 @@ def dataset(cfg: WorkloadConfig) -> list[Request]:
     return reqs
 
 
-def phased(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+def phased(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int], image_token: Optional[int] = None) -> list[Request]:
     """Phases in sequence: each is this workload with some fields overridden, after the previous one."""
     known = {f.name for f in dataclasses.fields(WorkloadConfig)} - {"phases"}
     out: list[Request] = []
@@ -178,7 +184,7 @@ def phased(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list
         if bad:
             raise ValueError(f"workload.phases[{k}]: unknown fields {sorted(bad)}")
         sub = dataclasses.replace(cfg, **{"seed": cfg.seed * 1000 + k, **phase, "phases": []})
-        reqs = build_workload(sub, vocab_size, reserved_ids)
+        reqs = build_workload(sub, vocab_size, reserved_ids, image_token)
         for r in reqs:
             out.append(dataclasses.replace(r, request_id=f"p{k}-{r.request_id}", arrival_time=start + r.arrival_time))
         if reqs:
@@ -186,20 +192,21 @@ def phased(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list
     return out
 
 
-def build_workload(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int]) -> list[Request]:
+def build_workload(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int], image_token: Optional[int] = None) -> list[Request]:
     if cfg.phases:
-        return phased(cfg, vocab_size, reserved_ids)
+        return phased(cfg, vocab_size, reserved_ids, image_token)
     if cfg.num_requests < 1:
         raise ValueError(f"workload.num_requests must be >= 1, got {cfg.num_requests}")
     if cfg.kind == "synthetic":
-        return synthetic(cfg, vocab_size, reserved_ids)
+        return synthetic(cfg, vocab_size, reserved_ids, image_token)
     if cfg.kind == "dataset":
         return dataset(cfg)
     raise ValueError(f"unknown workload.kind {cfg.kind!r} (synthetic, dataset)")
 
 
 def requests_for(cfg: WorkloadConfig, model: ModelView) -> list[Request]:
-    """The workload for `model`: text tokens avoid its image placeholder, BOS and EOS ids."""
+    """The workload for `model`: text tokens avoid its image placeholder, BOS and EOS ids (the placeholder
+    appears only as the marker of where an image goes, behind a system prompt)."""
     text = model.text_config()
     reserved = {model.image_token_id, text.bos_token_id, text.eos_token_id}
-    return build_workload(cfg, text.vocab_size, reserved)
+    return build_workload(cfg, text.vocab_size, reserved, model.image_token_id)

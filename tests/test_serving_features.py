@@ -376,3 +376,32 @@ def test_cache_accounting_references_eviction_and_failure():
     pc.free(block)
     with pytest.raises(RuntimeError, match="more often"):
         pc.free(block)  # a hold released twice
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_image_markers_place_images_after_a_shared_system_prompt(family):
+    """One image token per image in the prompt marks where it goes: the runtime's tokens, a system prompt
+    before the images is a prefix-cache hit whatever the pictures, and a wrong marker count is refused."""
+    model = tiny_model_config(family)
+    tok = model.image_token_id
+    system = tuple((j * 13) % 300 + 10 for j in range(35))
+    reqs = [
+        Request(
+            f"m{i}",
+            prompt_token_ids=system + (tok,) * (1 + i % 2) + tuple(range(20 + i, 30 + i)),
+            images=tuple(ImageInput(width=130 + 10 * k, height=100, seed=50 * i + k) for k in range(1 + i % 2)),
+            sampling=SamplingParams(max_tokens=4, ignore_eos=True),
+        )
+        for i in range(4)
+    ]
+    ref = [list(r) for r in reference(reqs, model)]
+    dep = _pools(AGG, kv_block_size=8, instances=1)
+    with OfflineLLM(model, dep, "local") as llm:
+        first = llm.generate(reqs[:1])
+        rest = llm.generate(reqs[1:])
+        events = list(llm.core.pipeline.events)
+        bad = llm.generate([dataclasses.replace(reqs[0], request_id="bad", images=())])
+    assert [o.token_ids for o in first + rest] == ref
+    cached = {e.request_id: e.data["cached_tokens"] for e in events if e.kind == Ev.PREFILL_BEGIN}
+    assert all(cached[f"m{i}"] == 32 for i in (1, 2, 3))  # BOS + the 35-token system prompt: 4 full blocks of 8
+    assert bad[0].finish_reason == "abort" and "placeholder" in bad[0].abort_reason

@@ -120,3 +120,18 @@ def test_the_tiny_serving_mix_runs_from_the_cli(tmp_path, backend):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["num_finished"] == 16 and s["num_aborted"] == 0
     assert s["encoder_cache_hits"] > 0 and "prefix_cache_hit_rate" in s and "preemptions" in s
+
+
+def test_images_follow_the_system_prompt_for_a_model():
+    """For a model, the mix marks each image right after the system prompt (as chat templates do), so
+    the system prompt is a prefix shared across pictures."""
+    from helpers import MODEL
+
+    from epd.models.runtime import load_family
+    from epd.workload import requests_for
+
+    reqs = requests_for(dataclasses.replace(MIX, num_requests=30), load_family(MODEL))
+    tok = MODEL.image_token_id
+    for r in reqs:
+        ids = list(r.prompt_token_ids)
+        assert ids.count(tok) == len(r.images) and ids[30 : 30 + len(r.images)] == [tok] * len(r.images)

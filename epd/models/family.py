@@ -79,11 +79,23 @@ class ModelFamily(ABC):
         return self.text_config().hidden_size * DTYPE_BYTES[dtype or self.cfg.dtype]
 
     def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
-        """BOS, each image's placeholders, then the text."""
+        """BOS, each image's placeholders, then the text; or, where the text holds one image token per
+        image (a marker, as chat templates place `<image>`), BOS and the text with each marker expanded
+        to its image's placeholders (a system prompt before the images is then a shared prefix)."""
         ids = [self.text_config().bos_token_id]
-        for w, h in image_sizes:
-            ids += [self.image_token_id] * self.num_image_tokens(w, h)
-        return ids + list(text_ids)
+        tok = self.image_token_id
+        if tok not in text_ids:
+            for w, h in image_sizes:
+                ids += [tok] * self.num_image_tokens(w, h)
+            return ids + list(text_ids)
+        sizes = iter(image_sizes)
+        for t in text_ids:
+            if t == tok:
+                w, h = next(sizes)
+                ids += [tok] * self.num_image_tokens(w, h)
+            else:
+                ids.append(t)
+        return ids
 
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")

@@ -1,6 +1,6 @@
 """Admission: what a request must satisfy before it may wait for any stage.
 
-A request that could never run (bad sampling, beyond the context, placeholders without images,
+A request that could never run (bad sampling, beyond the context, image markers that do not match its images,
 unreadable images, more blocks than any instance holds) is refused here with a reason, instead of
 waiting forever in a queue.
 """
@@ -42,10 +42,11 @@ def prepare(
         text_ids = []
     if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= text.vocab_size for t in text_ids):
         raise AdmissionError(f"prompt token ids must be integers in [0, {text.vocab_size})")
-    if family.image_token_id in text_ids:
+    markers = sum(1 for t in text_ids if t == family.image_token_id)
+    if markers and markers != len(req.images):
         raise AdmissionError(
-            f"prompt contains image placeholder tokens but the request has {len(req.images)} images; "
-            "placeholders are inserted for each image, leave them out of the prompt"
+            f"prompt contains {markers} image placeholder tokens but the request has {len(req.images)} images; "
+            "put one where each image goes, or none (the images then come first)"
         )
     state.image_sizes = [image_size(im) for im in req.images]
     state.image_keys = [f"{image_key(im)}:{w}x{h}" for im, (w, h) in zip(req.images, state.image_sizes)]
