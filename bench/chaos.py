@@ -4,8 +4,8 @@
 
 For each stage: 12 requests with images are added, one worker of that stage is killed once 3 have
 their first token, 6 more requests follow once the first ones have ended. Reports how many finished,
-were aborted (with a reason naming the lost worker) or were lost (must be 0), and how long the engine
-took to notice the loss. The same scenario as tests/test_faults.py, with its counts.
+were redone on the siblings (what the dead worker held or was doing started over), were aborted (with
+a reason naming the lost worker) or were lost (must be 0), and how long the engine took to notice the loss. The same scenario as tests/test_faults.py, with its counts.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def one(victim: str) -> dict:
             "finished": len(outs) - len(aborted),
             "aborted": len(aborted),
             "aborts_naming_the_victim": sum(victim in o.abort_reason for o in aborted),
+            "redone": sum(1 for e in core.pipeline.events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost"),
             "lost": len(reqs) + len(later) - len(outs),
             "noticed_after_s": noticed,
         }
@@ -72,7 +73,7 @@ def main() -> None:
         rows.append(one(victim))
         r = rows[-1]
         print(
-            f"{victim}: {r['ended']} of {r['requests']} ended, {r['finished']} finished, {r['aborted']} aborted "
+            f"{victim}: {r['ended']} of {r['requests']} ended, {r['finished']} finished ({r['redone']} redone), {r['aborted']} aborted "
             f"({r['aborts_naming_the_victim']} naming it), {r['lost']} lost; loss noticed after {r['noticed_after_s']:.2f} s",
             flush=True,
         )

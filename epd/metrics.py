@@ -110,14 +110,16 @@ def stage_times(tl: Timeline) -> dict[str, float]:
 
 
 def scheduling_counts(events: list) -> dict:
-    """What the schedulers' features did: preemptions, encoder-cache hits, prefill work saved."""
+    """What the schedulers' features did: preemptions, requests redone after a worker died, encoder-cache
+    hits, prefill work saved."""
     encodes = [e for e in events if e.kind == Ev.ENCODE_END]
     hits = sum(1 for e in encodes if e.data.get("cached"))
     prefills = [e for e in events if e.kind == Ev.PREFILL_BEGIN]
     computed = sum(e.data.get("tokens", 0) - e.data.get("cached_tokens", 0) for e in prefills)
     cached = sum(e.data.get("cached_tokens", 0) for e in prefills)
     return {
-        "preemptions": sum(1 for e in events if e.kind == Ev.PREEMPTED),
+        "preemptions": sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause", "preempted") == "preempted"),
+        "restarted_after_worker_loss": sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost"),
         "recomputed_prefills": sum(1 for e in prefills if e.data.get("recompute")),
         "encoder_cache_hits": hits,
         "encoder_cache_hit_rate": hits / len(encodes) if encodes else 0.0,

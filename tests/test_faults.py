@@ -1,6 +1,6 @@
-"""Chaos on CPU: a worker of each stage is killed while requests run. Every request either finishes
-with the tokens of a fault-free run or is aborted with a reason naming the lost worker; none is lost
-or duplicated; every block is free at the end; the siblings go on serving what comes after."""
+"""Chaos on CPU: a worker of each stage is killed while requests run. Every request finishes with the
+tokens of a fault-free run (what the dead worker held or was doing starts over on its siblings); none
+is lost or duplicated; every block is free at the end; the siblings go on serving what comes after."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, vi
         for rid, o in outputs.items():
             if rid not in aborted:
                 assert o.token_ids == expected[rid], rid
-        assert all(victim in o.abort_reason for o in aborted.values()), [o.abort_reason for o in aborted.values()]
+        # what the dead worker held or was doing was redone by its siblings: nothing is aborted
+        assert not aborted, {rid: o.abort_reason for rid, o in aborted.items()}
+        assert any(e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost" for e in events)
         assert not [rid for rid in aborted if rid.startswith("b")]  # what came after: all served
         lost = [e for e in events if e.kind == Ev.WORKER_LOST]
         assert [e.instance for e in lost] == [victim]

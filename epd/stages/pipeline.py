@@ -247,7 +247,7 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         elif isinstance(result, PrefillResult):
             self._prefilled(inst, batch, result)
         elif isinstance(result, DecodeResult):
-            self._decoded(inst, result, stale)
+            self._decoded(inst, result, stale, batch)
         elif isinstance(result, MixedResult):
-            self._decoded(inst, result.decode, stale)
+            self._decoded(inst, result.decode, stale, batch.decode)
             self._prefilled(inst, batch.prefill, result.prefill)

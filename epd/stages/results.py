@@ -13,6 +13,7 @@ from epd.stages.state import Hold, RequestState
 from epd.stages.work import (
     Batch,
     BatchFailure,
+    DecodeBatch,
     DecodeResult,
     EncodeBatch,
     EncodeResult,
@@ -44,8 +45,8 @@ class Results:
                 elif not hit and item.error:
                     cache.fail(blocks, item.error)
             state = self._live(item.request_id)
-            if state is None:
-                continue
+            if state is None or state.attempt != sent[item.request_id, item.image_index].attempt:
+                continue  # ended, or started over since this was sent
             if item.error:
                 self.abort(state, item.error, e, item.error_kind)
                 continue
@@ -68,7 +69,10 @@ class Results:
         chunks = {it.request_id: it for it in batch.items}
         for item in result.items:
             state = self._live(item.request_id)
-            if state is None:
+            if state is None or state.attempt != chunks[item.request_id].attempt:
+                continue  # ended, or started over since this was sent
+            if item.error and self._from_lost(m.handle for m in chunks[item.request_id].images):
+                self.start_over(state, inst, "worker_lost")  # its images died with their encoder: encoded again
                 continue
             if item.error:
                 self.abort(state, f"prefill on {inst.id} failed: {item.error}", e, INTERNAL)
@@ -100,16 +104,30 @@ class Results:
                     state.release(Hold.kv(inst.id))
             self._route_decode(state, inst)
 
-    def _decoded(self, inst: Instance, result: DecodeResult, stale: set[str] = frozenset()) -> None:
+    def _from_lost(self, handles) -> bool:
+        """Whether any of these transfer handles came from a worker that has died since (what it sent may
+        have died with it: a pull that failed is then no fault of the request)."""
+        for h in handles:
+            sender = getattr(h, "worker", None)
+            if sender in self.instances and self.instances[sender].failed:
+                return True
+        return False
+
+    def _decoded(self, inst: Instance, result: DecodeResult, stale: set[str] = frozenset(), batch: Optional[DecodeBatch] = None) -> None:
         """`stale`: sequences preempted after their step was sent; their tokens are dropped."""
         b, e = result.span
+        pulled = {n.request_id: n.kv_handle for n in batch.new} if batch is not None else {}
         for rid, (tb, te) in result.kv_transfers.items():
             state = self._live(rid)
             if state is not None:
                 self.emit(tb, state, Ev.KV_TRANSFER_BEGIN, inst.id, bytes=state.kv_len * self.kv_bytes_per_token)
                 self.emit(te, state, Ev.KV_TRANSFER_END, inst.id)
         for rid, why in result.errors.items():
-            if rid not in stale and (state := self._live(rid)) is not None:
+            if rid in stale or (state := self._live(rid)) is None:
+                continue
+            if self._from_lost([pulled.get(rid)]):
+                self.start_over(state, inst, "worker_lost")  # its KV died with its prefill worker: prefilled again
+            else:
                 self.abort(state, f"decode on {inst.id} failed: {why}", e, INTERNAL)
         for rid, tok in result.tokens.items():
             state = self._live(rid)
@@ -183,15 +201,9 @@ class Results:
             for it in batch.items:
                 if not it.cached and inst.encoder_cache.holds(it.mm_blocks):
                     inst.encoder_cache.fail(it.mm_blocks, failure.reason)
-        restart = []  # images a lost worker had not encoded, of requests with nothing done elsewhere: encoded again
-        if failure.worker_lost and isinstance(batch, EncodeBatch):
-            for rid in dict.fromkeys(ids):
-                state = self._live(rid)
-                if state is not None and state.images_pending == len(state.req.images) and all(k.instance == inst.id for k in state.holds):
-                    state.release_all()
-                    restart.append(state)
+        if failure.worker_lost:  # what it held or was doing is redone by its siblings
+            self.lose_instance(inst, failure.reason, failure.time)
+            return
         for rid in ids:
-            if rid in self.states and all(self.states[rid] is not s for s in restart):
+            if rid in self.states:
                 self.abort(self.states[rid], f"worker {inst.id} failed: {failure.reason}", failure.time, INTERNAL)
-        if failure.worker_lost:
-            self.lose_instance(inst, failure.reason, failure.time, restart)

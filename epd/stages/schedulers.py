@@ -64,7 +64,11 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
                 break
         inst.encode_queue.popleft()
         state.hold(Hold.mm(inst.id, work.image_index), owner, blocks)
-        items.append(EncodeItem(state.rid, work.image_index, state.req.images[work.image_index], n_tokens, blocks, send, hit is not None))
+        items.append(
+            EncodeItem(
+                state.rid, work.image_index, state.req.images[work.image_index], n_tokens, blocks, send, hit is not None, state.attempt
+            )
+        )
     return EncodeBatch(items) if items else None
 
 
@@ -114,6 +118,7 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
                 prompt_end=state.prompt_len,
                 prompt=state.prompt_ids if final and sp.needs_history else None,
                 generated=list(state.output) if final else [],
+                attempt=state.attempt,
             )
         )
         for i in range(len(images)):  # pulled with this chunk: later chunks read the local copy

@@ -51,6 +51,7 @@ class RequestState:
     prefix_hit: int = 0  # of them, tokens whose KV the prefix cache had (not computed)
     block_hashes: list = field(default_factory=list)  # its full blocks' chained hashes on its prefill instance
     preemptions: int = 0
+    attempt: int = 0  # bumped each time it starts over: results of work sent before are stale
     done: bool = False
     forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
     holds: dict[Hold, tuple[BlockPool, list[int]]] = field(default_factory=dict)

@@ -108,10 +108,12 @@ class RoleSwitching:
             return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())
         return None
 
-    def lose_instance(self, inst: Instance, reason: str, t: float, restart: list[RequestState] = ()) -> None:
-        """Its worker died: the instance leaves service. Work queued there that holds nothing on it
-        goes to a sibling of its stage; requests whose data only it held are aborted with the reason,
-        as are those whose stage has no worker left. Its blocks come free with those requests."""
+    def lose_instance(self, inst: Instance, reason: str, t: float) -> None:
+        """Its worker died: the instance leaves service. Work queued there that holds nothing on it goes
+        to a sibling of its stage; a request that had work or data there starts over on the siblings
+        (its images encoded again, its prompt and what it had sampled prefilled again). Only a request a
+        live worker is reading from the dead one at this moment, or one whose stage has no worker left,
+        is aborted with the reason."""
         if inst.failed:
             return
         inst.failed = reason
@@ -120,42 +122,53 @@ class RoleSwitching:
                 self.by_role[role].remove(inst)
         self.events.emit(self._t(t), SYSTEM, Ev.WORKER_LOST, inst.id, reason=reason, layout=self.layout())
         why = f"worker {inst.id} died: {reason}"
-        encode = list(restart) + [w.state for w in inst.encode_queue]
+        encode = [w.state for w in inst.encode_queue]
         prefill, decode = list(inst.prefill_queue), list(inst.decode_queue)
         inst.encode_queue.clear()
         inst.prefill_queue.clear()
         inst.decode_queue.clear()
-        for state in list(self.states.values()):  # whatever lives on the lost worker is lost
-            if not state.done and (state.keys_of(inst.id) or inst.id in state.senders or state in inst.running):
-                self.abort(state, why, t, INTERNAL)
-        seen: set[str] = set()
-        for state in encode:  # not encoded anywhere yet: start over on a sibling
-            if state.done or state.rid in seen:
+        redone: set[str] = set()
+        for state in list(self.states.values()):  # what lived on the lost worker: redone elsewhere
+            if state.done or not self.tied_to(state, inst):
                 continue
-            seen.add(state.rid)
-            if state.holds or state.images_pending != len(state.req.images) or not self.by_role[Role.ENCODE]:
-                self.abort(state, why, t, INTERNAL)
+            if state.pulling and self._receiver(state) != inst.id:
+                self.abort(state, why, t, INTERNAL)  # a live worker is copying from the dead one right now
+            else:
+                self.start_over(state, inst, "worker_lost")
+                redone.add(state.rid)
+        for state in encode:  # queued here, not encoded anywhere yet (or part of it elsewhere): on a sibling
+            if state.done or state.rid in redone:
+                continue
+            redone.add(state.rid)  # once, however many of its images were queued here
+            if state.holds or state.images_pending != len(state.req.images):
+                self.start_over(state, inst, "worker_lost")
                 continue
             for other in self.instances.values():
                 other.encode_queue = type(other.encode_queue)(w for w in other.encode_queue if w.state is not state)
             state.prefill_instance = None
             self._route_encode(state)
         for state in prefill:
-            if state.done:
-                continue
-            if not self.by_role[Role.PREFILL]:
-                self.abort(state, why, t, INTERNAL)
+            if state.done or state.prefill_instance != inst.id:
                 continue
             state.prefill_instance = None
             self._route_prefill(state)
         for state in decode:
-            if state.done:
+            if state.done or state.decode_instance != inst.id:
                 continue
-            if state.kv_local or not self.by_role[Role.DECODE]:
-                self.abort(state, why, t, INTERNAL)
-                continue
-            self._route_decode(state, self.instances[state.prefill_instance])
+            if state.kv_local:
+                self.start_over(state, inst, "worker_lost")
+            else:
+                self._route_decode(state, self.instances[state.prefill_instance])
         inst.running.clear()
+
+    def tied_to(self, state: RequestState, inst: Instance) -> bool:
+        """Whether `state` has work or data on `inst` that dies with it."""
+        return bool(state.keys_of(inst.id)) or inst.id in state.senders or state in inst.running
+
+    @staticmethod
+    def _receiver(state: RequestState) -> str | None:
+        """The instance whose batch is pulling `state`'s data: decode pulls KV, else prefill pulls images."""
+        return state.decode_instance if state.kv_handle is None and state.decode_instance else state.prefill_instance
 
     def _switched(self, inst: Instance, batch: SwitchBatch, result: Result | BatchFailure) -> None:
         old, target = inst.pool, inst.switching_to

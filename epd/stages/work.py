@@ -22,6 +22,7 @@ class EncodeItem:
     mm_blocks: list[int]  # where the embeddings go on this worker
     send: bool  # prefill runs elsewhere: hand the embeddings to the transfer backend
     cached: bool = False  # the blocks hold its embeddings already (an encoder-cache hit): nothing to encode
+    attempt: int = 0  # the request's attempt it was scheduled for (a result for an earlier one is dropped)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class PrefillItem:
     prompt_end: Optional[int] = None  # the prompt's length: placeholder ids past it were sampled, not images
     prompt: Optional[list[int]] = None  # the request's prompt, on the last chunk when sampling reads it (penalties)
     generated: list[int] = field(default_factory=list)  # tokens sampled before a preemption (the sequence's tail)
+    attempt: int = 0  # the request's attempt it was scheduled for (a result for an earlier one is dropped)
 
     @property
     def end(self) -> int:
