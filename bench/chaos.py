@@ -5,7 +5,8 @@
 For each stage: 12 requests with images are added, one worker of that stage is killed once 3 have
 their first token, 6 more requests follow once the first ones have ended. Reports how many finished,
 were redone on the siblings (what the dead worker held or was doing started over), were aborted (with
-a reason naming the lost worker) or were lost (must be 0), and how long the engine took to notice the loss. The same scenario as tests/test_faults.py, with its counts.
+a reason naming the lost worker) or were lost (must be 0), and how long the engine took to notice the
+loss. The same scenario as tests/test_faults.py, with its counts.
 """
 
 from __future__ import annotations

@@ -46,9 +46,7 @@ def main() -> None:
     dec_tables = [list(range(need + 40 * i, need + 40 * (i + 1))) for i in range(a.decodes)]
     fresh = timed(lambda: lm_step(rt, kv, [toks], [0], [table], bs))
     chunk = timed(lambda: lm_step(rt, kv, [toks], [a.context], [table], bs))
-    mixed = timed(
-        lambda: lm_step(rt, kv, [[5]] * a.decodes + [toks], [600] * a.decodes + [a.context], dec_tables + [table], bs)
-    )
+    mixed = timed(lambda: lm_step(rt, kv, [[5]] * a.decodes + [toks], [600] * a.decodes + [a.context], dec_tables + [table], bs))
     decode = timed(lambda: lm_step(rt, kv, [[5]] * a.decodes, [600] * a.decodes, dec_tables, bs))
     print(
         f"{torch.cuda.get_device_name(0)}: fresh prefill {a.tokens} tok {fresh:.1f} ms | chunk after {a.context} {chunk:.1f} ms | "
