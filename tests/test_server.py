@@ -166,6 +166,16 @@ BAD = [
         "outside",
     ),
     (
+        "path with a null byte",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a\x00b.png"}}]}]},
+        "null byte",
+    ),
+    (
+        "path too long",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "d/" * 3000 + "a.png"}}]}]},
+        "image",
+    ),
+    (
         "remote url",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]},
         "remote",

@@ -45,13 +45,22 @@ def _local_path(url: str, cfg: ServerConfig) -> str:
     if cfg.image_root is None:
         raise BadImage("local image paths are disabled on this server (no server.image_root); send a base64 data URL")
     root = Path(cfg.image_root).resolve()
-    path = Path(url.removeprefix("file://"))
-    path = (path if path.is_absolute() else root / path).resolve()
+    if "\x00" in url:
+        raise BadImage("image path contains a null byte")
+    try:
+        path = Path(url.removeprefix("file://"))
+        path = (path if path.is_absolute() else root / path).resolve()
+    except (OSError, ValueError) as exc:  # a path the OS cannot name (too long, a loop of links)
+        raise BadImage(f"image path {url[:200]!r} cannot be resolved: {exc}") from exc
     if root not in path.parents and path != root:
         raise BadImage(f"image path {url!r} is outside the server's image root")
-    if not path.is_file():
-        raise BadImage(f"image file not found: {url!r}")
-    if path.stat().st_size > cfg.max_image_bytes:
+    try:
+        if not path.is_file():
+            raise BadImage(f"image file not found: {url!r}")
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BadImage(f"image file {url[:200]!r} cannot be read: {exc}") from exc
+    if size > cfg.max_image_bytes:
         raise BadImage(f"image is larger than the server's limit of {cfg.max_image_bytes} bytes")
     return str(path)
 

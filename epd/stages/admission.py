@@ -42,7 +42,7 @@ def prepare(
         text_ids = []
     if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= text.vocab_size for t in text_ids):
         raise AdmissionError(f"prompt token ids must be integers in [0, {text.vocab_size})")
-    markers = sum(1 for t in text_ids if t == family.image_token_id)
+    markers = list(text_ids).count(family.image_token_id)
     if markers and markers != len(req.images):
         raise AdmissionError(
             f"prompt contains {markers} image placeholder tokens but the request has {len(req.images)} images; "
