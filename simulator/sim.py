@@ -27,6 +27,7 @@ from epd.stages.work import (
     SwitchBatch,
     SwitchResult,
 )
+from epd.transfer import transfer_class
 from simulator.latency import DecodeShape, EncodeShape, LatencyModel, PrefillShape
 from simulator.shapes import ModelShape
 
@@ -47,7 +48,10 @@ class Simulation:
         switch_cost_s: float = 0.5,  # a worker's reload when it changes stage
     ):
         self.env = simpy.Environment()
-        self.pipe = Pipeline(deployment, family, frees_on_send=True, time_origin=0.0, tokenizer=tokenizer)
+        # A sender's blocks are free when the engine's backend frees them: at send (object_store, which
+        # copies the data out) or once the pulling batch has completed (ipc, nccl, local).
+        frees = transfer_class(deployment.transfer).frees_on_send
+        self.pipe = Pipeline(deployment, family, frees_on_send=frees, time_origin=0.0, tokenizer=tokenizer)
         self.shape, self.lat = shape, latency
         text = family.text_config()
         self.eos = text.eos_token_id

@@ -159,3 +159,21 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
 
     plain, slow = encode_spans(cfg.hardware), encode_spans(dataclasses.replace(cfg.hardware, preprocess_s_per_mpixel=1.0))
     assert min(s - p for s, p in zip(slow, plain)) > 0.9 * min(im.width * im.height for r in make_requests(cfg) for im in r.images) / 1e6
+
+
+@pytest.mark.parametrize("transfer,frees", [("object_store", True), ("local", False)])
+def test_sim_frees_a_senders_blocks_when_the_engines_backend_does(transfer, frees):
+    """object_store copies the data out at send: the encoder's MM blocks are free at once, and with room
+    for one image its next image is encoded before the first one is pulled. Block-copying backends keep
+    them until the pull has completed: the next encode waits for it, as it does in the engine."""
+    e = PoolConfig(mm_blocks=1, mm_block_tokens=64, encoder_cache_blocks=0)  # room for one tiny-LLaVA image (16 tokens)
+    dep = DeploymentConfig(name="epd", encode=e, prefill=PoolConfig(mm_block_tokens=64), decode=PoolConfig(), transfer=transfer)
+    wl = WorkloadConfig(num_requests=6, arrival="offline", images_per_request=1, output_tokens=4)
+    cfg = RunConfig(deployment=dep, workload=wl, backend=BackendConfig(kind="sim"))
+    reqs = make_requests(cfg)
+    events = sorted(SimBackend(cfg).run(reqs).events, key=lambda ev: ev.time)
+    pulls = [ev.time for ev in events if ev.kind == Ev.MM_TRANSFER_END]
+    encodes = [ev.time for ev in events if ev.kind == Ev.ENCODE_BEGIN]
+    assert len(encodes) == len(reqs) and len(pulls) == len(reqs)
+    waited = all(encodes[i + 1] >= pulls[i] - 1e-9 for i in range(len(reqs) - 1))
+    assert waited == (not frees)
