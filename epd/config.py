@@ -105,6 +105,9 @@ class PoolConfig:
 
 
 TRANSFER_BACKENDS = ("object_store", "ipc", "nccl", "local")
+# Backends that copy the data out at send time: the sender's blocks are free at once (the others keep
+# them until the receiver's pulling batch has completed). The transfer classes declare the same.
+COPIES_ON_SEND = frozenset({"object_store"})
 
 # Pool field name -> the roles its workers hold, in pipeline order.
 POOL_ROLES: dict[str, tuple[Role, ...]] = {

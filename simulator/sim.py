@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import simpy
 
-from epd.config import DeploymentConfig
+from epd.config import COPIES_ON_SEND, DeploymentConfig
 from epd.models.family import ModelFamily
 from epd.request import Request
 from epd.run_result import RunResult
@@ -27,7 +27,6 @@ from epd.stages.work import (
     SwitchBatch,
     SwitchResult,
 )
-from epd.transfer import transfer_class
 from simulator.latency import DecodeShape, EncodeShape, LatencyModel, PrefillShape
 from simulator.shapes import ModelShape
 
@@ -50,7 +49,7 @@ class Simulation:
         self.env = simpy.Environment()
         # A sender's blocks are free when the engine's backend frees them: at send (object_store, which
         # copies the data out) or once the pulling batch has completed (ipc, nccl, local).
-        frees = transfer_class(deployment.transfer).frees_on_send
+        frees = deployment.transfer in COPIES_ON_SEND
         self.pipe = Pipeline(deployment, family, frees_on_send=frees, time_origin=0.0, tokenizer=tokenizer)
         self.shape, self.lat = shape, latency
         text = family.text_config()

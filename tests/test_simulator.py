@@ -177,3 +177,10 @@ def test_sim_frees_a_senders_blocks_when_the_engines_backend_does(transfer, free
     assert len(encodes) == len(reqs) and len(pulls) == len(reqs)
     waited = all(encodes[i + 1] >= pulls[i] - 1e-9 for i in range(len(reqs) - 1))
     assert waited == (not frees)
+
+
+def test_the_simulators_view_of_the_backends_is_theirs():
+    from epd.config import COPIES_ON_SEND, TRANSFER_BACKENDS
+    from epd.transfer import transfer_class
+
+    assert {t for t in TRANSFER_BACKENDS if transfer_class(t).frees_on_send} == COPIES_ON_SEND
