@@ -242,3 +242,26 @@ def test_what_a_switching_worker_sent_is_pulled_first(monkeypatch):
     first = drain()
     monkeypatch.setattr(Pipeline, "_pull_first", lambda self, iid: None)
     assert first < 0.5 * drain()
+
+
+def test_a_worker_joining_a_stage_takes_its_share_of_the_queued_work():
+    """Decode-heavy requests queued at decode-0 before an encoder switched to decode are shared with it
+    (from the back of the queue): the new decode worker serves some of them and the burst ends sooner."""
+    dep = DeploymentConfig(
+        name="epd",
+        encode=PoolConfig(instances=2, mm_blocks=512),
+        prefill=PoolConfig(instances=1, kv_blocks=4096),
+        decode=PoolConfig(instances=1, kv_blocks=4096, max_decode_seqs=4),
+    )
+    burst = WorkloadConfig(name="burst", arrival="offline", num_requests=24, images_per_request=1, output_tokens=64)
+    runs = {}
+    for policy, script in (("static", []), ("scripted", ["0.4:encode-1:decode"])):
+        cfg = dataclasses.replace(_sim_cfg(policy, script=script), deployment=dep, workload=burst)
+        reqs, result = _sim(cfg)
+        assert len(result.outputs) == len(reqs)
+        routed_before = {e.request_id for e in result.events if e.kind == Ev.PREFILL_END and e.time < 0.4}
+        runs[policy] = (summarize(result.events, 1.0, 0.1, policy), result.events, routed_before)
+    _, events, before = runs["scripted"]
+    moved = {e.request_id for e in events if e.kind == Ev.DECODE_BEGIN and e.instance == "encode-1"} & before
+    assert moved  # queued at decode-0 before the switch, decoded by the worker that joined
+    assert runs["scripted"][0]["duration"] < runs["static"][0]["duration"]

@@ -108,6 +108,38 @@ class RoleSwitching:
             return SwitchBatch(POOL_ROLES[target], self.deployment.pools()[target], inst.take_releases())
         return None
 
+    def _share_queued_work(self, inst: Instance, role: Role) -> None:
+        """A worker that joins a stage takes its share of the work queued at its siblings that holds
+        nothing there yet (from the back of their queues): what was routed before the switch would
+        otherwise wait behind the old instances while the new one idles."""
+        siblings = [o for o in self.by_role[role] if o is not inst]
+        queue_of = {Role.ENCODE: "encode_queue", Role.PREFILL: "prefill_queue", Role.DECODE: "decode_queue"}[role]
+
+        def movable(o: Instance) -> list:
+            items = getattr(o, queue_of)
+            if role == Role.ENCODE:
+                return [w for w in items if not w.state.done]
+            if role == Role.PREFILL:
+                return [s for s in items if not s.done and s.prefilled == 0 and s.prefill_instance == o.id]
+            return [s for s in items if not s.done and not s.kv_local and s.decode_instance == o.id]
+
+        share = sum(len(movable(o)) for o in siblings) // (len(siblings) + 1)
+        for o in sorted(siblings, key=lambda o: -len(movable(o))):
+            items = movable(o)
+            take = items[len(items) - min(share, max(0, len(items) - share)) :] if share else []
+            if not take:
+                continue
+            queue = getattr(o, queue_of)
+            gone = {id(x) for x in take}
+            setattr(o, queue_of, type(queue)(x for x in queue if id(x) not in gone))
+            for x in take:
+                getattr(inst, queue_of).append(x)
+                if role == Role.PREFILL:
+                    x.prefill_instance = inst.id
+                elif role == Role.DECODE:
+                    x.decode_instance = inst.id
+            share -= len(take)
+
     def lose_instance(self, inst: Instance, reason: str, t: float) -> None:
         """Its worker died: the instance leaves service. Work queued there that holds nothing on it goes
         to a sibling of its stage; a request that had work or data there starts over on the siblings
@@ -181,6 +213,7 @@ class RoleSwitching:
         inst.switching_to = None
         for role in inst.roles:
             self.by_role[role].append(inst)
+            self._share_queued_work(inst, role)
         self.events.emit(
             self._t(e),
             SYSTEM,
