@@ -405,3 +405,16 @@ def test_image_markers_place_images_after_a_shared_system_prompt(family):
     cached = {e.request_id: e.data["cached_tokens"] for e in events if e.kind == Ev.PREFILL_BEGIN}
     assert all(cached[f"m{i}"] == 32 for i in (1, 2, 3))  # BOS + the 35-token system prompt: 4 full blocks of 8
     assert bad[0].finish_reason == "abort" and "placeholder" in bad[0].abort_reason
+
+
+def test_a_full_decode_batch_does_not_starve_prefill_in_mixed_steps():
+    """Decodes take the step's budget first; with more running sequences than the budget a waiting
+    prompt still advances (a token per step) and every request finishes with the runtime's tokens."""
+    dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=64, max_prefill_tokens=4, max_decode_seqs=8))
+    reqs = [Request(f"s{i}", prompt_token_ids=(10 + i, 11, 12), sampling=SamplingParams(max_tokens=40, ignore_eos=True)) for i in range(6)]
+    reqs.append(Request("late", 0.0, prompt_token_ids=tuple(range(20, 45)), sampling=SamplingParams(max_tokens=3, ignore_eos=True)))
+    toks, reasons, events = _run(MODEL, dep, reqs)
+    assert toks == [list(r) for r in reference(reqs)] and reasons == ["length"] * len(reqs)
+    first = {e.request_id: e.time for e in events if e.kind == Ev.FIRST_TOKEN}
+    ends = [e.time for e in events if e.kind == Ev.FINISHED and e.request_id.startswith("s")]
+    assert first["late"] < min(ends)  # it was prefilled while the six decoded, not after them

@@ -196,7 +196,8 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
     def _mixed_step(self, inst: Instance) -> Optional[Batch]:
         """Decodes first, then prefill chunks in what is left of the step's token budget."""
         decode = select_decode(inst, self.pulled, self.policy, self.preempt)
-        budget = inst.cfg.max_prefill_tokens - (len(decode.step) if decode else 0)
+        # At least a token of prefill per step: a decode batch as large as the budget must not starve it.
+        budget = max(1, inst.cfg.max_prefill_tokens - (len(decode.step) if decode else 0))
         chunks = take_prefill(inst, budget, self.pulled, self.policy)
         if decode is None:
             return PrefillBatch(chunks, inst.take_releases()) if chunks else None
