@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from epd.config import PoolConfig, Role
-from epd.stages.blocks import KVBlockManager, MMBlockManager
+from epd.stages.blocks import BlockPool, KVBlockManager, MMBlockManager
 from epd.stages.encoder_cache import EncoderCache
 from epd.stages.prefix_cache import PrefixCache
 from epd.stages.state import RequestState
@@ -17,6 +17,25 @@ from epd.stages.state import RequestState
 class EncodeWork:
     state: RequestState
     image_index: int
+
+
+def _can_allocate(pool: BlockPool, cache, n: int) -> bool:
+    """`n` blocks are free, or would be once cached entries nobody references are evicted."""
+    return pool.can_allocate(n) or (cache is not None and pool.num_free + cache.evictable >= n)
+
+
+def _allocate(pool: BlockPool, cache, n: int) -> Optional[list[int]]:
+    if cache is not None and not pool.can_allocate(n):
+        cache.make_room(n)
+    return pool.allocate(n)
+
+
+def _usage(pool: Optional[BlockPool], cache) -> float:
+    """The share of the pool in use, unreferenced cached blocks counted free."""
+    if pool is None:
+        return 0.0
+    cached = cache.evictable if cache is not None else 0
+    return (pool.num_blocks - pool.num_free - cached) / pool.num_blocks
 
 
 class Instance:
@@ -52,22 +71,18 @@ class Instance:
         return self.prefix_cache if self.prefix_cache is not None else self.kv
 
     def can_allocate_kv(self, n: int) -> bool:
-        return self.kv.can_allocate(n) or (self.prefix_cache is not None and self.kv.num_free + self.prefix_cache.evictable >= n)
+        return _can_allocate(self.kv, self.prefix_cache, n)
 
     def allocate_kv(self, n: int) -> Optional[list[int]]:
         """KV blocks, evicting cached prefixes nobody uses when the pool is short."""
-        if self.prefix_cache is not None and not self.kv.can_allocate(n):
-            self.prefix_cache.make_room(n)
-        return self.kv.allocate(n)
+        return _allocate(self.kv, self.prefix_cache, n)
 
     def can_allocate_mm(self, n: int) -> bool:
-        return self.mm.can_allocate(n) or (self.encoder_cache is not None and self.mm.num_free + self.encoder_cache.evictable >= n)
+        return _can_allocate(self.mm, self.encoder_cache, n)
 
     def allocate_mm(self, n: int) -> Optional[list[int]]:
         """MM blocks, evicting cached images nobody uses when the pool is short."""
-        if self.encoder_cache is not None and not self.mm.can_allocate(n):
-            self.encoder_cache.make_room(n)
-        return self.mm.allocate(n)
+        return _allocate(self.mm, self.encoder_cache, n)
 
     @property
     def busy(self) -> bool:
@@ -89,17 +104,11 @@ class Instance:
     @property
     def kv_usage(self) -> float:
         """Share of the KV pool in use, cached prefixes nobody holds counted free (they are evicted on demand)."""
-        if self.kv is None:
-            return 0.0
-        cached = self.prefix_cache.evictable if self.prefix_cache is not None else 0
-        return (self.kv.num_blocks - self.kv.num_free - cached) / self.kv.num_blocks
+        return _usage(self.kv, self.prefix_cache)
 
     @property
     def mm_usage(self) -> float:
-        if self.mm is None:
-            return 0.0
-        cached = self.encoder_cache.evictable if self.encoder_cache is not None else 0
-        return (self.mm.num_blocks - self.mm.num_free - cached) / self.mm.num_blocks
+        return _usage(self.mm, self.encoder_cache)
 
     def has(self, role: str) -> bool:
         return role in self.roles
