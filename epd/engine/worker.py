@@ -389,8 +389,13 @@ class Worker:
         n = it.prompt_ids[:limit].count(self.rt.family.image_token_id)
         if n == 0:
             return None
-        rows = torch.cat([read_rows(self.mm, m.blocks, m.num_tokens) for m in it.images])
-        return rows[it.mm_offset : it.mm_offset + n]
+        parts, at = [], 0  # only the images (and rows) this chunk covers are read
+        for m in it.images:
+            lo, hi = max(it.mm_offset - at, 0), min(it.mm_offset + n - at, m.num_tokens)
+            if lo < hi:
+                parts.append(read_rows(self.mm, m.blocks, hi)[lo:])
+            at += m.num_tokens
+        return torch.cat(parts)
 
     def _forward(self, rids: list[str], chunks: list[PrefillItem]) -> list[Optional[tuple[int, Optional[TokenLogprob]]]]:
         """One forward over decode steps of `rids` and prefill `chunks` (each writes its KV): per entry the

@@ -38,14 +38,15 @@ class Results:
         cache = inst.encoder_cache
         # Encoded images first: a copy in this batch that waited on one of them learns how it went.
         for item in sorted(result.items, key=lambda it: sent[it.request_id, it.image_index].cached):
-            hit, blocks = sent[item.request_id, item.image_index].cached, sent[item.request_id, item.image_index].mm_blocks
+            work = sent[item.request_id, item.image_index]
+            hit, blocks = work.cached, work.mm_blocks
             if cache is not None and cache.holds(blocks):
                 if hit and not item.error and cache.failure(blocks):
                     item.error = cache.failure(blocks)  # the same bytes failed for the request that encoded them
                 elif not hit and item.error:
                     cache.fail(blocks, item.error)
             state = self._live(item.request_id)
-            if state is None or state.attempt != sent[item.request_id, item.image_index].attempt:
+            if state is None or state.attempt != work.attempt:
                 continue  # ended, or started over since this was sent
             if item.error:
                 self.abort(state, item.error, e, item.error_kind)

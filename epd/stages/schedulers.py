@@ -72,12 +72,10 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
     return EncodeBatch(items) if items else None
 
 
-def select_prefill(
-    inst: Instance, max_pending: int, on_pull: OnPull, policy: Policy, budget: Optional[int] = None
-) -> Optional[PrefillBatch]:
+def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull, policy: Policy) -> Optional[PrefillBatch]:
     if not inst.has(Role.DECODE) and inst.outgoing >= max_pending:
         return None
-    items = take_prefill(inst, inst.cfg.max_prefill_tokens if budget is None else budget, on_pull, policy)
+    items = take_prefill(inst, inst.cfg.max_prefill_tokens, on_pull, policy)
     return PrefillBatch(items, inst.take_releases()) if items else None
 
 
@@ -95,7 +93,7 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
         if state.prefilled == 0:
             if not policy.chunked and len(seq) > budget:
                 break
-            if not _admit_prefill(inst, state, len(seq), policy, on_pull):
+            if not _admit_prefill(inst, state, seq, policy, on_pull):
                 break
         start = state.prefilled
         n = min(len(seq) - start, budget) if policy.chunked else len(seq) - start
@@ -133,10 +131,10 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
     return items
 
 
-def _admit_prefill(inst: Instance, state: RequestState, seq_len: int, policy: Policy, on_pull: OnPull) -> bool:
+def _admit_prefill(inst: Instance, state: RequestState, seq: list[int], policy: Policy, on_pull: OnPull) -> bool:
     """A sequence's first chunk: blocks for its whole KV here (and its pulled images), or False."""
     decode_here = inst.has(Role.DECODE)
-    kv_tokens = seq_len + (state.req.sampling.max_tokens - len(state.output) if decode_here and policy.reserve else 0)
+    kv_tokens = len(seq) + (state.req.sampling.max_tokens - len(state.output) if decode_here and policy.reserve else 0)
     kv_need = inst.kv.blocks_for(kv_tokens)
     pulled = [i for i, m in state.mm.items() if m.handle is not None]
     mm_need = sum(inst.mm.blocks_for(state.image_tokens[i]) for i in pulled)
@@ -144,9 +142,8 @@ def _admit_prefill(inst: Instance, state: RequestState, seq_len: int, policy: Po
     cache = inst.prefix_cache
     if cache is not None:
         bs = inst.kv.block_tokens
-        seq = state.sequence
         state.block_hashes = block_hashes(seq, bs, policy.image_token, state.image_keys, state.image_tokens, state.prompt_len)
-        hit = cache.match(state.block_hashes, (seq_len - 1) // bs)  # the last token is computed: its step samples
+        hit = cache.match(state.block_hashes, (len(seq) - 1) // bs)  # the last token is computed: its step samples
     if not inst.can_allocate_kv(kv_need - len(hit)) or not inst.can_allocate_mm(mm_need):
         if hit:
             cache.free(hit)
@@ -157,7 +154,7 @@ def _admit_prefill(inst: Instance, state: RequestState, seq_len: int, policy: Po
         state.hold(Hold.mm(inst.id, i), inst.mm, blocks)
         state.mm[i] = MMSource(state.image_tokens[i], blocks, state.mm[i].handle)
     state.prefilled = state.prefix_hit = len(hit) * inst.kv.block_tokens
-    cached = state.sequence[: min(state.prefilled, state.prompt_len)]
+    cached = seq[: min(state.prefilled, state.prompt_len)]
     state.mm_rows_done = sum(1 for t in cached if t == policy.image_token) if state.image_tokens else 0
     on_pull(state)
     return True
@@ -195,7 +192,7 @@ def select_decode(inst: Instance, on_pull: OnPull, policy: Policy, on_preempt: O
             if blocks is None:
                 continue
             if blocks:
-                grow[s.rid] = grow.get(s.rid, []) + blocks
+                grow[s.rid] = blocks
         step.append(s)
     if not step and not new:
         return None
