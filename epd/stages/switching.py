@@ -126,9 +126,10 @@ class RoleSwitching:
         share = sum(len(movable(o)) for o in siblings) // (len(siblings) + 1)
         for o in sorted(siblings, key=lambda o: -len(movable(o))):
             items = movable(o)
-            take = items[len(items) - min(share, max(0, len(items) - share)) :] if share else []
-            if not take:
+            n = min(share, len(items) - share)  # from its back, leaving it at least as many as it gives
+            if n <= 0:
                 continue
+            take = items[-n:]
             queue = getattr(o, queue_of)
             gone = {id(x) for x in take}
             setattr(o, queue_of, type(queue)(x for x in queue if id(x) not in gone))
