@@ -20,6 +20,8 @@ declare -A VARIANTS=(
   [chunked_off]="deployment.chunked_prefill=false deployment.aggregated.max_prefill_tokens=8192"
   [kv_reserve]="deployment.kv_allocation=reserve"
   [encoder_cache_off]="deployment.aggregated.encoder_cache_blocks=0"
+  [prefix_off]="deployment.prefix_caching=false"
+  [step_graphs_off]="model.step_graph_tokens=0"
   [alternate]="deployment.prefill_decode_steps=alternate"
 )
 for name in ${VARIANT_LIST:-all_on chunked_off kv_reserve encoder_cache_off}; do

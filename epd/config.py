@@ -76,6 +76,9 @@ class ModelConfig:
     max_tiles: int = 12  # internvl dynamic tiling
     use_thumbnail: bool = True
     cuda_graphs: bool = True  # capture the decode step on CUDA devices
+    # Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (attention eager
+    # between them, steps padded to a bucket); larger steps, which the GPU bounds anyway, run eagerly. 0: off.
+    step_graph_tokens: int = 4096
     # Where an E worker resizes and tiles images: "host" (PIL on its CPU cores, exactly what the
     # transformers processors give) or "device" (decoded on the host, resized by torch on its
     # device; a GPU does in ~1 ms what PIL does in ~0.1 s; pixels differ from PIL's by < 0.3 levels

@@ -128,7 +128,7 @@ class Worker:
     def _configure(self, roles: tuple[str, ...], pool: PoolConfig) -> None:
         """Caches (and decode graphs) for `roles`; the model parts are already in place."""
         self.roles, self.pool = roles, pool
-        self.graphs = None
+        self.graphs = self.step_graphs = None
         self.kv = None
         if self.rt.lm is not None:
             if self.endpoint.tp > 1 and self.rt.tp == 1:
@@ -143,6 +143,12 @@ class Worker:
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
                     self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
+                step_tokens = pool.max_prefill_tokens + (pool.max_decode_seqs if Role.DECODE in roles else 0)
+                top = min(step_tokens, self.model_cfg.step_graph_tokens)
+                if self.model_cfg.cuda_graphs and top > 0 and Role.PREFILL in roles and self.endpoint.tp == 1:
+                    from epd.models.step_graphs import StepGraphs, bucket_sizes
+
+                    self.step_graphs = StepGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, bucket_sizes(top))
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
         self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
 
@@ -151,7 +157,7 @@ class Worker:
         begin = time.time()
         self.seqs.clear()
         self.transfer.close()
-        self.kv = self.mm = self.graphs = None  # the allocator reuses their memory for what comes next
+        self.kv = self.mm = self.graphs = self.step_graphs = None  # the allocator reuses their memory for what comes next
         loaded = self.rt.set_parts(_parts(batch.roles))
         self._configure(batch.roles, batch.pool)
         self._sync()
@@ -412,6 +418,7 @@ class Worker:
             self.pool.kv_block_size,
             [None] * len(seqs) + [self._chunk_rows(it) for it in chunks],
             [0] * len(seqs) + [it.prompt_end if it.prompt_end is not None else it.end for it in chunks],
+            graphs=self.step_graphs,
         )
         finals = [it for it in chunks if it.final]
         rows = list(range(len(seqs))) + [len(seqs) + j for j, it in enumerate(chunks) if it.final]

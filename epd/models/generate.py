@@ -10,6 +10,7 @@ import torch
 from epd.kernels.attention import AttentionMetadata
 from epd.models.runtime import ModelRuntime
 from epd.models.sampling import sample
+from epd.models.step_graphs import StepGraphs
 from epd.request import SamplingParams
 
 
@@ -23,11 +24,13 @@ def lm_step(
     block_size: int,
     mm: Optional[list[Optional[torch.Tensor]]] = None,
     mm_ends: Optional[list[int]] = None,
+    graphs: Optional[StepGraphs] = None,
 ) -> torch.Tensor:
     """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
 
     mm[i]: the image-embedding rows of sequence i's placeholders among its new tokens, in order;
-    mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images)."""
+    mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images);
+    graphs: piecewise CUDA graphs to run the layers through where the step's tokens fit them."""
     assert rt.lm is not None
     flat = [t for seq in tokens for t in seq]
     ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
@@ -41,6 +44,8 @@ def lm_step(
         ends = [(big if mm_ends is None else mm_ends[i]) if m is not None and m.shape[0] else 0 for i, m in enumerate(mm)]
         limit = torch.tensor(ends, device=rt.device).repeat_interleave(torch.tensor(qlens, device=rt.device))
         mm_mask = (ids == rt.family.image_token_id) & (pos < limit)
+    if graphs is not None and graphs.fits(len(flat)):
+        return rt.lm.logits(graphs.run(rt.lm.embed(ids, mm_embeds, mm_mask), pos, meta), meta)
     return rt.lm(ids, pos, kv, meta, mm_embeds, mm_mask)
 
 

@@ -105,7 +105,8 @@ class Attention(nn.Module):
                 self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x, cos, sin, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new tokens' queries, keys and values (rotated); keys and values written to their cache slots."""
         n = x.shape[0]
         hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
@@ -115,10 +116,18 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return _reduce(self.o_proj(o.reshape(n, -1)), self.tp_group)
+        write_kv(k, v, kv_cache[0], kv_cache[1], slots)
+        return q, k, v
+
+    def attend(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return _reduce(self.o_proj(o.reshape(o.shape[0], -1)), self.tp_group)
+
+    def forward(self, x, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin, kv_cache, meta.slot_mapping)
+        return self.output(self.attend(q, k, v, kv_cache, meta))
 
 
 class MLP(nn.Module):
@@ -160,7 +169,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return self.finish(x, self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The layer after attention: its output added to the residual stream, then the MLP's."""
+        x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -228,6 +241,10 @@ class DecoderLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv_caches[i], meta)
+        return self.logits(x, meta)
+
+    def logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Each sequence's last-token logits from the residual stream after the last layer."""
         if meta.logits_indices is not None:
-            x = x[meta.logits_indices]
-        return self.lm_head(self.model.norm(x))
+            hidden = hidden[meta.logits_indices]
+        return self.lm_head(self.model.norm(hidden))
