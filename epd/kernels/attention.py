@@ -27,6 +27,9 @@ class AttentionMetadata:
     is_decode: bool = False  # one new token per sequence
     is_fresh_prefill: bool = False  # no earlier KV: queries attend only to this step's keys
     split: Optional[MixedSplit] = None  # a mixed step (decodes beside prefill chunks): its two parts
+    # A fresh prefill's sequences grouped by length, with their rows: made once per step, not per layer
+    # (a host-to-device copy from pageable memory waits for the stream, which would stall every layer).
+    _length_groups: Optional[list[tuple[int, int, Optional[torch.Tensor]]]] = None
 
     @property
     def num_seqs(self) -> int:
@@ -133,24 +136,42 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, me
 
     Sequences of equal length go through one batched call.
     """
-    out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
-    starts = [0]
-    for n in meta.query_lens:
-        starts.append(starts[-1] + n)
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(meta.query_lens):
-        by_len.setdefault(n, []).append(starts[i])
-    for n, begins in by_len.items():
-        idx = (torch.tensor(begins, device=q.device)[:, None] + torch.arange(n, device=q.device)[None, :]).flatten()
-        qi = q[idx].view(len(begins), n, *q.shape[1:]).transpose(1, 2)
-        ki = k[idx].view(len(begins), n, *k.shape[1:]).transpose(1, 2)
-        vi = v[idx].view(len(begins), n, *v.shape[1:]).transpose(1, 2)
+    if meta._length_groups is None:
+        meta._length_groups = _length_groups(meta.query_lens, q.device)
+    out = None
+    for n, count, idx in meta._length_groups:
+        # idx None: every row, in order (sequences of one length): no gather or scatter
+        qi, ki, vi = (t if idx is None else t[idx] for t in (q, k, v))
+        qi, ki, vi = (t.view(count, n, *t.shape[1:]).transpose(1, 2) for t in (qi, ki, vi))
         if group > 1:
             ki, vi = ki.repeat_interleave(group, dim=1), vi.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-        out[idx] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(1, 2).reshape(-1, *q.shape[1:])
+        if idx is None:
+            return o
+        if out is None:
+            out = torch.empty_like(q)
+        out[idx] = o
     return out
+
+
+def _length_groups(query_lens: list[int], device: torch.device) -> list[tuple[int, int, Optional[torch.Tensor]]]:
+    """(length, sequences, their rows) per distinct length; rows None when one length covers every row."""
+    if len(set(query_lens)) == 1:
+        return [(query_lens[0], len(query_lens), None)]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(query_lens):
+        by_len.setdefault(n, []).append(starts[i])
+    rows = {n: [b + j for b in begins for j in range(n)] for n, begins in by_len.items()}
+    flat = torch.tensor([r for n in by_len for r in rows[n]], dtype=torch.long).to(device)  # one copy for every group
+    groups, at = [], 0
+    for n, begins in by_len.items():
+        groups.append((n, len(begins), flat[at : at + n * len(begins)]))
+        at += n * len(begins)
+    return groups
 
 
 def paged_attention(
