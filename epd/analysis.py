@@ -129,6 +129,18 @@ def find_compares(root: str | Path | None = None) -> list[tuple[Path, dict]]:
 
 
 def compare_frame(result: dict) -> pd.DataFrame:
+    """One row per point (deployment, source, rate): metric means, attainment with its 95% band —
+    over seeds where a point ran several times, else the Wilson interval over its requests
+    (compare.json files from before seeds carry only rows)."""
+    points = result.get("points")
+    if points and any(p["runs"] > 1 for p in points):
+        flat = []
+        for p in points:
+            row = {k: v for k, v in p.items() if not isinstance(v, dict)}
+            row.update({k: v["mean"] for k, v in p.items() if isinstance(v, dict)})
+            row["attainment_low"], row["attainment_high"] = p["slo_attainment"]["lo"], p["slo_attainment"]["hi"]
+            flat.append(row)
+        return pd.DataFrame(flat)
     frame = pd.DataFrame(result["rows"])
     bands = [wilson(round(a * n), n) for a, n in zip(frame["slo_attainment"], frame["num_requests"])]
     frame["attainment_low"], frame["attainment_high"] = zip(*bands) if bands else ([], [])

@@ -401,6 +401,10 @@ class CompareConfig:
     sim_latency_model: str = "roofline"  # roofline | profiled
     sim_profile_path: Optional[str] = None
     warmup_requests: int = 4  # offline requests run first on each deployment's fresh workers (compile, graphs)
+    # Runs per point, with workload seeds seed, seed+1, ...: compare.md and compare.json give each
+    # metric's mean and its `ci_level` interval over them (and goodput's, per seed).
+    repeats: int = 3
+    ci_level: float = 0.95
     # name -> allocation fields (e.g. {static: {policy: static}, queue: {policy: queue}}); empty: the run's allocation
     allocations: dict[str, Any] = field(default_factory=dict)
 

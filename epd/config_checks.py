@@ -118,6 +118,9 @@ def check_run_config(cfg: RunConfig) -> None:
             c.problems.append(f"compare.rates={list(cfg.compare.rates)}: must be positive rates")
         c.choice("compare.sim_latency_model", cfg.compare.sim_latency_model, ("roofline", "profiled"))
         c.at_least("compare.warmup_requests", cfg.compare.warmup_requests, 0)
+        c.at_least("compare.repeats", cfg.compare.repeats, 1)
+        if not _num(cfg.compare.ci_level) or not 0 < cfg.compare.ci_level < 1:
+            c.problems.append(f"compare.ci_level={cfg.compare.ci_level!r}: must be in (0, 1)")
     try:
         cfg.deployment.validate()
     except ValueError as exc:

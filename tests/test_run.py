@@ -169,22 +169,35 @@ def test_cli_bad_override_exits_with_a_clear_message(tmp_path):
 
 
 def test_compare_runs_every_deployment_on_engine_and_simulator(tmp_path):
-    """`task=compare`: EPD vs PD vs aggregated, two rates, engine (workers kept up across rates) and simulator."""
+    """`task=compare`: EPD vs PD vs aggregated, two rates, two seeds each, engine (workers kept up across
+    rates) and simulator; every metric given with its interval over the seeds."""
     proc = _epd_run(
-        ["+experiment=compare_tiny", "logger=none", "workload.num_requests=3", "compare.rates=[2.0,4.0]", f"hydra.run.dir={tmp_path}/run"],
+        ["+experiment=compare_tiny", "logger=none", "workload.num_requests=3", "compare.rates=[2.0,4.0]", "compare.repeats=2"]
+        + ["workload.seed=5", f"hydra.run.dir={tmp_path}/run"],
         tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
     result = json.loads((out / "compare.json").read_text())
-    points = {(r["deployment"], r["source"], r["rate"]) for r in result["rows"]}
-    assert points == {(d, s, r) for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator") for r in (2.0, 4.0)}
+    runs = sorted((r["deployment"], r["source"], r["rate"], r["seed"]) for r in result["rows"])
+    want = [(d, s, r, seed) for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator") for r in (2.0, 4.0) for seed in (5, 6)]
+    assert runs == sorted(want)
     assert all(r["num_finished"] == 3 for r in result["rows"])
-    assert set(result["goodput"]) == {f"{d}/{s}" for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator")}
-    assert (out / "compare.png").stat().st_size > 0 and "| epd (1E1P1D) | engine | 2 |" in (out / "compare.md").read_text()
-    for d in ("epd", "pd", "aggregated"):  # every point is a full run record
-        _check_record(out / "runs" / f"{d}-rate2", 3)
+    for p in result["points"]:
+        mine = [r for r in result["rows"] if (r["deployment"], r["source"], r["rate"]) == (p["deployment"], p["source"], p["rate"])]
+        att = p["slo_attainment"]
+        assert p["runs"] == att["n"] == 2 and att["mean"] == pytest.approx(sum(r["slo_attainment"] for r in mine) / 2)
+        assert 0 <= att["lo"] <= att["mean"] <= att["hi"] <= 1
+        assert p["ttft_p90"]["lo"] <= p["ttft_p90"]["mean"] <= p["ttft_p90"]["hi"]
+    series = {f"{d}/{s}" for d in ("epd", "pd", "aggregated") for s in ("engine", "simulator")}
+    assert set(result["goodput"]) == set(result["goodput_ci"]) == series
+    assert all(len(g["per_seed"]) == 2 for g in result["goodput_ci"].values())
+    md = (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 0 and "| epd (1E1P1D) | engine | 2 | 2 |" in md and "95% interval" in md
+    for d in ("epd", "pd", "aggregated"):  # every run is a full run record
+        for seed in (5, 6):
+            _check_record(out / "runs" / f"{d}-rate2-seed{seed}", 3)
 
 
 def test_role_switching_experiment(tmp_path):
@@ -197,6 +210,7 @@ def test_role_switching_experiment(tmp_path):
             "logger=none",
             f"workload.phases={phases}",
             "compare.simulate=false",
+            "compare.repeats=1",
             "+compare.allocations.queue.min_pressure=0.4",  # this short run's decode queue must count as pressure
             f"hydra.run.dir={tmp_path}/run",
         ],
@@ -231,7 +245,8 @@ def test_simulator_stays_close_to_the_recorded_4gpu_engine_run(tmp_path):
     recorded = ROOT / "experiments" / "paper_e2e_4gpu" / "internvl_0.5-2" / "compare.json"
     engine = {(r["deployment"], r["rate"]): r for r in json.loads(recorded.read_text())["rows"] if r["source"] == "engine"}
     proc = _epd_run(
-        ["+experiment=paper_e2e_4gpu", "hardware=h200", "compare.real=false", "logger=none", f"hydra.run.dir={tmp_path}/run"]
+        ["+experiment=paper_e2e_4gpu", "hardware=h200", "compare.real=false", "compare.repeats=1", "logger=none"]
+        + [f"hydra.run.dir={tmp_path}/run"]
         + [f"+compare.deployments.{d}.async_scheduling=false" for d in ("epd_2e1p1d", "pd_3p1d", "aggregated_4")],
         tmp_path,
     )
