@@ -6,7 +6,8 @@ For each stage: 12 requests with images are added, one worker of that stage is k
 their first token, 6 more requests follow once the first ones have ended. Reports how many finished,
 were redone on the siblings (what the dead worker held or was doing started over), were aborted (with
 a reason naming the lost worker) or were lost (must be 0), and how long the engine took to notice the
-loss. The same scenario as tests/test_faults.py, with its counts.
+loss, how long its replacement took to start and rejoin (`deployment.replace_lost_workers`), and how
+many of the later requests it served. The same scenario as tests/test_faults.py, with its counts.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def one(victim: str) -> dict:
             core.step()
         noticed = time.time() - killed
         core.run_until_idle(120)
+        while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events) and time.time() - killed < 120:
+            core.step()  # the replacement loads the model while the siblings serve
+        replaced = next((e for e in core.pipeline.events if e.kind == Ev.WORKER_REPLACED), None)
         for r in later:
             core.add_request(r)
         core.run_until_idle(120)
         outs = core.pipeline.outputs
         aborted = [o for o in outs.values() if o.finish_reason == "abort"]
+        after = [e for e in core.pipeline.events if replaced is not None and e.time > replaced.time]
+        served = {e.request_id for e in after if e.instance == victim and e.request_id}
         return {
             "victim": victim,
             "requests": len(reqs) + len(later),
@@ -60,6 +66,8 @@ def one(victim: str) -> dict:
             "redone": sum(1 for e in core.pipeline.events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost"),
             "lost": len(reqs) + len(later) - len(outs),
             "noticed_after_s": noticed,
+            "replaced_after_s": None if replaced is None else replaced.data["took_s"],
+            "requests_served_by_the_replacement": len(served),
         }
     finally:
         core.close()
@@ -75,7 +83,8 @@ def main() -> None:
         r = rows[-1]
         print(
             f"{victim}: {r['ended']} of {r['requests']} ended, {r['finished']} finished ({r['redone']} redone), {r['aborted']} aborted "
-            f"({r['aborts_naming_the_victim']} naming it), {r['lost']} lost; loss noticed after {r['noticed_after_s']:.2f} s",
+            f"({r['aborts_naming_the_victim']} naming it), {r['lost']} lost; loss noticed after {r['noticed_after_s']:.2f} s; "
+            f"replacement up after {r['replaced_after_s']} s, then served {r['requests_served_by_the_replacement']} requests",
             flush=True,
         )
     Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -151,9 +151,8 @@ class DeploymentConfig:
     # decodes first (the step's token budget is max_prefill_tokens). False: whole prompts only.
     chunked_prefill: bool = True
     # Where an instance prefills and decodes (chunked prefill on): "mixed" runs its decodes and prefill
-    # chunks in one forward (as vLLM does; here that forward runs without CUDA graphs), "alternate" runs a
-    # decode step (a graph replay) after every prefill step while both have work, bounding the decodes'
-    # wait to one chunk.
+    # chunks in one forward (as vLLM does), "alternate" runs a decode step (a full-graph replay) after
+    # every prefill step while both have work, bounding the decodes' wait to one chunk.
     prefill_decode_steps: str = "mixed"
     # KV of decoding sequences: "on_demand" (blocks allocated as they grow; when the pool runs dry the
     # newest running sequence is preempted, its blocks freed, and recomputed later) or "reserve" (prompt
@@ -162,6 +161,10 @@ class DeploymentConfig:
     # Prefill instances keep the KV blocks of prompts they prefilled (by a hash chained over tokens and
     # images) and reuse them for requests that begin the same way; unused blocks are evicted LRU.
     prefix_caching: bool = True
+    # A worker process that dies is replaced: a new one is started in its place (its GPU and cores),
+    # loads the weights while the siblings serve, and rejoins its stage (Ray executor; not for workers in
+    # process groups: tensor parallelism, nccl transfers). False: the stage goes on without it.
+    replace_lost_workers: bool = True
 
     def pools(self) -> dict[str, PoolConfig]:
         return {n: getattr(self, n) for n in POOL_ROLES if getattr(self, n) is not None}

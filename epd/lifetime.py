@@ -35,10 +35,13 @@ class LifetimeEvent(str, enum.Enum):
     ROLE_SWITCH_BEGIN = "role_switch_begin"
     ROLE_SWITCH_END = "role_switch_end"
     WORKER_LOST = "worker_lost"  # a worker's process died: its instance is out of service
+    WORKER_REPLACED = "worker_replaced"  # a new worker for a lost instance is up: the instance serves again
 
 
 SYSTEM = ""  # the request_id of events that belong to no request
-SYSTEM_EVENTS = frozenset({LifetimeEvent.ROLE_SWITCH_BEGIN, LifetimeEvent.ROLE_SWITCH_END, LifetimeEvent.WORKER_LOST})
+SYSTEM_EVENTS = frozenset(
+    {LifetimeEvent.ROLE_SWITCH_BEGIN, LifetimeEvent.ROLE_SWITCH_END, LifetimeEvent.WORKER_LOST, LifetimeEvent.WORKER_REPLACED}
+)
 
 
 @dataclass(frozen=True)

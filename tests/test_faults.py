@@ -4,6 +4,7 @@ is lost or duplicated; every block is free at the end; the siblings go on servin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 
@@ -35,11 +36,12 @@ def _requests(prefix: str, n: int) -> list[Request]:
     ]
 
 
-@pytest.mark.parametrize("victim", ["encode-1", "prefill-1", "decode-1"])
-def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, victim):
+@pytest.mark.parametrize("victim,replace", [("encode-1", False), ("prefill-1", False), ("decode-1", True)])
+def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, victim, replace):
     reqs, later = _requests("a", 12), _requests("b", 6)
     expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
-    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig()))
+    deployment = dataclasses.replace(TWO_OF_EACH, replace_lost_workers=replace)
+    core = EngineCore(EngineConfig(MODEL, deployment, "ray", BackendConfig()))
     try:
         for r in reqs:
             core.add_request(r)
@@ -67,7 +69,50 @@ def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, vi
         assert not [rid for rid in aborted if rid.startswith("b")]  # what came after: all served
         lost = [e for e in events if e.kind == Ev.WORKER_LOST]
         assert [e.instance for e in lost] == [victim]
-        assert core.pipeline.instances[victim].failed
+        if replace:  # a new worker takes its place: the stage has both workers again
+            deadline = time.time() + 180
+            while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events):
+                assert time.time() < deadline, "no replacement came up"
+                core.step()
+            events = list(core.pipeline.events)
+            assert [e.instance for e in events if e.kind == Ev.WORKER_REPLACED] == [victim]
+            assert not core.pipeline.instances[victim].failed
+        else:
+            assert core.pipeline.instances[victim].failed and not any(e.kind == Ev.WORKER_REPLACED for e in events)
         core.drain_check()  # every block free, every live worker forgot its sequences
+    finally:
+        core.close()
+
+
+@pytest.mark.parametrize("victim", ["encode-0", "prefill-1", "decode-0"])
+def test_a_replaced_worker_rejoins_its_stage_and_serves(ray_cluster, victim):
+    """The dead worker's replacement loads the model, rejoins, takes a share of queued work and serves
+    requests with the tokens of a fault-free run; every block is free at the end."""
+    first, later = _requests("c", 8), _requests("d", 16)
+    expected = {r.request_id: list(t) for r, t in zip(first + later, reference(first + later))}
+    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig()))
+    try:
+        for r in first:
+            core.add_request(r)
+        deadline = time.time() + 120
+        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 2:
+            assert time.time() < deadline
+            core.step()
+        ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
+        deadline = time.time() + 180
+        while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events):
+            assert time.time() < deadline, "no replacement came up"
+            core.step()
+        replaced = next(e for e in core.pipeline.events if e.kind == Ev.WORKER_REPLACED)
+        assert replaced.instance == victim and replaced.data["took_s"] > 0
+        for r in later:
+            core.add_request(r)
+        core.run_until_idle(120)
+        outputs = core.pipeline.outputs
+        assert {rid: o.token_ids for rid, o in outputs.items()} == expected
+        events = list(core.pipeline.events)
+        after = [e for e in events if e.time > replaced.time and e.instance == victim and e.request_id]
+        assert after, f"{victim} served nothing after it rejoined"
+        core.drain_check()
     finally:
         core.close()

@@ -55,6 +55,8 @@ class EngineCore:
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._forgets: queue.Queue[str] = queue.Queue()
         self._wake = threading.Event()  # set by add_request: an idle loop starts at once
+        self._replacing: set[str] = set()  # lost workers whose replacement was asked for
+        self._ready_replacements: dict[str, float] = {}  # replacements up, waiting for the old batches to settle
         self.allocation = allocation
         self.timeseries: list[dict] = []
         self.sample_interval = 0.25
@@ -172,6 +174,7 @@ class EngineCore:
                 self.pipeline.forget(rid)
         for iid, reason in self.executor.lost_workers().items():  # found dead while it had nothing to run
             self.pipeline.lose_instance(self.pipeline.instances[iid], reason, time.time())
+        self._replace_lost_workers()
         self._dispatch()
         if not self.executor.inflight:
             self._wake.wait(timeout)  # nothing running: sleep until a request comes
@@ -193,6 +196,25 @@ class EngineCore:
             self.timeseries.extend(self.pipeline.load_snapshot(now))
         if self.allocation is not None:
             self.allocation.tick(self.pipeline, now)
+
+    def _replace_lost_workers(self) -> None:
+        """Start a replacement for each newly lost worker; let each replacement that came up rejoin once
+        its dead predecessor's batches have all been accounted for."""
+        if not self.config.deployment.replace_lost_workers:
+            return
+        for iid, inst in self.pipeline.instances.items():
+            if inst.failed and iid in self.executor.lost and iid not in self._replacing:
+                self._replacing.add(iid)
+                why_not = self.executor.replace(iid, inst.roles, inst.cfg)
+                if why_not is not None:
+                    log.warning("worker %s is not replaced: %s", iid, why_not)
+        self._ready_replacements.update(self.executor.rejoined())
+        for iid, took in list(self._ready_replacements.items()):
+            inst = self.pipeline.instances[iid]
+            if not inst.inflight:
+                del self._ready_replacements[iid]
+                self._replacing.discard(iid)
+                self.pipeline.rejoin_instance(inst, time.time(), took)
 
     def _dispatch(self) -> None:
         for inst in self.pipeline.instances.values():

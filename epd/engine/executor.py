@@ -41,6 +41,7 @@ class LocalExecutor:
 
         self.workers = {iid: Worker(iid, roles, model, pool, self.transfer) for iid, roles, pool in _worker_specs(deployment)}
         self._done: list[Done] = []
+        self.lost: set[str] = set()  # never any: see lost_workers
 
     def submit(self, iid: str, batch: Batch) -> None:
         try:
@@ -65,6 +66,12 @@ class LocalExecutor:
 
     def refresh_transfers(self, iid: str) -> None:
         """In one process the local backend finds every worker's current caches by itself."""
+
+    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> Optional[str]:
+        return "in-process workers live and die with the driver"
+
+    def rejoined(self) -> dict[str, float]:
+        return {}
 
     def call(self, method: str, *args) -> dict[str, Any]:
         return {iid: getattr(w, method)(*args) for iid, w in self.workers.items()}
@@ -161,18 +168,13 @@ class RayExecutor:
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
         # A prep thread: the next encode batch's images are prepared while the current batch runs.
         # Three threads for batches and calls: the next batch is taken in while one runs (`execute`'s tickets).
-        remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
+        self._remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
+        self._strategy = PlacementGroupSchedulingStrategy
+        self._procs, self._model, self._comm = procs, model, comm
+        self._starting: dict[str, tuple[list[Any], list[Any], float]] = {}  # replacements: actors, pings, start time
         self.actors: dict[str, list[Any]] = {}
         for idx, p in enumerate(procs):
-            gpu = p.pool.num_gpus > 0
-            env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if gpu else {}
-            actor = remote_cls.options(
-                num_cpus=p.pool.num_cpus,
-                num_gpus=p.pool.num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=idx),
-                runtime_env={"env_vars": env} if env else None,
-            ).remote(p.iid, p.roles, model, p.pool, self.transfer, max(1, int(p.pool.num_cpus)), p.endpoint, comm, gpu, True)
-            self.actors.setdefault(p.iid, []).append(actor)
+            self.actors.setdefault(p.iid, []).append(self._start(idx, p.roles, p.pool))
         all_actors = [a for ranks in self.actors.values() for a in ranks]
         try:
             ray.get([a.ping.remote() for a in all_actors])  # surface construction errors now
@@ -188,6 +190,54 @@ class RayExecutor:
         self._next_ping = 0.0
         self._tickets = Tickets()  # per instance: its batches' order
         self._push_tickets = Tickets()  # per (sender, receiver): the order of pushes between them
+
+    def _start(self, idx: int, roles: tuple[str, ...], pool: PoolConfig) -> Any:
+        """The worker process of `_procs[idx]` in its placement-group bundle (its GPU, its cores)."""
+        p = self._procs[idx]
+        gpu = pool.num_gpus > 0
+        env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if gpu else {}
+        return self._remote_cls.options(
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            scheduling_strategy=self._strategy(self.pg, placement_group_bundle_index=idx),
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(p.iid, roles, self._model, pool, self.transfer, max(1, int(pool.num_cpus)), p.endpoint, self._comm, gpu, True)
+
+    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> Optional[str]:
+        """Start a new worker for lost instance `iid` (its current roles and pool) in the dead one's
+        bundle; it loads its weights while the others serve, and `rejoined` reports it once it answers.
+        Returns why it cannot be replaced, or None."""
+        if self._comm is not None:  # its rank's process groups (TP, NCCL transfers) cannot be rejoined
+            return "workers in process groups (tensor parallelism, nccl transfers) are not replaced"
+        for a in self.actors.get(iid, []):
+            self.ray.kill(a, no_restart=True)  # a hung one too: its bundle is needed
+        ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
+        self._tickets.restart(iid)  # the new worker's batches count from 0
+        self._starting[iid] = (ranks, [a.ping.remote() for a in ranks], time.time())
+        return None
+
+    def rejoined(self) -> dict[str, float]:
+        """Replacements that came up since the last call, with seconds from start to ready; their peers
+        have learnt their caches. A replacement that fails to start is given up on (logged)."""
+        out: dict[str, float] = {}
+        for iid, (ranks, pings, t0) in list(self._starting.items()):
+            if len(self.ray.wait(pings, num_returns=len(pings), timeout=0)[0]) < len(pings):
+                continue
+            del self._starting[iid]
+            try:
+                self.ray.get(pings)
+                self._exports.update(dict(self.ray.get([a.transfer_export.remote() for a in ranks])))
+                self.actors[iid] = ranks
+                everyone = [a for rs in self.actors.values() for a in rs]
+                self.ray.get([a.transfer_connect.options(concurrency_group="transfer").remote(self._exports) for a in everyone])
+            except Exception as exc:
+                log.error("the replacement of worker %s failed to start: %s", iid, _reason(exc))
+                for a in ranks:
+                    self.ray.kill(a, no_restart=True)
+                continue
+            self.lost.discard(iid)
+            out[iid] = time.time() - t0
+        return out
 
     def submit(self, iid: str, batch: Batch) -> None:
         if self.needs_push:
@@ -302,7 +352,8 @@ class RayExecutor:
         return self.ray.get(refs)[0]
 
     def shutdown(self) -> None:
-        actors = [a for ranks in self.actors.values() for a in ranks]
+        actors = [a for ranks in self.actors.values() for a in ranks] + [a for ranks, _, _ in self._starting.values() for a in ranks]
+        self._starting.clear()
         if actors:
             try:  # let workers leave their process groups and unmap peers before they die
                 self.ray.get([a.close.remote() for a in actors], timeout=30)

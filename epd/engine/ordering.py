@@ -19,6 +19,10 @@ class Tickets:
         self._next[key] = ticket + 1
         return ticket
 
+    def restart(self, key: Hashable) -> None:
+        """Number from 0 again: the receiver behind `key` is a new one (a replaced worker)."""
+        self._next.pop(key, None)
+
 
 class InOrder:
     """The receiver's side: `with turns.turn(key, ticket):` waits until every smaller ticket of `key`

@@ -194,6 +194,22 @@ class RoleSwitching:
                 self._route_decode(state, self.instances[state.prefill_instance])
         inst.running.clear()
 
+    def rejoin_instance(self, inst: Instance, t: float, took_s: float) -> None:
+        """A replacement for lost `inst`'s worker is up (same roles, empty caches): the instance serves
+        again with fresh block pools and takes a share of its siblings' queued work."""
+        if not inst.failed or inst.inflight:
+            raise RuntimeError(f"instance {inst.id} cannot rejoin: failed={inst.failed!r}, {inst.inflight} batches in flight")
+        inst.failed = None
+        inst.configure(inst.pool, inst.roles, inst.cfg)
+        inst.running.clear()
+        inst.pending_release.clear()  # the new worker holds no sequence to forget
+        inst.outgoing = 0
+        inst.prefilled_last = False
+        for role in inst.roles:
+            self.by_role[role].append(inst)
+            self._share_queued_work(inst, role)
+        self.events.emit(self._t(t), SYSTEM, Ev.WORKER_REPLACED, inst.id, took_s=took_s, layout=self.layout())
+
     def tied_to(self, state: RequestState, inst: Instance) -> bool:
         """Whether `state` has work or data on `inst` that dies with it."""
         return bool(state.keys_of(inst.id)) or inst.id in state.senders or state in inst.running
