@@ -28,19 +28,22 @@ experiment() {  # name, time limit, overrides...
 }
 
 EPD_ONLY=("~compare.deployments.pd_3p1d" "~compare.deployments.aggregated_4" compare.simulate=false)
+# The recorded sweeps ran 24 requests per point, once; the experiments' defaults (200 requests x 3 seeds
+# per point) take ~30 minutes per sweep on 4 GPUs, beyond one device call: QUICK="" runs them in full.
+QUICK=${QUICK-workload.num_requests=24 compare.repeats=1}
 
 for part in $PARTS; do
   case $part in
     mg) timeout 150 python3 bench/multi_gpu.py --out "$OUT/mg" --parts p2p engine 2>&1 | grep -E "GBps|identical|error" | head -40 ;;
-    internvl) experiment internvl_rates 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" ;;
+    internvl) experiment internvl_rates 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" $QUICK ;;
     pull) timeout 150 python3 bench/ipc_pull.py --out "$OUT/pull" 2>&1 | grep -vE "Warning|warn" | tail -24 ;;
-    llava) experiment llava_rates 240 +experiment=paper_e2e_4gpu_llava ;;
+    llava) experiment llava_rates 240 +experiment=paper_e2e_4gpu_llava $QUICK ;;
     epd)
-      experiment internvl_epd 150 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" "${EPD_ONLY[@]}"
-      experiment llava_epd 120 +experiment=paper_e2e_4gpu_llava "${EPD_ONLY[@]}"
+      experiment internvl_epd 150 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" "${EPD_ONLY[@]}" $QUICK
+      experiment llava_epd 120 +experiment=paper_e2e_4gpu_llava "${EPD_ONLY[@]}" $QUICK
       ;;
     switch) experiment role_switching 300 +experiment=role_switching_gpu4 ;;
-    resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device ;;
+    resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device $QUICK ;;
     *) echo "unknown part $part" ;;
   esac
 done

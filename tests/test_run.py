@@ -245,8 +245,8 @@ def test_simulator_stays_close_to_the_recorded_4gpu_engine_run(tmp_path):
     recorded = ROOT / "experiments" / "paper_e2e_4gpu" / "internvl_0.5-2" / "compare.json"
     engine = {(r["deployment"], r["rate"]): r for r in json.loads(recorded.read_text())["rows"] if r["source"] == "engine"}
     proc = _epd_run(
-        ["+experiment=paper_e2e_4gpu", "hardware=h200", "compare.real=false", "compare.repeats=1", "logger=none"]
-        + [f"hydra.run.dir={tmp_path}/run"]
+        ["+experiment=paper_e2e_4gpu", "hardware=h200", "compare.real=false", "compare.repeats=1", "workload.num_requests=24"]
+        + ["logger=none", f"hydra.run.dir={tmp_path}/run"]
         + [f"+compare.deployments.{d}.async_scheduling=false" for d in ("epd_2e1p1d", "pd_3p1d", "aggregated_4")],
         tmp_path,
     )
