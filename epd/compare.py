@@ -241,7 +241,7 @@ def compare_markdown(result: dict) -> str:
         ]
         for p in points:
             lines.append(
-                f"| {p['deployment']} ({p['layout']}) | {p['source']} | {rate(p)} | {p['runs']} | {ci(p['slo_attainment'], pct)} "
+                f"| {p['deployment']} ({p['layout']}) | {p['source']} | {rate(p)} | {p['runs']} | {ci(p['slo_attainment'], pct)} | "
                 + " | ".join(ci(p[k], ms) for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90"))
                 + f" | {p['num_finished']}/{p['num_requests']} |"
             )

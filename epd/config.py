@@ -342,6 +342,11 @@ class BackendConfig:
     # Before the engine reports ready, warm-up requests run through every instance (kernels compiled,
     # transfers connected): start-up stays out of what a run measures.
     warmup: bool = True
+    # A Ray worker that has not answered its oldest batch within max(floor, factor x that instance's
+    # typical time for that kind of batch) is taken for hung: killed, its work redone, and replaced.
+    # worker_deadline_floor_s <= 0: never.
+    worker_deadline_factor: float = 20.0
+    worker_deadline_floor_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,39 @@ def test_a_replaced_worker_rejoins_its_stage_and_serves(ray_cluster, victim):
         core.drain_check()
     finally:
         core.close()
+
+
+def test_a_hung_worker_is_found_by_its_deadline_killed_and_replaced(ray_cluster):
+    """A worker process stopped mid-run (SIGSTOP: alive to Ray, answering nothing) is taken for hung
+    once its oldest batch is past its deadline; its work is redone on the sibling, it is replaced, and
+    every request finishes with the tokens of a fault-free run."""
+    import os
+    import signal
+
+    reqs = _requests("h", 10)
+    expected = {r.request_id: list(t) for r, t in zip(reqs, reference(reqs))}
+    backend = BackendConfig(worker_deadline_floor_s=3.0, worker_deadline_factor=20.0)
+    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", backend))
+    try:
+        victim = "decode-0"
+        pid = core.executor.call_one(victim, "probe", lambda w: os.getpid())
+        for r in reqs:
+            core.add_request(r)
+        deadline = time.time() + 120
+        while not any(e.kind in (Ev.DECODE_BEGIN, Ev.TOKEN) and e.instance == victim for e in core.pipeline.events):
+            assert time.time() < deadline
+            core.step()
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time()
+        deadline = time.time() + 180
+        while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events) or core.has_work():
+            assert time.time() < deadline, "the hung worker was not replaced"
+            core.step()
+        events = list(core.pipeline.events)
+        lost = [e for e in events if e.kind == Ev.WORKER_LOST]
+        assert [e.instance for e in lost] == [victim] and "hung" in lost[0].data["reason"]
+        assert lost[0].time - (stopped - core.origin) < 30  # found within its deadline (3 s) plus the loop's pace
+        assert {rid: o.token_ids for rid, o in core.pipeline.outputs.items()} == expected
+        core.drain_check()
+    finally:
+        core.close()

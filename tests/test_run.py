@@ -195,6 +195,8 @@ def test_compare_runs_every_deployment_on_engine_and_simulator(tmp_path):
     assert all(len(g["per_seed"]) == 2 for g in result["goodput_ci"].values())
     md = (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 0 and "| epd (1E1P1D) | engine | 2 | 2 |" in md and "95% interval" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| epd (1E1P1D) |")]
+    assert table and all(ln.count("|") == 11 for ln in table)  # ten cells each
     for d in ("epd", "pd", "aggregated"):  # every run is a full run record
         for seed in (5, 6):
             _check_record(out / "runs" / f"{d}-rate2-seed{seed}", 3)

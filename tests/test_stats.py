@@ -64,3 +64,22 @@ def test_summary_gives_points_with_intervals_and_goodput_per_seed():
     assert g["n"] == 2 and g["mean"] == pytest.approx((g["per_seed"][0] + g["per_seed"][1]) / 2)
     # the headline goodput comes from the mean attainment curve: 0.95 at 1 req/s, 0.817 at 2
     assert out["goodput"]["epd/engine"] == pytest.approx(1.0 + (0.95 - 0.9) / (0.95 - 0.8166667), abs=1e-5)
+
+
+def test_batch_deadlines_follow_each_instances_typical_batch_time():
+    from epd.engine.deadlines import BatchDeadlines
+
+    d = BatchDeadlines(factor=10.0, floor_s=1.0, smoothing=0.5)
+    d.submitted("p0", 0.0)
+    d.submitted("p0", 0.05)  # a second batch behind the first: the clock stays on the oldest
+    assert d.overdue("p0", "PrefillBatch", 0.9) is None  # the floor holds before any history
+    assert d.overdue("p0", "PrefillBatch", 1.5) == (1.5, 1.0)
+    d.replied("p0", "PrefillBatch", 0.4, more_in_flight=True)  # took 0.4 s; the next one is timed from now
+    assert d.typical[("p0", "PrefillBatch")] == 0.4 and d.head_since["p0"] == 0.4
+    assert d.bound("p0", "PrefillBatch") == 4.0 and d.bound("p0", "DecodeBatch") == 1.0
+    d.replied("p0", "PrefillBatch", 0.6, more_in_flight=False)  # took 0.2 s: smoothed to 0.3
+    assert d.typical[("p0", "PrefillBatch")] == pytest.approx(0.3) and "p0" not in d.head_since
+    assert d.overdue("p0", "PrefillBatch", 100.0) is None  # nothing in flight
+    d.forget("p0")
+    assert d.bound("p0", "PrefillBatch") == 1.0
+    assert not BatchDeadlines(10.0, 0.0).enabled

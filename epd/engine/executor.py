@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig, PoolConfig
 from epd.distributed import CommSpec, free_port
+from epd.engine.deadlines import BatchDeadlines
 from epd.engine.ordering import Tickets
 from epd.stages.work import Batch, BatchFailure, EncodeBatch, Result, pulled_handles
 from epd.transfer import Endpoint, TransferHandle, transfer_class
@@ -190,6 +191,7 @@ class RayExecutor:
         self._next_ping = 0.0
         self._tickets = Tickets()  # per instance: its batches' order
         self._push_tickets = Tickets()  # per (sender, receiver): the order of pushes between them
+        self.deadlines = BatchDeadlines(backend.worker_deadline_factor, backend.worker_deadline_floor_s)
 
     def _start(self, idx: int, roles: tuple[str, ...], pool: PoolConfig) -> Any:
         """The worker process of `_procs[idx]` in its placement-group bundle (its GPU, its cores)."""
@@ -213,6 +215,7 @@ class RayExecutor:
             self.ray.kill(a, no_restart=True)  # a hung one too: its bundle is needed
         ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
         self._tickets.restart(iid)  # the new worker's batches count from 0
+        self.deadlines.forget(iid)
         self._starting[iid] = (ranks, [a.ping.remote() for a in ranks], time.time())
         return None
 
@@ -250,6 +253,7 @@ class RayExecutor:
         ticket = self._tickets.take(iid)
         refs = [a.execute.remote(arg, ticket) for a in self.actors[iid]]
         self._inflight[refs[0]] = (iid, batch, refs[1:])
+        self.deadlines.submitted(iid, time.time())
 
     def _push_for(self, receiver: str, batch: Batch) -> None:
         """Ask each sender whose blocks this batch pulls to push them, in the order the receiver reads them."""
@@ -288,6 +292,8 @@ class RayExecutor:
         while ready:
             for ref in ready:
                 iid, batch, others = self._inflight.pop(ref)
+                more = any(i == iid for i, _, _ in self._inflight.values())
+                self.deadlines.replied(iid, type(batch).__name__, time.time(), more)
                 try:
                     result: Any = self.ray.get(ref)
                     self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
@@ -328,11 +334,32 @@ class RayExecutor:
                     if iid not in self.lost:
                         self.lost.add(iid)
                         out[iid] = _reason(exc)
+        out.update(self._hung(now))
         waiting = set(self._pings.values())
         for iid, ranks in self.actors.items():
             if iid not in self.lost and iid not in waiting:
                 for a in ranks:
                     self._pings[a.ping.options(concurrency_group="transfer").remote()] = iid
+        return out
+
+    def _hung(self, now: float) -> dict[str, str]:
+        """Instances whose oldest batch is past its deadline: their workers are killed (their batches
+        then fail as a dead worker's do) and reported lost."""
+        out, seen = {}, set()
+        for iid, batch, _ in list(self._inflight.values()):  # each instance's first: its oldest
+            if iid in seen or iid in self.lost:
+                continue
+            seen.add(iid)
+            kind = type(batch).__name__
+            late = self.deadlines.overdue(iid, kind, now)
+            if late is None:
+                continue
+            waited, bound = late
+            out[iid] = f"no reply to a {kind} for {waited:.1f} s (deadline {bound:.1f} s): taken for hung and killed"
+            log.error("worker %s: %s", iid, out[iid])
+            self.lost.add(iid)
+            for a in self.actors[iid]:
+                self.ray.kill(a, no_restart=True)
         return out
 
     def refresh_transfers(self, iid: str) -> None:
