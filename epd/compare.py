@@ -172,7 +172,7 @@ def summarize(cfg: RunConfig, rows: list[dict]) -> dict:
         runs = [r for r in rows if r["deployment"] == name and r["source"] == source]
         seeds = sorted({r["seed"] for r in runs})
         per_seed = [goodput([(r["rate"], r["slo_attainment"]) for r in runs if r["seed"] == s], target) for s in seeds]
-        ci = mean_ci(per_seed, level)  # seeds below the lowest rate have no goodput: left out, and listed
+        ci = mean_ci(per_seed, level, (0.0, float("inf")))  # seeds below the lowest rate have no goodput: left out, and listed
         good_ci[f"{name}/{source}"] = {"per_seed": per_seed, **(ci.as_dict() if ci else {})}
     return {
         "experiment": cfg.experiment,
