@@ -335,6 +335,9 @@ class HardwareConfig:
 class BackendConfig:
     kind: str = "ray"  # ray (real engine on Ray) | local (real engine, one process) | sim (SimPy) | online (HTTP server)
     address: Optional[str] = None  # existing Ray cluster; None starts a local one
+    # How a deployment's workers are laid over the cluster's nodes (a Ray placement-group strategy):
+    # PACK (as few nodes as fit, the default), SPREAD (over as many as possible), STRICT_PACK, STRICT_SPREAD.
+    placement: str = "PACK"
     num_cpus: Optional[int] = None
     latency_model: str = "roofline"  # sim: roofline | profiled
     profile_path: Optional[str] = None

@@ -102,6 +102,7 @@ def check_run_config(cfg: RunConfig) -> None:
     c.choice("backend.latency_model", b.latency_model, ("roofline", "profiled"))
     c.at_least("backend.timeout_s", b.timeout_s, 0, strict=True)
     c.at_least("backend.worker_deadline_factor", b.worker_deadline_factor, 1)
+    c.choice("backend.placement", b.placement, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     c.optional_at_least("backend.num_cpus", b.num_cpus, 1)
     c.at_least("server.client_retries", cfg.server.client_retries, 0)
     c.at_least("server.drain_timeout_s", cfg.server.drain_timeout_s, 0)

@@ -151,7 +151,7 @@ class RayExecutor:
         self._own_ray = ensure_ray(backend, [deployment])
         # One bundle per process, reserved at once: a deployment gets all of its GPUs or none.
         bundles = [{"CPU": p.pool.num_cpus, **({"GPU": p.pool.num_gpus} if p.pool.num_gpus else {})} for p in procs]
-        self.pg = placement_group(bundles, strategy="PACK")
+        self.pg = placement_group(bundles, strategy=backend.placement)
         if not self.pg.wait(timeout_seconds=120):
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(f"cannot reserve {bundles} on the Ray cluster: {ray.cluster_resources()}")

@@ -1,0 +1,102 @@
+"""Several Ray nodes on one machine (`ray.cluster_utils.Cluster`): a 2E2P2D engine (tiny LLaVA, CPU)
+placed over three nodes, object-store transfers between them, and one node removed mid-run.
+
+    HF_HUB_OFFLINE=1 python bench/multi_node.py --out multi_node.json [--nodes 3] [--cpus-per-node 4]
+
+Reports where each worker ran, how the requests ended (finished with a fault-free run's tokens,
+redone, aborted, lost: must be 0) and which instances were lost and replaced after the node went.
+tests/test_multi_node.py runs it and checks those counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import MODEL, reference  # noqa: E402
+from test_faults import TWO_OF_EACH, _requests  # noqa: E402
+
+from epd.config import BackendConfig, EngineConfig  # noqa: E402
+from epd.engine.core import EngineCore  # noqa: E402
+from epd.lifetime import LifetimeEvent as Ev  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="multi_node.json")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--cpus-per-node", type=int, default=4)
+    a = ap.parse_args()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the driver's node runs no worker
+    nodes = [cluster.add_node(num_cpus=a.cpus_per_node) for _ in range(a.nodes)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    reqs, later = _requests("m", 12), _requests("n", 6)
+    expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
+    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig(address=cluster.address, placement="SPREAD")))
+    report: dict = {"nodes": a.nodes}
+    try:
+        ids = {n.node_id: f"node{i}" for i, n in enumerate(nodes)}
+        where = {
+            iid: ids.get(core.executor.call_one(iid, "probe", lambda w: ray.get_runtime_context().get_node_id()), "head")
+            for iid in core.pipeline.instances
+        }
+        report["placement"] = where
+        for r in reqs:
+            core.add_request(r)
+        deadline = time.time() + 120
+        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 3:
+            assert time.time() < deadline, "no first tokens"
+            core.step()
+        victim = next(n for n in nodes if any(ids[n.node_id] == w for w in where.values()))
+        gone = sorted(iid for iid, w in where.items() if w == ids[victim.node_id])
+        cluster.remove_node(victim, allow_graceful=False)
+        removed = time.time()
+        core.run_until_idle(180)
+        for r in later:
+            core.add_request(r)
+        core.run_until_idle(180)
+        deadline = time.time() + 120  # replacements need room: the other nodes' spare cores
+        while len([e for e in core.pipeline.events if e.kind == Ev.WORKER_REPLACED]) < len(gone) and time.time() < deadline:
+            core.step()
+        events = list(core.pipeline.events)
+        outs = core.pipeline.outputs
+        aborted = {rid: o.abort_reason for rid, o in outs.items() if o.finish_reason == "abort"}
+        report.update(
+            removed_node=ids[victim.node_id],
+            instances_on_it=gone,
+            requests=len(expected),
+            ended=len(outs),
+            lost=len(expected) - len(outs),
+            finished_as_fault_free=sum(1 for rid, o in outs.items() if rid not in aborted and o.token_ids == expected[rid]),
+            aborted=aborted,
+            redone=sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost"),
+            lost_instances=sorted(e.instance for e in events if e.kind == Ev.WORKER_LOST),
+            replaced_instances=sorted(e.instance for e in events if e.kind == Ev.WORKER_REPLACED),
+            seconds_to_replace={e.instance: e.data["took_s"] for e in events if e.kind == Ev.WORKER_REPLACED},
+            seconds_from_removal_to_end=time.time() - removed,
+        )
+        core.drain_check()
+        report["drained"] = True
+    finally:
+        core.close()
+        ray.shutdown()
+        cluster.shutdown()
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
