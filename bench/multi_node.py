@@ -39,7 +39,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the driver's node runs no worker
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node runs no worker
     nodes = [cluster.add_node(num_cpus=a.cpus_per_node) for _ in range(a.nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
@@ -88,6 +88,11 @@ def main() -> None:
             seconds_to_replace={e.instance: e.data["took_s"] for e in events if e.kind == Ev.WORKER_REPLACED},
             seconds_from_removal_to_end=time.time() - removed,
         )
+        report["placement_after"] = {
+            iid: ids.get(core.executor.call_one(iid, "probe", lambda w: ray.get_runtime_context().get_node_id()), "head")
+            for iid, inst in core.pipeline.instances.items()
+            if not inst.failed
+        }
         core.drain_check()
         report["drained"] = True
     finally:

@@ -172,7 +172,8 @@ class RayExecutor:
         self._remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
         self._strategy = PlacementGroupSchedulingStrategy
         self._procs, self._model, self._comm = procs, model, comm
-        self._starting: dict[str, tuple[list[Any], list[Any], float]] = {}  # replacements: actors, pings, start time
+        self._starting: dict[str, tuple] = {}  # replacements under way: actors, pings, start time, (roles, pool, attempt)
+        self._retries: dict[str, tuple[float, tuple]] = {}  # replacements to try again: when, (roles, pool, attempt)
         self.actors: dict[str, list[Any]] = {}
         for idx, p in enumerate(procs):
             self.actors.setdefault(p.iid, []).append(self._start(idx, p.roles, p.pool))
@@ -213,31 +214,44 @@ class RayExecutor:
             return "workers in process groups (tensor parallelism, nccl transfers) are not replaced"
         for a in self.actors.get(iid, []):
             self.ray.kill(a, no_restart=True)  # a hung one too: its bundle is needed
+        self._launch(iid, roles, pool, attempt=1)
+        return None
+
+    def _launch(self, iid: str, roles: tuple[str, ...], pool: PoolConfig, attempt: int) -> None:
         ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
         self._tickets.restart(iid)  # the new worker's batches count from 0
         self.deadlines.forget(iid)
-        self._starting[iid] = (ranks, [a.ping.remote() for a in ranks], time.time())
-        return None
+        self._starting[iid] = (ranks, [a.ping.remote() for a in ranks], time.time(), (roles, pool, attempt))
 
     def rejoined(self) -> dict[str, float]:
-        """Replacements that came up since the last call, with seconds from start to ready; their peers
-        have learnt their caches. A replacement that fails to start is given up on (logged)."""
+        """Replacements that came up since the last call, with seconds from their start to ready; their
+        live peers have learnt their caches. One that fails to start (its node gone before Ray re-placed
+        its bundle, say) is tried again after 2, 4, 8, 16 s, then given up on (logged)."""
         out: dict[str, float] = {}
-        for iid, (ranks, pings, t0) in list(self._starting.items()):
+        now = time.time()
+        for iid, (due, spec) in list(self._retries.items()):
+            if now >= due:
+                del self._retries[iid]
+                self._launch(iid, *spec)
+        for iid, (ranks, pings, t0, (roles, pool, attempt)) in list(self._starting.items()):
             if len(self.ray.wait(pings, num_returns=len(pings), timeout=0)[0]) < len(pings):
                 continue
             del self._starting[iid]
             try:
                 self.ray.get(pings)
                 self._exports.update(dict(self.ray.get([a.transfer_export.remote() for a in ranks])))
-                self.actors[iid] = ranks
-                everyone = [a for rs in self.actors.values() for a in rs]
-                self.ray.get([a.transfer_connect.options(concurrency_group="transfer").remote(self._exports) for a in everyone])
+                live = [a for i, rs in self.actors.items() if i not in self.lost for a in rs] + ranks
+                self.ray.get([a.transfer_connect.options(concurrency_group="transfer").remote(self._exports) for a in live])
             except Exception as exc:
-                log.error("the replacement of worker %s failed to start: %s", iid, _reason(exc))
                 for a in ranks:
                     self.ray.kill(a, no_restart=True)
+                if attempt < 5:
+                    log.warning("the replacement of worker %s failed to start (try %d): %s", iid, attempt, _reason(exc))
+                    self._retries[iid] = (time.time() + 2.0**attempt, (roles, pool, attempt + 1))
+                else:
+                    log.error("the replacement of worker %s failed to start %d times; given up: %s", iid, attempt, _reason(exc))
                 continue
+            self.actors[iid] = ranks
             self.lost.discard(iid)
             out[iid] = time.time() - t0
         return out
@@ -379,8 +393,9 @@ class RayExecutor:
         return self.ray.get(refs)[0]
 
     def shutdown(self) -> None:
-        actors = [a for ranks in self.actors.values() for a in ranks] + [a for ranks, _, _ in self._starting.values() for a in ranks]
+        actors = [a for ranks in self.actors.values() for a in ranks] + [a for entry in self._starting.values() for a in entry[0]]
         self._starting.clear()
+        self._retries.clear()
         if actors:
             try:  # let workers leave their process groups and unmap peers before they die
                 self.ray.get([a.close.remote() for a in actors], timeout=30)
