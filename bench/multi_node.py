@@ -1,7 +1,8 @@
 """Several Ray nodes on one machine (`ray.cluster_utils.Cluster`): a 2E2P2D engine (tiny LLaVA, CPU)
 placed over three nodes, object-store transfers between them, and one node removed mid-run.
 
-    HF_HUB_OFFLINE=1 python bench/multi_node.py --out multi_node.json [--nodes 3] [--cpus-per-node 4]
+    HF_HUB_OFFLINE=1 python bench/multi_node.py --out multi_node.json [--nodes 3] [--cpus-per-node 4] \
+        [--transfer nccl] [--keep-nodes]
 
 Reports where each worker ran, how the requests ended (finished with a fault-free run's tokens,
 redone, aborted, lost: must be 0) and which instances were lost and replaced after the node went.
@@ -11,6 +12,7 @@ tests/test_multi_node.py runs it and checks those counts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--out", default="multi_node.json")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--cpus-per-node", type=int, default=4)
+    ap.add_argument("--transfer", default="object_store", help="object_store, or nccl (gloo process groups on CPU)")
+    ap.add_argument("--keep-nodes", action="store_true", help="remove no node: transfers between nodes only")
     a = ap.parse_args()
     import ray
     from ray.cluster_utils import Cluster
@@ -45,8 +49,9 @@ def main() -> None:
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     reqs, later = _requests("m", 12), _requests("n", 6)
     expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
-    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", BackendConfig(address=cluster.address, placement="SPREAD")))
-    report: dict = {"nodes": a.nodes}
+    deployment = dataclasses.replace(TWO_OF_EACH, transfer=a.transfer)
+    core = EngineCore(EngineConfig(MODEL, deployment, "ray", BackendConfig(address=cluster.address, placement="SPREAD")))
+    report: dict = {"nodes": a.nodes, "transfer": a.transfer}
     try:
         ids = {n.node_id: f"node{i}" for i, n in enumerate(nodes)}
         where = {
@@ -61,8 +66,9 @@ def main() -> None:
             assert time.time() < deadline, "no first tokens"
             core.step()
         victim = next(n for n in nodes if any(ids[n.node_id] == w for w in where.values()))
-        gone = sorted(iid for iid, w in where.items() if w == ids[victim.node_id])
-        cluster.remove_node(victim, allow_graceful=False)
+        gone = [] if a.keep_nodes else sorted(iid for iid, w in where.items() if w == ids[victim.node_id])
+        if not a.keep_nodes:
+            cluster.remove_node(victim, allow_graceful=False)
         removed = time.time()
         core.run_until_idle(180)
         for r in later:
@@ -75,7 +81,7 @@ def main() -> None:
         outs = core.pipeline.outputs
         aborted = {rid: o.abort_reason for rid, o in outs.items() if o.finish_reason == "abort"}
         report.update(
-            removed_node=ids[victim.node_id],
+            removed_node=None if a.keep_nodes else ids[victim.node_id],
             instances_on_it=gone,
             requests=len(expected),
             ended=len(outs),
