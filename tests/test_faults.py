@@ -152,3 +152,39 @@ def test_a_hung_worker_is_found_by_its_deadline_killed_and_replaced(ray_cluster)
         core.drain_check()
     finally:
         core.close()
+
+
+@pytest.mark.parametrize("victim", ["encode-0", "decode-0"])
+def test_a_stage_left_without_workers_waits_for_the_replacement(ray_cluster, victim):
+    """One worker per stage: while the lost one's replacement starts, requests that need its stage wait
+    for it instead of being aborted, and then finish with a fault-free run's tokens."""
+    one_each = DeploymentConfig(
+        name="epd", encode=PoolConfig(mm_blocks=64), prefill=PoolConfig(kv_blocks=128), decode=PoolConfig(kv_blocks=128, max_decode_seqs=8)
+    )
+    reqs, later = _requests("w", 8), _requests("x", 4)
+    expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
+    core = EngineCore(EngineConfig(MODEL, one_each, "ray", BackendConfig()))
+    try:
+        for r in reqs:
+            core.add_request(r)
+        deadline = time.time() + 120
+        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 2:
+            assert time.time() < deadline
+            core.step()
+        ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
+        for r in later:  # arriving while the stage has no worker: they wait for the replacement
+            core.add_request(r)
+        deadline = time.time() + 60
+        while not core.pipeline.parked:
+            assert time.time() < deadline, "nothing waited for the lost stage"
+            core.step()
+        core.run_until_idle(180)
+        events = list(core.pipeline.events)
+        assert [e.instance for e in events if e.kind == Ev.WORKER_REPLACED] == [victim]
+        outputs = core.pipeline.outputs
+        assert {rid: o.finish_reason for rid, o in outputs.items() if o.finish_reason == "abort"} == {}
+        assert {rid: o.token_ids for rid, o in outputs.items()} == expected
+        assert not core.pipeline.parked and not core.pipeline.coming
+        core.drain_check()
+    finally:
+        core.close()

@@ -51,6 +51,7 @@ class EngineCore:
         self.executor = make_executor(config.executor, deployment, model, config.backend)
         frees = transfer_class(self.executor.transfer).frees_on_send  # the backend the workers actually use
         self.pipeline = Pipeline(deployment, family, frees, time.time(), on_output, tokenizer)
+        self.pipeline.replaces_lost = deployment.replace_lost_workers and self.executor.can_replace
         self._incoming: queue.Queue[tuple[Request, float]] = queue.Queue()
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._forgets: queue.Queue[str] = queue.Queue()
@@ -200,14 +201,15 @@ class EngineCore:
     def _replace_lost_workers(self) -> None:
         """Start a replacement for each newly lost worker; let each replacement that came up rejoin once
         its dead predecessor's batches have all been accounted for."""
-        if not self.config.deployment.replace_lost_workers:
+        if not self.pipeline.replaces_lost:
             return
         for iid, inst in self.pipeline.instances.items():
-            if inst.failed and iid in self.executor.lost and iid not in self._replacing:
+            if inst.failed and iid in self.executor.lost and iid not in self._replacing | self.executor.given_up:
                 self._replacing.add(iid)
-                why_not = self.executor.replace(iid, inst.roles, inst.cfg)
-                if why_not is not None:
-                    log.warning("worker %s is not replaced: %s", iid, why_not)
+                self.executor.replace(iid, inst.roles, inst.cfg)
+        for iid in self.executor.given_up & self._replacing:
+            self._replacing.discard(iid)
+            self.pipeline.replacement_abandoned(self.pipeline.instances[iid])
         self._ready_replacements.update(self.executor.rejoined())
         for iid, took in list(self._ready_replacements.items()):
             inst = self.pipeline.instances[iid]

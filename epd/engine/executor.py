@@ -68,8 +68,11 @@ class LocalExecutor:
     def refresh_transfers(self, iid: str) -> None:
         """In one process the local backend finds every worker's current caches by itself."""
 
-    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> Optional[str]:
-        return "in-process workers live and die with the driver"
+    can_replace = False  # in-process workers live and die with the driver
+    given_up: set[str] = set()
+
+    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> None:
+        raise RuntimeError("in-process workers are not replaced")
 
     def rejoined(self) -> dict[str, float]:
         return {}
@@ -174,6 +177,7 @@ class RayExecutor:
         self._procs, self._model, self._comm = procs, model, comm
         self._starting: dict[str, tuple] = {}  # replacements under way: actors, pings, start time, (roles, pool, attempt)
         self._retries: dict[str, tuple[float, tuple]] = {}  # replacements to try again: when, (roles, pool, attempt)
+        self.given_up: set[str] = set()  # instances no replacement will come for
         self.actors: dict[str, list[Any]] = {}
         for idx, p in enumerate(procs):
             self.actors.setdefault(p.iid, []).append(self._start(idx, p.roles, p.pool))
@@ -206,16 +210,20 @@ class RayExecutor:
             runtime_env={"env_vars": env} if env else None,
         ).remote(p.iid, roles, self._model, pool, self.transfer, max(1, int(pool.num_cpus)), p.endpoint, self._comm, gpu, True)
 
-    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> Optional[str]:
+    @property
+    def can_replace(self) -> bool:
+        """Workers in process groups (tensor parallelism, nccl transfers) cannot rejoin their groups."""
+        return self._comm is None
+
+    def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> None:
         """Start a new worker for lost instance `iid` (its current roles and pool) in the dead one's
-        bundle; it loads its weights while the others serve, and `rejoined` reports it once it answers.
-        Returns why it cannot be replaced, or None."""
-        if self._comm is not None:  # its rank's process groups (TP, NCCL transfers) cannot be rejoined
-            return "workers in process groups (tensor parallelism, nccl transfers) are not replaced"
+        bundle; it loads its weights while the others serve, and `rejoined` reports it once it answers
+        (or `given_up` names it)."""
+        if not self.can_replace:
+            raise RuntimeError(f"worker {iid} is in a process group: it cannot be replaced")
         for a in self.actors.get(iid, []):
             self.ray.kill(a, no_restart=True)  # a hung one too: its bundle is needed
         self._launch(iid, roles, pool, attempt=1)
-        return None
 
     def _launch(self, iid: str, roles: tuple[str, ...], pool: PoolConfig, attempt: int) -> None:
         ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
@@ -250,6 +258,7 @@ class RayExecutor:
                     self._retries[iid] = (time.time() + 2.0**attempt, (roles, pool, attempt + 1))
                 else:
                     log.error("the replacement of worker %s failed to start %d times; given up: %s", iid, attempt, _reason(exc))
+                    self.given_up.add(iid)
                 continue
             self.actors[iid] = ranks
             self.lost.discard(iid)

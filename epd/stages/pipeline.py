@@ -84,6 +84,9 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         self.events = EventLog()
         self.states: dict[str, RequestState] = {}
         self.outputs: dict[str, RequestOutput] = {}
+        self.replaces_lost = False  # whether the engine replaces lost workers (set by the engine; the simulator loses none)
+        self.coming: set[str] = set()  # lost instances whose replacement is starting
+        self.parked: list[tuple[RequestState, Role, Callable[[], None]]] = []  # waiting for a stage to come back
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _t(self, t: float) -> float:

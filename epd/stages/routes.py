@@ -3,6 +3,8 @@ parallelism), then a P instance, then a D instance (the P instance itself when i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from epd.config import Role
 from epd.request import INTERNAL
 from epd.stages.instance import EncodeWork, Instance
@@ -12,16 +14,32 @@ from epd.stages.state import RequestState
 class Routes:
     """Pipeline part: routing between stages."""
 
-    def _none_in_service(self, state: RequestState, role: Role) -> bool:
-        """No worker of `role` is left (lost ones are not replaced): the request is aborted."""
+    def _none_in_service(self, state: RequestState, role: Role, route: Callable[[], None]) -> bool:
+        """No worker of `role` is in service. If a replacement for one is starting, the request waits for
+        it (`route` is called again when it rejoins); otherwise it is aborted."""
         if self.by_role[role]:
             return False
-        self.abort(state, f"no {role.value} worker is in service", self.now, INTERNAL)
+        if any(role in self.instances[iid].roles for iid in self.coming):
+            self.parked.append((state, role, route))
+        else:
+            self.abort(state, f"no {role.value} worker is in service", self.now, INTERNAL)
         return True
+
+    def _unpark(self) -> None:
+        """Route again what waited for a stage: it is back, or no replacement for it is coming any more
+        (then the route aborts it)."""
+        waiting, self.parked = self.parked, []
+        for state, role, route in waiting:
+            if state.done:
+                continue
+            if self.by_role[role] or not any(role in self.instances[iid].roles for iid in self.coming):
+                route()
+            else:
+                self.parked.append((state, role, route))
 
     def _route_encode(self, state: RequestState, front: bool = False) -> None:
         """`front`: ahead of the queue (a preempted request, whose images are most likely cached)."""
-        if self._none_in_service(state, Role.ENCODE):
+        if self._none_in_service(state, Role.ENCODE, lambda: self._route_encode(state, front)):
             return
         encoders = self.by_role[Role.ENCODE]
         n = len(state.req.images)
@@ -51,7 +69,7 @@ class Routes:
 
     def _route_prefill(self, state: RequestState, front: bool = False) -> None:
         if state.prefill_instance is None:
-            if self._none_in_service(state, Role.PREFILL):
+            if self._none_in_service(state, Role.PREFILL, lambda: self._route_prefill(state, front)):
                 return
             state.prefill_instance = self.router.choose(Role.PREFILL, self.by_role[Role.PREFILL]).id
         queue = self.instances[state.prefill_instance].prefill_queue
@@ -67,7 +85,7 @@ class Routes:
             state.kv_local = True
             inst = prefill_inst
         else:
-            if self._none_in_service(state, Role.DECODE):
+            if self._none_in_service(state, Role.DECODE, lambda: self._route_decode(state, prefill_inst)):
                 return
             inst = self.router.choose(Role.DECODE, self.by_role[Role.DECODE])
         state.decode_instance = inst.id

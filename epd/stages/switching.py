@@ -150,6 +150,8 @@ class RoleSwitching:
         if inst.failed:
             return
         inst.failed = reason
+        if self.replaces_lost:  # what would find its stage empty waits for the replacement
+            self.coming.add(inst.id)
         for role in inst.roles:
             if inst in self.by_role[role]:
                 self.by_role[role].remove(inst)
@@ -208,7 +210,14 @@ class RoleSwitching:
         for role in inst.roles:
             self.by_role[role].append(inst)
             self._share_queued_work(inst, role)
+        self.coming.discard(inst.id)
         self.events.emit(self._t(t), SYSTEM, Ev.WORKER_REPLACED, inst.id, took_s=took_s, layout=self.layout())
+        self._unpark()
+
+    def replacement_abandoned(self, inst: Instance) -> None:
+        """No replacement for `inst` will come: what waits for its stage and has no other worker is aborted."""
+        self.coming.discard(inst.id)
+        self._unpark()
 
     def tied_to(self, state: RequestState, inst: Instance) -> bool:
         """Whether `state` has work or data on `inst` that dies with it."""
