@@ -56,6 +56,14 @@ def one(victim: str) -> dict:
         aborted = [o for o in outs.values() if o.finish_reason == "abort"]
         after = [e for e in core.pipeline.events if replaced is not None and e.time > replaced.time]
         served = {e.request_id for e in after if e.instance == victim and e.request_id}
+        tokens = [e.time for e in core.pipeline.events if e.kind in (Ev.FIRST_TOKEN, Ev.TOKEN)]
+        kill_t = killed - core.origin
+        first_done = max(e.time for e in core.pipeline.events if e.kind in (Ev.FINISHED, Ev.ABORTED) and e.request_id.startswith("a"))
+        back_t = min(replaced.time if replaced is not None else first_done, first_done)  # while the first requests still ran
+
+        def rate(lo: float, hi: float) -> float | None:  # output tokens per second in [lo, hi)
+            return sum(lo <= t < hi for t in tokens) / (hi - lo) if hi > lo else None
+
         return {
             "victim": victim,
             "requests": len(reqs) + len(later),
@@ -68,6 +76,8 @@ def one(victim: str) -> dict:
             "noticed_after_s": noticed,
             "replaced_after_s": None if replaced is None else replaced.data["took_s"],
             "requests_served_by_the_replacement": len(served),
+            "tokens_per_s_before_the_loss": rate(min(tokens), kill_t),
+            "tokens_per_s_while_replacing": rate(kill_t, back_t),
         }
     finally:
         core.close()
@@ -84,7 +94,8 @@ def main() -> None:
         print(
             f"{victim}: {r['ended']} of {r['requests']} ended, {r['finished']} finished ({r['redone']} redone), {r['aborted']} aborted "
             f"({r['aborts_naming_the_victim']} naming it), {r['lost']} lost; loss noticed after {r['noticed_after_s']:.2f} s; "
-            f"replacement up after {r['replaced_after_s']} s, then served {r['requests_served_by_the_replacement']} requests",
+            f"replacement up after {r['replaced_after_s']} s, then served {r['requests_served_by_the_replacement']} requests; "
+            f"tokens/s before {r['tokens_per_s_before_the_loss']}, while replacing {r['tokens_per_s_while_replacing']}",
             flush=True,
         )
     Path(args.out).write_text(json.dumps(rows, indent=2))
