@@ -69,7 +69,7 @@ class LocalExecutor:
         """In one process the local backend finds every worker's current caches by itself."""
 
     can_replace = False  # in-process workers live and die with the driver
-    given_up: set[str] = set()
+    given_up: frozenset[str] = frozenset()
 
     def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> None:
         raise RuntimeError("in-process workers are not replaced")
