@@ -54,10 +54,11 @@ def main() -> None:
     report: dict = {"nodes": a.nodes, "transfer": a.transfer}
     try:
         ids = {n.node_id: f"node{i}" for i, n in enumerate(nodes)}
-        where = {
-            iid: ids.get(core.executor.call_one(iid, "probe", lambda w: ray.get_runtime_context().get_node_id()), "head")
-            for iid in core.pipeline.instances
-        }
+
+        def node_of(iid: str) -> str:
+            return ids.get(core.executor.call_one(iid, "probe", lambda w: ray.get_runtime_context().get_node_id()), "head")
+
+        where = {iid: node_of(iid) for iid in core.pipeline.instances}
         report["placement"] = where
         for r in reqs:
             core.add_request(r)
@@ -94,11 +95,7 @@ def main() -> None:
             seconds_to_replace={e.instance: e.data["took_s"] for e in events if e.kind == Ev.WORKER_REPLACED},
             seconds_from_removal_to_end=time.time() - removed,
         )
-        report["placement_after"] = {
-            iid: ids.get(core.executor.call_one(iid, "probe", lambda w: ray.get_runtime_context().get_node_id()), "head")
-            for iid, inst in core.pipeline.instances.items()
-            if not inst.failed
-        }
+        report["placement_after"] = {iid: node_of(iid) for iid, inst in core.pipeline.instances.items() if not inst.failed}
         core.drain_check()
         report["drained"] = True
     finally:

@@ -36,6 +36,22 @@ def _requests(prefix: str, n: int) -> list[Request]:
     ]
 
 
+def _step_until(core: EngineCore, done, seconds: float, what: str = "") -> None:
+    """Run the engine's loop until `done()` holds, failing after `seconds`."""
+    deadline = time.time() + seconds
+    while not done():
+        assert time.time() < deadline, what or "timed out"
+        core.step()
+
+
+def _first_tokens(core: EngineCore) -> int:
+    return sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN)
+
+
+def _replaced(core: EngineCore) -> bool:
+    return any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events)
+
+
 @pytest.mark.parametrize("victim,replace", [("encode-1", False), ("prefill-1", False), ("decode-1", True)])
 def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, victim, replace):
     reqs, later = _requests("a", 12), _requests("b", 6)
@@ -45,10 +61,7 @@ def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, vi
     try:
         for r in reqs:
             core.add_request(r)
-        deadline = time.time() + 120
-        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 3:  # mid-run: some decoding, some not started
-            assert time.time() < deadline
-            core.step()
+        _step_until(core, lambda: _first_tokens(core) >= 3, 120)  # mid-run: some decoding, some not started
         ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
         core.run_until_idle(120)
         for r in later:  # after the loss: served by the siblings
@@ -70,10 +83,7 @@ def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, vi
         lost = [e for e in events if e.kind == Ev.WORKER_LOST]
         assert [e.instance for e in lost] == [victim]
         if replace:  # a new worker takes its place: the stage has both workers again
-            deadline = time.time() + 180
-            while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events):
-                assert time.time() < deadline, "no replacement came up"
-                core.step()
+            _step_until(core, lambda: _replaced(core), 180, "no replacement came up")
             events = list(core.pipeline.events)
             assert [e.instance for e in events if e.kind == Ev.WORKER_REPLACED] == [victim]
             assert not core.pipeline.instances[victim].failed
@@ -94,15 +104,9 @@ def test_a_replaced_worker_rejoins_its_stage_and_serves(ray_cluster, victim):
     try:
         for r in first:
             core.add_request(r)
-        deadline = time.time() + 120
-        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 2:
-            assert time.time() < deadline
-            core.step()
+        _step_until(core, lambda: _first_tokens(core) >= 2, 120)
         ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
-        deadline = time.time() + 180
-        while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events):
-            assert time.time() < deadline, "no replacement came up"
-            core.step()
+        _step_until(core, lambda: _replaced(core), 180, "no replacement came up")
         replaced = next(e for e in core.pipeline.events if e.kind == Ev.WORKER_REPLACED)
         assert replaced.instance == victim and replaced.data["took_s"] > 0
         for r in later:
@@ -134,16 +138,10 @@ def test_a_hung_worker_is_found_by_its_deadline_killed_and_replaced(ray_cluster)
         pid = core.executor.call_one(victim, "probe", lambda w: os.getpid())
         for r in reqs:
             core.add_request(r)
-        deadline = time.time() + 120
-        while not any(e.kind in (Ev.DECODE_BEGIN, Ev.TOKEN) and e.instance == victim for e in core.pipeline.events):
-            assert time.time() < deadline
-            core.step()
+        _step_until(core, lambda: any(e.kind in (Ev.DECODE_BEGIN, Ev.TOKEN) and e.instance == victim for e in core.pipeline.events), 120)
         os.kill(pid, signal.SIGSTOP)
         stopped = time.time()
-        deadline = time.time() + 180
-        while not any(e.kind == Ev.WORKER_REPLACED for e in core.pipeline.events) or core.has_work():
-            assert time.time() < deadline, "the hung worker was not replaced"
-            core.step()
+        _step_until(core, lambda: _replaced(core) and not core.has_work(), 180, "the hung worker was not replaced")
         events = list(core.pipeline.events)
         lost = [e for e in events if e.kind == Ev.WORKER_LOST]
         assert [e.instance for e in lost] == [victim] and "hung" in lost[0].data["reason"]
@@ -167,17 +165,11 @@ def test_a_stage_left_without_workers_waits_for_the_replacement(ray_cluster, vic
     try:
         for r in reqs:
             core.add_request(r)
-        deadline = time.time() + 120
-        while sum(1 for e in core.pipeline.events if e.kind == Ev.FIRST_TOKEN) < 2:
-            assert time.time() < deadline
-            core.step()
+        _step_until(core, lambda: _first_tokens(core) >= 2, 120)
         ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
         for r in later:  # arriving while the stage has no worker: they wait for the replacement
             core.add_request(r)
-        deadline = time.time() + 60
-        while not core.pipeline.parked:
-            assert time.time() < deadline, "nothing waited for the lost stage"
-            core.step()
+        _step_until(core, lambda: bool(core.pipeline.parked), 60, "nothing waited for the lost stage")
         core.run_until_idle(180)
         events = list(core.pipeline.events)
         assert [e.instance for e in events if e.kind == Ev.WORKER_REPLACED] == [victim]

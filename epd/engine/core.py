@@ -201,8 +201,8 @@ class EngineCore:
     def _replace_lost_workers(self) -> None:
         """Start a replacement for each newly lost worker; let each replacement that came up rejoin once
         its dead predecessor's batches have all been accounted for."""
-        if not self.pipeline.replaces_lost:
-            return
+        if not self.pipeline.replaces_lost or not (self.executor.lost or self._replacing):
+            return  # the common case, every loop: nothing lost
         for iid, inst in self.pipeline.instances.items():
             if inst.failed and iid in self.executor.lost and iid not in self._replacing | self.executor.given_up:
                 self._replacing.add(iid)

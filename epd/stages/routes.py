@@ -19,11 +19,14 @@ class Routes:
         it (`route` is called again when it rejoins); otherwise it is aborted."""
         if self.by_role[role]:
             return False
-        if any(role in self.instances[iid].roles for iid in self.coming):
+        if self._replacement_coming(role):
             self.parked.append((state, role, route))
         else:
             self.abort(state, f"no {role.value} worker is in service", self.now, INTERNAL)
         return True
+
+    def _replacement_coming(self, role: Role) -> bool:
+        return any(role in self.instances[iid].roles for iid in self.coming)
 
     def _unpark(self) -> None:
         """Route again what waited for a stage: it is back, or no replacement for it is coming any more
@@ -32,7 +35,7 @@ class Routes:
         for state, role, route in waiting:
             if state.done:
                 continue
-            if self.by_role[role] or not any(role in self.instances[iid].roles for iid in self.coming):
+            if self.by_role[role] or not self._replacement_coming(role):
                 route()
             else:
                 self.parked.append((state, role, route))

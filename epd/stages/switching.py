@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
-from epd.config import POOL_ROLES, ROLES, Role, describe_layout
+from epd.config import POOL_ROLES, ROLES, PoolConfig, Role, describe_layout
 from epd.lifetime import SYSTEM
 from epd.lifetime import LifetimeEvent as Ev
 from epd.request import INTERNAL
@@ -141,6 +141,14 @@ class RoleSwitching:
                     x.decode_instance = inst.id
             share -= len(take)
 
+    def _enter_service(self, inst: Instance, pool: str, roles: tuple[str, ...], cfg: PoolConfig) -> None:
+        """`inst` serves `roles` with fresh block pools (after a role switch, or as a replaced worker) and
+        takes its share of its siblings' queued work."""
+        inst.configure(pool, roles, cfg)
+        for role in inst.roles:
+            self.by_role[role].append(inst)
+            self._share_queued_work(inst, role)
+
     def lose_instance(self, inst: Instance, reason: str, t: float) -> None:
         """Its worker died: the instance leaves service. Work queued there that holds nothing on it goes
         to a sibling of its stage; a request that had work or data there starts over on the siblings
@@ -202,14 +210,11 @@ class RoleSwitching:
         if not inst.failed or inst.inflight:
             raise RuntimeError(f"instance {inst.id} cannot rejoin: failed={inst.failed!r}, {inst.inflight} batches in flight")
         inst.failed = None
-        inst.configure(inst.pool, inst.roles, inst.cfg)
         inst.running.clear()
         inst.pending_release.clear()  # the new worker holds no sequence to forget
         inst.outgoing = 0
         inst.prefilled_last = False
-        for role in inst.roles:
-            self.by_role[role].append(inst)
-            self._share_queued_work(inst, role)
+        self._enter_service(inst, inst.pool, inst.roles, inst.cfg)
         self.coming.discard(inst.id)
         self.events.emit(self._t(t), SYSTEM, Ev.WORKER_REPLACED, inst.id, took_s=took_s, layout=self.layout())
         self._unpark()
@@ -235,11 +240,8 @@ class RoleSwitching:
             self.events.emit(self._t(result.time), SYSTEM, Ev.ROLE_SWITCH_END, inst.id, from_pool=old, to_pool=target, failed=result.reason)
             return
         b, e = result.span
-        inst.configure(target, batch.roles, batch.pool)
+        self._enter_service(inst, target, batch.roles, batch.pool)
         inst.switching_to = None
-        for role in inst.roles:
-            self.by_role[role].append(inst)
-            self._share_queued_work(inst, role)
         self.events.emit(
             self._t(e),
             SYSTEM,
