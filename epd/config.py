@@ -39,6 +39,12 @@ class VisionTowerConfig:
     layer_norm_eps: float = 1e-5
     norm_type: str = "layer_norm"  # InternViT: layer_norm | rms_norm
     use_qk_norm: bool = False
+    # Qwen2-VL / Qwen2.5-VL: patches merged 2x2 into one LM token, two frames per temporal patch;
+    # Qwen2.5-VL attends within windows of `window_size` pixels except every `full_attention_every`-th layer.
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    full_attention_every: int = 8
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class TextModelConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny-llava"
-    family: str = "llava"  # the HF model_type: llava | internvl
+    family: str = "llava"  # the HF model_type: llava | internvl | qwen2_vl | qwen2_5_vl
     load_format: str = "dummy"  # dummy (random, seeded) | hf (local checkpoint dir)
     path: Optional[str] = None
     dtype: str = "float32"
@@ -75,6 +81,13 @@ class ModelConfig:
     downsample_ratio: float = 0.5  # internvl pixel shuffle
     max_tiles: int = 12  # internvl dynamic tiling
     use_thumbnail: bool = True
+    # qwen2_vl: images resized (aspect kept, sides multiples of 28) to between these many pixels;
+    # each image's placeholders are wrapped in these tokens, as the Qwen chat template does.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    vision_start_token_id: int = 5
+    vision_end_token_id: int = 6
+    video_token_id: int = 4
     cuda_graphs: bool = True  # capture the decode step on CUDA devices
     # Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (attention eager
     # between them, steps padded to a bucket); larger steps, which the GPU bounds anyway, run eagerly. 0: off.

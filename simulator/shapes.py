@@ -11,6 +11,16 @@ def _side(v) -> int:
     return v[0] if isinstance(v, (list, tuple)) else v
 
 
+def _vision_dims(family: ModelFamily) -> tuple[int, int, int, int, int, int]:
+    """(width, MLP width, layers, tile side, patch side, projector input width) of the vision tower. A
+    "tile" is one fixed-size tower input; native-resolution towers (Qwen2-VL) count 448-px squares."""
+    if hasattr(family, "tower_dims"):
+        return family.tower_dims()
+    v = family.hf.vision_config
+    proj_in = v.hidden_size * (4 if family.model_type == "internvl" else 1)
+    return v.hidden_size, v.intermediate_size, v.num_hidden_layers, _side(v.image_size), _side(v.patch_size), proj_in
+
+
 @dataclass(frozen=True)
 class ModelShape:
     dtype_bytes: int
@@ -30,24 +40,21 @@ class ModelShape:
     @staticmethod
     def of(family: ModelFamily, dtype: str) -> ModelShape:
         nbytes = DTYPE_BYTES[dtype]
-        v = family.hf.vision_config
-        hv, iv, lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers
-        side = _side(v.image_size) // _side(v.patch_size)
-        n = side * side + 1
+        hv, iv, lv, tile, patch, proj_in = _vision_dims(family)
+        n = (tile // patch) ** 2 + 1
         layer = 4 * hv * hv + 2 * hv * iv
-        vision_params = lv * layer + 3 * _side(v.patch_size) ** 2 * hv
+        vision_params = lv * layer + 3 * patch**2 * hv
         t = family.text_config()
         h, kvd = t.hidden_size, t.num_kv_heads * (t.hidden_size // t.num_heads)
-        proj_in = hv * (4 if family.model_type == "internvl" else 1)
         proj_params = proj_in * h + h * h
-        tokens_per_tile = family.num_image_tokens(_side(v.image_size), _side(v.image_size))
+        tokens_per_tile = family.tokens_per_tile() if hasattr(family, "tokens_per_tile") else family.num_image_tokens(tile, tile)
         vision_flops = 2 * lv * layer * n + 4 * lv * hv * n * n + 2 * proj_params * tokens_per_tile
         body = t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size)
         return ModelShape(
             dtype_bytes=nbytes,
             vision_params=vision_params + proj_params,
             vision_flops_per_tile=float(vision_flops),
-            pixels_per_tile=_side(v.image_size) ** 2,
+            pixels_per_tile=tile**2,
             tokens_per_tile=tokens_per_tile,
             lm_params=body + 2 * t.vocab_size * h,
             lm_flops_per_token=2.0 * body,

@@ -75,22 +75,23 @@ def reference(reqs, model=MODEL):
     from epd.models.image_processing import TorchOps, image_tensor
 
     rt = ModelRuntime(model, {"vision", "lm"})
-    prompts, mm = [], []
+    prompts, mm, rope = [], [], []
     for r in reqs:
         images = [load_image(im) for im in r.images]
         sizes = [im.size for im in images]
         prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes))
+        rope.append(rt.family.rope_layout(prompts[-1], sizes))
         if model.image_resize == "device":
             pixels = [rt.family.preprocess(image_tensor(im), TorchOps) for im in images]
         else:
             pixels = [rt.family.preprocess(im) for im in images]
         emb = rt.encode(pixels)
         mm.append(torch.cat(emb) if emb else None)
-    return generate(rt, prompts, mm, [r.sampling for r in reqs])
+    return generate(rt, prompts, mm, [r.sampling for r in reqs], rope=rope)
 
 
-def run(deployment, reqs, executor="ray"):
-    with OfflineLLM(MODEL, deployment, executor) as llm:
+def run(deployment, reqs, executor="ray", model=MODEL):
+    with OfflineLLM(model, deployment, executor) as llm:
         outs = llm.generate(reqs)
         llm.core.drain_check()
         info = llm.core.worker_info()

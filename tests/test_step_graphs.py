@@ -72,6 +72,26 @@ def test_a_step_with_image_rows_through_the_pieces():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_m_rope_positions_through_the_pieces():
+    """Qwen2-VL: [3, tokens] rotary positions in the padded buffers give the forward's logits."""
+    from test_qwen2_vl import tiny
+
+    rt = ModelRuntime(tiny("qwen2_vl"), {"lm"}, "cpu")
+    fam = rt.family
+    prompt = fam.build_prompt([40, 41], [(120, 90)])
+    layout = fam.rope_layout(prompt, [(120, 90)])
+    n_img = prompt.count(fam.image_token_id)
+    mm = torch.randn(n_img, rt.hidden_size, generator=torch.Generator().manual_seed(3))
+    blocks = -(-len(prompt) // 4)
+    graphs = StepGraphs(rt.lm, rt.allocate_kv_cache(blocks + 1, 4), 4, blocks, (8, len(prompt) + 5), capture=False)
+    args = ([prompt], [0], [list(range(blocks))], 4, [mm], [len(prompt)])
+    want = lm_step(rt, rt.allocate_kv_cache(blocks + 1, 4), *args, rope=[layout])
+    got = lm_step(rt, graphs.kv, *args, graphs=graphs, rope=[layout])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plain = lm_step(rt, rt.allocate_kv_cache(blocks + 1, 4), *args)  # the positions matter
+    assert (plain - want).abs().max() > 1e-3
+
+
 def test_bucket_sizes_cover_every_count_with_bounded_padding():
     for top in (1, 7, 100, 512, 513, 2048, 2176, 8192):
         sizes = bucket_sizes(top)

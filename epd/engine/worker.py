@@ -56,6 +56,7 @@ class _Seq:
     sampling: SamplingParams
     prompt_ids: Optional[list[int]] = None  # kept only for penalties, which read the tokens so far
     output_ids: Optional[list[int]] = None
+    rope: Any = None  # M-RoPE layout (Qwen2-VL families): rotary positions differ from cache positions
 
 
 def assigned_gpu() -> Optional[int]:
@@ -384,6 +385,7 @@ class Worker:
                     it.sampling,
                     it.prompt if history else None,
                     outputs if history else None,
+                    it.rope,
                 )
         return out
 
@@ -419,6 +421,7 @@ class Worker:
             [None] * len(seqs) + [self._chunk_rows(it) for it in chunks],
             [0] * len(seqs) + [it.prompt_end if it.prompt_end is not None else it.end for it in chunks],
             graphs=self.step_graphs,
+            rope=[s.rope for s in seqs] + [it.rope for it in chunks],
         )
         finals = [it for it in chunks if it.final]
         rows = list(range(len(seqs))) + [len(seqs) + j for j, it in enumerate(chunks) if it.final]
@@ -460,6 +463,7 @@ class Worker:
                 new.sampling,
                 new.prompt_ids,
                 list(outputs) if history else None,
+                new.rope,
             )
         for rid, blocks in batch.grow.items():
             if rid in self.seqs:
@@ -524,12 +528,18 @@ class Worker:
         seqs = [self.seqs[r] for r in rids]
         tables = [s.blocks for s in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
-            logits = self.graphs.run(
-                [s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=(tuple(rids), self._tables_version)
-            )
+            shift = [s.rope.delta if s.rope is not None else 0 for s in seqs] if any(s.rope is not None for s in seqs) else None
+            key = (tuple(rids), self._tables_version)
+            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=key, rope_shift=shift)
         else:
             logits = lm_step(
-                self.rt, self.kv, [[s.last_token] for s in seqs], [s.context_len for s in seqs], tables, self.pool.kv_block_size
+                self.rt,
+                self.kv,
+                [[s.last_token] for s in seqs],
+                [s.context_len for s in seqs],
+                tables,
+                self.pool.kv_block_size,
+                rope=[s.rope for s in seqs],
             )
         sampled = sample_full(
             logits,

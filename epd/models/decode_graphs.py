@@ -7,6 +7,8 @@ K/V into a scratch block that no sequence owns.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -65,8 +67,12 @@ class DecodeGraphs:
         return batch <= max(self.graphs) and all(len(t) <= self.max_blocks for t in tables)
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None) -> torch.Tensor:
-        """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions.
+    def run(
+        self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None, rope_shift: Optional[list[int]] = None
+    ) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions in the
+        cache, `rope_shift` what M-RoPE adds to them for the rotary position (generated tokens of a
+        Qwen2-VL sequence: the same on every axis, so the one-axis rotary computes it).
 
         `key` names the batch's sequences and their tables' version; when it repeats, the block tables
         already in place are reused.
@@ -78,7 +84,8 @@ class DecodeGraphs:
         pad = bs - b
         dev = self.ids.device
         self.ids[:bs].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        self.pos[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        rotary = positions if rope_shift is None else [p + d for p, d in zip(positions, rope_shift)]
+        self.pos[:bs].copy_(torch.tensor(rotary + [0] * pad), non_blocking=True)
         self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
         self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
         if key is None or key != self._last_key:

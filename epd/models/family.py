@@ -43,6 +43,13 @@ class ModelFamily(ABC):
     def num_image_tokens(self, width: int, height: int) -> int:
         """Placeholder tokens one image of this size takes in the prompt."""
 
+    # M-RoPE sections of the LM's rotary frequencies (time, height, width); None: ordinary RoPE.
+    mrope_section: Optional[tuple[int, ...]] = None
+
+    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]]):
+        """The sequence's M-RoPE layout (`epd.models.mrope.RopeLayout`); None where positions are indices."""
+        return None
+
     @property
     def image_token_id(self) -> int:
         return int(self.hf.image_token_id)
@@ -86,16 +93,19 @@ class ModelFamily(ABC):
         tok = self.image_token_id
         if tok not in text_ids:
             for w, h in image_sizes:
-                ids += [tok] * self.num_image_tokens(w, h)
+                ids += self.image_placeholders(w, h, text_ids)
             return ids + list(text_ids)
         sizes = iter(image_sizes)
         for t in text_ids:
             if t == tok:
-                w, h = next(sizes)
-                ids += [tok] * self.num_image_tokens(w, h)
+                ids += self.image_placeholders(*next(sizes), text_ids)
             else:
                 ids.append(t)
         return ids
+
+    def image_placeholders(self, width: int, height: int, text_ids: list[int]) -> list[int]:
+        """The prompt tokens that stand for one image (its embeddings replace the placeholder ids)."""
+        return [self.image_token_id] * self.num_image_tokens(width, height)
 
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")

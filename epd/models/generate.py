@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from epd.kernels.attention import AttentionMetadata
+from epd.models.mrope import RopeLayout, rope_positions
 from epd.models.runtime import ModelRuntime
 from epd.models.sampling import sample
 from epd.models.step_graphs import StepGraphs
@@ -25,12 +26,14 @@ def lm_step(
     mm: Optional[list[Optional[torch.Tensor]]] = None,
     mm_ends: Optional[list[int]] = None,
     graphs: Optional[StepGraphs] = None,
+    rope: Optional[list[Optional[RopeLayout]]] = None,
 ) -> torch.Tensor:
     """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
 
     mm[i]: the image-embedding rows of sequence i's placeholders among its new tokens, in order;
     mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images);
-    graphs: piecewise CUDA graphs to run the layers through where the step's tokens fit them."""
+    graphs: piecewise CUDA graphs to run the layers through where the step's tokens fit them;
+    rope[i]: sequence i's M-RoPE layout (None: its rotary positions are its cache positions)."""
     assert rt.lm is not None
     flat = [t for seq in tokens for t in seq]
     ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
@@ -44,9 +47,12 @@ def lm_step(
         ends = [(big if mm_ends is None else mm_ends[i]) if m is not None and m.shape[0] else 0 for i, m in enumerate(mm)]
         limit = torch.tensor(ends, device=rt.device).repeat_interleave(torch.tensor(qlens, device=rt.device))
         mm_mask = (ids == rt.family.image_token_id) & (pos < limit)
+    rope_pos = pos
+    if rope is not None and rt.lm.rotary.mrope_section is not None and any(r is not None for r in rope):
+        rope_pos = rope_positions(rope, tokens, starts).to(rt.device, non_blocking=True)
     if graphs is not None and graphs.fits(len(flat)):
-        return rt.lm.logits(graphs.run(rt.lm.embed(ids, mm_embeds, mm_mask), pos, meta), meta)
-    return rt.lm(ids, pos, kv, meta, mm_embeds, mm_mask)
+        return rt.lm.logits(graphs.run(rt.lm.embed(ids, mm_embeds, mm_mask), rope_pos, meta), meta)
+    return rt.lm(ids, rope_pos, kv, meta, mm_embeds, mm_mask)
 
 
 def generate(
@@ -56,8 +62,10 @@ def generate(
     params: list[SamplingParams],
     block_size: int = 16,
     seed: int = 0,
+    rope: Optional[list[Optional[RopeLayout]]] = None,
 ) -> list[list[int]]:
-    """Greedy/sampled generation for a batch; KV blocks are handed out in a shuffled order."""
+    """Greedy/sampled generation for a batch; KV blocks are handed out in a shuffled order.
+    rope: each prompt's M-RoPE layout (`family.rope_layout`), for families that have one."""
     eos = rt.text_cfg.eos_token_id
     need = [-(-(len(p) + sp.max_tokens) // block_size) for p, sp in zip(prompts, params)]
     pool = list(range(sum(need) + 1))
@@ -67,7 +75,8 @@ def generate(
     for n in need:
         tables.append(pool[i : i + n])
         i += n
-    logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds)
+    rope = rope or [None] * len(prompts)
+    logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds, rope=rope)
     history = dict(prompts=prompts, eos_token_id=eos)
     outs = [[t] for t in sample(logits, params, [0] * len(prompts), outputs=[[] for _ in prompts], **history)]
     live = [i for i in range(len(prompts)) if not _done(outs[i], params[i], eos)]
@@ -79,6 +88,7 @@ def generate(
             [len(prompts[i]) + len(outs[i]) - 1 for i in live],
             [tables[i] for i in live],
             block_size,
+            rope=[rope[i] for i in live],
         )
         steps = [len(outs[i]) for i in live]
         toks = sample(

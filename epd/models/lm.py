@@ -52,13 +52,25 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    """Rotary tables for positions [tokens], or [3, tokens] with `mrope_section` (M-RoPE: the head's
+    frequency pairs split into time, height and width sections, each rotated by its own axis)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: Optional[tuple[int, ...]] = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.mrope_section = tuple(mrope_section) if mrope_section else None
+        if self.mrope_section is not None:
+            if sum(self.mrope_section) != head_dim // 2 or len(self.mrope_section) != 3:
+                raise ValueError(f"mrope_section {list(self.mrope_section)} must be 3 sections summing to head_dim/2 = {head_dim // 2}")
+            axis = torch.repeat_interleave(torch.arange(3), torch.tensor(self.mrope_section))
+            self.register_buffer("axis", axis, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        if positions.dim() == 2:  # [3, tokens]: each frequency takes its section's axis
+            freqs = positions.float()[self.axis].T * self.inv_freq[None, :]
+        else:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -186,14 +198,14 @@ class DecoderBody(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, cfg: TextModelConfig):
+    def __init__(self, cfg: TextModelConfig, mrope_section: Optional[tuple[int, ...]] = None):
         super().__init__()
         self.cfg = cfg
         self.model = DecoderBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta, mrope_section)
         self.tp = 1
         self.fused = False
 
@@ -230,7 +242,7 @@ class DecoderLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor,  # rotary positions: [tokens], or [3, tokens] for M-RoPE
         kv_caches: torch.Tensor,  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         mm_embeds: Optional[torch.Tensor] = None,

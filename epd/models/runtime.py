@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from epd.config import ModelConfig
-from epd.models import internvl, llava  # noqa: F401  (registers the families)
+from epd.models import internvl, llava, qwen2_vl  # noqa: F401  (registers the families)
 from epd.models.family import FAMILIES, ModelFamily
 from epd.models.image_processing import normalize
 from epd.models.lm import DecoderLM
@@ -78,7 +78,10 @@ class ModelRuntime:
         if "vision" in parts:
             self.vision = self._build(self.family.build_vision, "vision")
         if "lm" in parts:
-            self.lm = self._build(lambda: DecoderLM(self.text_cfg), "lm")
+            self.lm = self._build(self._make_lm, "lm")
+
+    def _make_lm(self) -> DecoderLM:
+        return DecoderLM(self.text_cfg, self.family.mrope_section)
 
     def _build(self, make, part: str):
         with _building(self.device, self.dtype):
@@ -106,7 +109,7 @@ class ModelRuntime:
                 setattr(self, part, self._host.pop(part).to(self.device))
                 how[part] = "host copy"
             else:
-                setattr(self, part, self._build(self.family.build_vision if part == "vision" else lambda: DecoderLM(self.text_cfg), part))
+                setattr(self, part, self._build(self.family.build_vision if part == "vision" else self._make_lm, part))
                 how[part] = "built"
         for part in parts - set(how):
             how[part] = "kept"
@@ -148,18 +151,22 @@ class ModelRuntime:
         """pixels: per image [tiles, 3, S, S] -> per image [tokens, hidden] (tiles flattened).
 
         uint8 pixels (from `family.preprocess`) are normalised here, on the device; float pixels
-        are taken as already normalised.
+        are taken as already normalised. Families whose images differ in size (Qwen2-VL: [frames,
+        3, H, W]) take the list as it is (`encode_images`).
         """
         assert self.vision is not None, "this runtime holds no vision part"
         if not pixels:
             return []
-        batch = torch.cat(pixels).to(self.device, non_blocking=True)
-        if batch.dtype == torch.uint8:
-            batch = normalize(batch, self.family.pixel_mean, self.family.pixel_std)
-        batch = batch.to(self.dtype)
-        feats = self.vision.encode(batch)
+        if hasattr(self.vision, "encode_images"):
+            return self.vision.encode_images([self._normalized(p.to(self.device, non_blocking=True)) for p in pixels])
+        feats = self.vision.encode(self._normalized(torch.cat(pixels).to(self.device, non_blocking=True)))
         out, start = [], 0
         for p in pixels:
             out.append(feats[start : start + p.shape[0]].reshape(-1, feats.shape[-1]))
             start += p.shape[0]
         return out
+
+    def _normalized(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype == torch.uint8:
+            batch = normalize(batch, self.family.pixel_mean, self.family.pixel_std)
+        return batch.to(self.dtype)

@@ -43,7 +43,7 @@ class StepGraphs:
         self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=dev)
         self.v = torch.zeros_like(self.k)
         self.attn = torch.zeros(n, attn.num_heads * attn.head_dim, dtype=dtype, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros((3, n) if lm.rotary.mrope_section else (n,), dtype=torch.long, device=dev)  # M-RoPE: 3 axes
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.long, device=dev)
         self.cos = torch.zeros(n, attn.head_dim, dtype=dtype, device=dev)
         self.sin = torch.zeros_like(self.cos)
@@ -62,7 +62,7 @@ class StepGraphs:
         """Piece i over the first n rows of the buffers (see the module's docstring)."""
         layers = self.lm.model.layers
         if i == 0:
-            cos, sin = self.lm.rotary(self.pos[:n], self.x.dtype)
+            cos, sin = self.lm.rotary(self.pos[..., :n], self.x.dtype)
             self.cos[:n].copy_(cos)
             self.sin[:n].copy_(sin)
         else:
@@ -101,7 +101,7 @@ class StepGraphs:
         n = x.shape[0]
         size = min(s for s in self.sizes if s >= n)
         self.x[:n].copy_(x)
-        self.pos[:n].copy_(positions)
+        self.pos[..., :n].copy_(positions)  # [n] positions fill every M-RoPE axis alike
         self.slots[:n].copy_(meta.slot_mapping)
         self.slots[n:size].fill_(self.scratch * self.block_size)
         graphs = self.graphs.get(size)

@@ -20,12 +20,15 @@ PART_PREFIXES: dict[str, list[tuple[str, str]]] = {
         ("vision_tower.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("multi_modal_projector.", "multi_modal_projector."),
+        ("model.visual.", "visual."),  # Qwen2-VL family
+        ("visual.", "visual."),
     ],
     "lm": [
         ("model.language_model.", "model."),
         ("language_model.model.", "model."),
         ("language_model.lm_head.", "lm_head."),
         ("lm_head.", "lm_head."),
+        ("model.", "model."),  # Qwen2-VL family checkpoints: the LM at the top (vision under `visual.`)
     ],
 }
 

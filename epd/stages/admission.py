@@ -50,8 +50,12 @@ def prepare(
         )
     state.image_sizes = [image_size(im) for im in req.images]
     state.image_keys = [f"{image_key(im)}:{w}x{h}" for im, (w, h) in zip(req.images, state.image_sizes)]
-    state.image_tokens = [family.num_image_tokens(w, h) for w, h in state.image_sizes]
+    try:
+        state.image_tokens = [family.num_image_tokens(w, h) for w, h in state.image_sizes]
+    except ValueError as exc:  # a size the family's processor refuses (e.g. Qwen2-VL: aspect ratio over 200)
+        raise AdmissionError(str(exc)) from exc
     state.prompt_ids = family.build_prompt(text_ids, state.image_sizes)
+    state.rope = family.rope_layout(state.prompt_ids, state.image_sizes)
     total = state.prompt_len + req.sampling.max_tokens
     if total > text.max_position_embeddings:
         raise AdmissionError(

@@ -1,10 +1,10 @@
 """What the driver's pipeline needs to know of a model: its text model, how many placeholder tokens
-an image takes, how a prompt is laid out, and bytes per token. `epd.models.family.ModelFamily`
+an image takes, how a prompt is laid out (and its M-RoPE positions), and bytes per token. `epd.models.family.ModelFamily`
 provides it; the pipeline sees only this, so it imports no model code (nor torch)."""
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from epd.config import TextModelConfig
 
@@ -18,6 +18,8 @@ class ModelView(Protocol):
     def num_image_tokens(self, width: int, height: int) -> int: ...
 
     def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]: ...
+
+    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]]) -> Any: ...
 
     def kv_bytes_per_token(self, dtype: Optional[str] = None) -> int: ...
 

@@ -117,6 +117,7 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
                 prompt=state.prompt_ids if final and sp.needs_history else None,
                 generated=list(state.output) if final else [],
                 attempt=state.attempt,
+                rope=state.rope,
             )
         )
         for i in range(len(images)):  # pulled with this chunk: later chunks read the local copy
@@ -176,7 +177,7 @@ def select_decode(inst: Instance, on_pull: OnPull, policy: Policy, on_preempt: O
             state.hold(Hold.kv(inst.id), inst.kv_owner, blocks)
             prompt = state.prompt_ids if sp.needs_history else None
             history = list(state.output) if len(state.output) > 1 else None
-            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.kv_len, state.output[-1], sp, prompt, history))
+            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.kv_len, state.output[-1], sp, prompt, history, state.rope))
             state.kv_handle = None
             on_pull(state)
         inst.decode_queue.popleft()

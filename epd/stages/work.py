@@ -58,6 +58,7 @@ class PrefillItem:
     prompt: Optional[list[int]] = None  # the request's prompt, on the last chunk when sampling reads it (penalties)
     generated: list[int] = field(default_factory=list)  # tokens sampled before a preemption (the sequence's tail)
     attempt: int = 0  # the request's attempt it was scheduled for (a result for an earlier one is dropped)
+    rope: Any = None  # the sequence's M-RoPE layout (`epd.models.mrope.RopeLayout`), for families that use one
 
     @property
     def end(self) -> int:
@@ -84,6 +85,7 @@ class NewDecodeSeq:
     sampling: SamplingParams
     prompt_ids: Optional[list[int]] = None  # sent only when sampling needs the tokens so far (penalties)
     output_ids: Optional[list[int]] = None  # the tokens sampled so far, when more than one (a recomputed sequence)
+    rope: Any = None  # the sequence's M-RoPE layout, for families that use one
 
 
 @dataclass

@@ -1,0 +1,165 @@
+"""Qwen2-VL and Qwen2.5-VL: preprocessing, M-RoPE positions and greedy tokens against transformers,
+then through the engine in every deployment."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from epd.config import DeploymentConfig, ModelConfig, PoolConfig, TextModelConfig, VisionTowerConfig
+from epd.models.generate import generate
+from epd.models.image_processing import TorchOps, image_tensor, normalize
+from epd.models.mrope import rope_layout
+from epd.models.qwen2_vl import patchify
+from epd.models.runtime import ModelRuntime, load_family
+from epd.request import ImageInput, Request, SamplingParams
+from tests.helpers import AGG, EPD, PD, reference, run
+
+MAX_PIXELS = 28 * 28 * 24
+HF_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+SIZES = [(120, 90), (61, 200), (300, 300), (30, 20), (1000, 40), (57, 57), (640, 480)]
+
+
+def tiny(family: str, **kw) -> ModelConfig:
+    vision = VisionTowerConfig(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, window_size=56, full_attention_every=2)
+    if family == "qwen2_5_vl":
+        vision = VisionTowerConfig(**{**vision.__dict__, "hidden_act": "silu"})
+    text = TextModelConfig(arch="qwen2", rope_theta=1e6, max_position_embeddings=8192)
+    return ModelConfig(name=f"tiny-{family}", family=family, image_token_id=3, max_pixels=MAX_PIXELS, vision=vision, text=text, **kw)
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    torch.manual_seed(0)
+    hf = HF_CLASSES[family](load_family(tiny(family)).hf).eval()
+    with torch.no_grad():  # spread transformers' init so that tokens differ
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    path = tmp_path_factory.mktemp(family)
+    hf.save_pretrained(path)
+    ours = ModelRuntime(ModelConfig(load_format="hf", path=str(path), max_pixels=MAX_PIXELS), {"vision", "lm"})
+    return hf, ours
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_pixels_and_grids_equal_the_processor(size):
+    fam = load_family(tiny("qwen2_vl"))
+    im = _image(*size, seed=size[0])
+    ref = Qwen2VLImageProcessorPil(min_pixels=fam.cfg.min_pixels, max_pixels=MAX_PIXELS)(images=[im], return_tensors="pt")
+    for ops, px in ((None, fam.preprocess(im)), (TorchOps, fam.preprocess(image_tensor(im), TorchOps))):
+        patches, grid = patchify(normalize(px, fam.pixel_mean, fam.pixel_std), 14, 2, 2)
+        assert list(grid) == ref["image_grid_thw"][0].tolist()
+        torch.testing.assert_close(patches, ref["pixel_values"], atol=1e-6, rtol=0)  # the device path resizes bit for bit too
+    t, h, w, _ = fam.grid(*size)
+    assert fam.num_image_tokens(*size) == ref["image_grid_thw"][0].prod().item() // 4 == t * h * w
+
+
+def test_extreme_aspect_ratio_is_refused_with_its_reason():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        load_family(tiny("qwen2_vl")).num_image_tokens(4000, 10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rope_positions_equal_transformers(checkpoint, seed):
+    hf, ours = checkpoint
+    rng = random.Random(seed)
+    fam = ours.family
+    sizes = [rng.choice(SIZES) for _ in range(rng.randint(1, 3))]
+    text = [rng.randrange(20, 500) for _ in range(rng.randint(0, 6))]
+    if seed % 2:  # markers in the text: each image where the text puts it, possibly last
+        for _ in sizes:
+            text.insert(rng.randint(0, len(text)), fam.image_token_id)
+    prompt = fam.build_prompt(text, sizes)
+    layout = fam.rope_layout(prompt, sizes)
+    ids = torch.tensor([prompt])
+    grids = torch.tensor([[1, 2 * h, 2 * w] for _, h, w, _ in (fam.grid(*s) for s in sizes)])
+    ref, delta = hf.model.get_rope_index(ids, (ids == fam.image_token_id).int(), grids)
+    assert torch.equal(layout.positions(0, len(prompt)), ref[:, 0])
+    assert layout.delta == int(delta)
+    cut = rng.randrange(1, len(prompt))  # any chunk: the same positions as the whole
+    assert torch.equal(torch.cat([layout.positions(0, cut), layout.positions(cut, len(prompt) + 3)], 1)[:, : len(prompt)], ref[:, 0])
+    past = layout.positions(len(prompt), len(prompt) + 4)
+    assert torch.equal(past, (torch.arange(len(prompt), len(prompt) + 4) + layout.delta).expand(3, -1))
+
+
+def test_video_grid_positions_equal_transformers(checkpoint):
+    hf, _ = checkpoint
+    if isinstance(hf, Qwen2_5_VLForConditionalGeneration):
+        pytest.skip("Qwen2.5-VL spaces video positions by seconds; images suffice here")
+    prompt = [1, 20, 5] + [3] * (3 * 2 * 3) + [6, 21, 22]
+    layout = rope_layout(prompt, 3, [(3, 2, 3, 1)])
+    ids = torch.tensor([prompt])
+    ref, delta = hf.model.get_rope_index(ids, (ids == 3).int() * 2, video_grid_thw=torch.tensor([[3, 4, 6]]))
+    assert torch.equal(layout.positions(0, len(prompt)), ref[:, 0]) and layout.delta == int(delta)
+
+
+def test_placeholder_count_mismatch_is_refused():
+    with pytest.raises(ValueError, match="fewer placeholders"):
+        rope_layout([1, 3, 3], 3, [(1, 2, 2, 1)])
+    with pytest.raises(ValueError, match="more placeholders"):
+        rope_layout([1, 3, 3, 3, 3, 3], 3, [(1, 2, 2, 1)])
+
+
+def test_greedy_tokens_equal_transformers(checkpoint):
+    hf, ours = checkpoint
+    fam = ours.family
+    images = [_image(*s, seed=i) for i, s in enumerate(SIZES[:3])]
+    cases = [[0], [1, 2], [2, 0, 1], []]
+    prompts, mm, rope = [], [], []
+    for case in cases:
+        sizes = [images[i].size for i in case]
+        prompts.append(fam.build_prompt([20, 21, 22, 23], sizes))
+        rope.append(fam.rope_layout(prompts[-1], sizes))
+        emb = ours.encode([fam.preprocess(images[i]) for i in case])
+        mm.append(torch.cat(emb) if emb else None)
+    got = generate(ours, prompts, mm, [SamplingParams(max_tokens=32, ignore_eos=True)] * len(cases), block_size=5, rope=rope)
+    proc = Qwen2VLImageProcessorPil(min_pixels=fam.cfg.min_pixels, max_pixels=MAX_PIXELS)
+    for case, prompt, out in zip(cases, prompts, got):
+        ids = torch.tensor([prompt])
+        kw = {}
+        if case:
+            px = proc(images=[images[i] for i in case], return_tensors="pt")
+            kw = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"], mm_token_type_ids=(ids == 3).int())
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, **kw)
+        assert out == ref[0, len(prompt) :].tolist()
+        assert len(set(out)) > 1
+
+
+def _requests(n=6):
+    return [
+        Request(
+            f"q{i}",
+            prompt_token_ids=tuple(range(30 + i, 36 + 3 * i)),
+            images=tuple(ImageInput(width=SIZES[(i + k) % len(SIZES)][0], height=SIZES[(i + k) % len(SIZES)][1], seed=7 * i + k) for k in range(i % 3)),
+            sampling=SamplingParams(max_tokens=6 + i, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
+CHUNKED = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=64, max_prefill_tokens=24))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_engine_deployments_equal_the_runtime(ray_cluster, family):
+    model = tiny(family, seed=1)
+    reqs = _requests()
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
+    irp = DeploymentConfig(**{**EPD.__dict__, "irp": True, "encode": PoolConfig(instances=3, mm_blocks=64)})
+    cases = [(EPD, "ray"), (PD, "ray"), (AGG, "local"), (irp, "local"), (CHUNKED, "local")]
+    if family == "qwen2_5_vl":
+        cases = cases[:1] + cases[3:]
+    for deployment, executor in cases:
+        outs, _, _ = run(deployment, reqs, executor, model=model)
+        assert {k: v.token_ids for k, v in outs.items()} == expected, (deployment.name, executor)
