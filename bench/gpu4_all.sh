@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
-#   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize]
+#   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
 # resized on the GPUs, model.image_resize=device). The csrc extension is built first, with no
@@ -43,6 +43,18 @@ for part in $PARTS; do
       experiment llava_epd 120 +experiment=paper_e2e_4gpu_llava "${EPD_ONLY[@]}" $QUICK
       ;;
     switch) experiment role_switching 300 +experiment=role_switching_gpu4 ;;
+    qwen1)  # the Qwen2-VL families on GPU 0: exactness against transformers, the 7B shapes' sizes and speed
+      CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/gpu_families.py --out "$OUT/qwen" 2>&1 | grep -E "^\{|rror" | cut -c1-600
+      ;;
+    qwen4)  # each Qwen 7B shape in 2E1P1D on 4 GPUs, the paper workload's photos at max_pixels 1 MP
+      for m in qwen2-vl-7b qwen2.5-vl-7b; do
+        t0=$SECONDS
+        timeout 200 python3 -m epd.run +experiment=gpu4_epd model=$m model.max_pixels=1003520 workload.num_requests=100 \
+          workload.rate=1.0 hardware="$HW" logger=none hydra.run.dir="/tmp/runs/gpu4_$m" 2>&1 | grep -E "requests |TTFT|TPOT|SLO|throughput|ready|rror" | tail -8
+        echo "gpu4_$m: $((SECONDS - t0)) s"
+        mkdir -p "$OUT/qwen/gpu4_$m" && cp /tmp/runs/gpu4_"$m"/{summary,workers}.json "$OUT/qwen/gpu4_$m/" 2>/dev/null
+      done
+      ;;
     resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device $QUICK ;;
     *) echo "unknown part $part" ;;
   esac

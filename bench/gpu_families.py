@@ -1,0 +1,156 @@
+"""The Qwen2-VL families on one GPU: exactness of the GPU engine (CUDA graphs, M-RoPE) and the real shapes.
+
+    python bench/gpu_families.py --out DIR [--parts exact shapes] [--models qwen2-vl-7b qwen2.5-vl-7b]
+
+exact: the tiny configs in float32 on the GPU, in-process engine (decode and step graphs captured), EPD and
+  aggregated with chunked prefill, against transformers' `generate` on the same GPU from the same weights
+  (saved as a checkpoint): greedy tokens per request, 24 requests of 0-3 images of assorted sizes.
+shapes: each real shape with dummy bf16 weights in one process on one GPU (aggregated), weight and cache
+  bytes per worker, then a warm batch of requests with photo-sized images: TTFT/TPOT and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.configs import model_config  # noqa: E402
+from epd.config import DeploymentConfig, PoolConfig  # noqa: E402
+from epd.images import load_image  # noqa: E402
+from epd.metrics import timelines  # noqa: E402
+from epd.models.runtime import load_family  # noqa: E402
+from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
+from epd.serve.offline import OfflineLLM  # noqa: E402
+
+SIZES = [(120, 90), (61, 200), (300, 300), (640, 480), (1000, 40), (224, 448)]
+
+
+def _image(size: tuple[int, int], seed: int) -> ImageInput:
+    return ImageInput(width=size[0], height=size[1], seed=seed)
+
+
+def _requests(n: int, sizes, max_tokens: int, prefix: str = "r") -> list[Request]:
+    return [
+        Request(
+            f"{prefix}{i}",
+            prompt_token_ids=tuple(range(30 + i % 7, 40 + i % 11)),
+            images=tuple(_image(sizes[(i + k) % len(sizes)], i * 5 + k) for k in range(i % 4)),
+            sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
+def exact(name: str) -> dict:
+    """Tiny config on the GPU in float32: the engine's greedy tokens vs transformers' from one checkpoint."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    base = model_config(name)
+    fam = load_family(base)
+    torch.manual_seed(0)
+    hf = AutoModelForImageTextToText.from_config(fam.hf).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    path = tempfile.mkdtemp()
+    hf.save_pretrained(path)
+    hf = hf.cuda()
+    cfg = dataclasses.replace(base, load_format="hf", path=path, device="cuda", dtype="float32")
+    reqs = _requests(24, SIZES, 24)
+    proc = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    ref = {}
+    for r in reqs:
+        images = [load_image(im) for im in r.images]
+        prompt = fam.build_prompt(list(r.prompt_token_ids), [im.size for im in images])
+        ids = torch.tensor([prompt], device="cuda")
+        kw = {}
+        if images:
+            px = proc(images=images, return_tensors="pt")
+            kw = dict(pixel_values=px["pixel_values"].cuda(), image_grid_thw=px["image_grid_thw"].cuda())
+            kw["mm_token_type_ids"] = (ids == fam.image_token_id).int()
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kw)
+        ref[r.request_id] = out[0, len(prompt) :].tolist()
+    del hf
+    torch.cuda.empty_cache()
+    pool = PoolConfig(kv_blocks=512, mm_blocks=256, max_prefill_tokens=64, num_gpus=0)
+    deployments = {
+        "epd": DeploymentConfig(name="epd", encode=pool, prefill=pool, decode=pool),
+        "aggregated_chunked": DeploymentConfig(name="aggregated", aggregated=pool),
+    }
+    row = {"model": name, "requests": len(reqs)}
+    for dname, dep in deployments.items():
+        with OfflineLLM(cfg, dep, executor="local") as llm:
+            outs = {o.request_id: o.token_ids for o in llm.generate(reqs)}
+        row[dname] = f"{sum(outs[r] == ref[r] for r in ref)}/{len(ref)} identical to transformers"
+    print(json.dumps(row))
+    return row
+
+
+def shapes(name: str, card: str) -> dict:
+    cfg = model_config(name)
+    dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(kv_blocks=8192, mm_blocks=1024, max_prefill_tokens=16384))
+    photo = [(1280, 960), (1920, 1080), (1024, 768), (800, 1200)]
+    fam = load_family(cfg)
+    warm = _requests(4, photo, 8, "w")
+    reqs = _requests(32, photo, 128)
+    with OfflineLLM(cfg, dep, executor="local") as llm:
+        workers = llm.core.worker_info()
+        llm.generate(warm)
+        t0 = time.time()
+        outs = llm.generate(reqs)
+        wall = time.time() - t0
+        ids = {r.request_id for r in reqs}
+        tls = {k: v for k, v in timelines(llm.core.pipeline.events).items() if k in ids}
+    tokens = sum(len(o.token_ids) for o in outs)
+    ttft = [tl.ttft for tl in tls.values() if tl.ttft is not None]
+    tpot = [tl.tpot for tl in tls.values() if tl.tpot is not None]
+    row = {
+        "model": name,
+        "card": card,
+        "image_tokens": {f"{w}x{h}": fam.num_image_tokens(w, h) for w, h in photo},
+        "workers": [{k: (v / 1e9 if k.endswith("bytes") else v) for k, v in w.items()} for w in workers],
+        "requests": len(outs),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens / wall,
+        "batch": "32 requests submitted at once, 0-3 photos each, 128 output tokens",
+        "ttft_p50_s": statistics.median(ttft) if ttft else None,
+        "tpot_p50_s": statistics.median(tpot) if tpot else None,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+    print(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", nargs="+", default=["exact", "shapes"])
+    ap.add_argument("--models", nargs="+", default=["qwen2-vl-7b", "qwen2.5-vl-7b"])
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name(0)
+    out = {"card": card, "exact": [], "shapes": []}
+    if "exact" in args.parts:
+        out["exact"] = [exact(n) for n in ("tiny-qwen2vl", "tiny-qwen2.5vl")]
+    if "shapes" in args.parts:
+        out["shapes"] = [shapes(n, card) for n in args.models]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_families.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
