@@ -32,6 +32,7 @@ from epd.metrics import timelines  # noqa: E402
 from epd.models.runtime import load_family  # noqa: E402
 from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
 from epd.serve.offline import OfflineLLM  # noqa: E402
+from tests.helpers import reference  # noqa: E402
 
 SIZES = [(120, 90), (61, 200), (300, 300), (640, 480), (1000, 40), (224, 448)]
 
@@ -50,6 +51,12 @@ def _requests(n: int, sizes, max_tokens: int, prefix: str = "r") -> list[Request
         )
         for i in range(n)
     ]
+
+
+def _agreement(got: dict, want: dict) -> dict:
+    """Requests with identical tokens, and where the others part ways (token index)."""
+    parted = {r: next(i for i, (a, b) in enumerate(zip(got[r], want[r] + [None])) if a != b) for r in want if got[r] != want[r]}
+    return {"identical": f"{len(want) - len(parted)}/{len(want)}", "first_difference_at": parted}
 
 
 def exact(name: str) -> dict:
@@ -86,16 +93,21 @@ def exact(name: str) -> dict:
         ref[r.request_id] = out[0, len(prompt) :].tolist()
     del hf
     torch.cuda.empty_cache()
+    eager = dataclasses.replace(cfg, cuda_graphs=False, step_graph_tokens=0)
+    runtime = dict(zip(ref, reference(reqs, eager)))
     pool = PoolConfig(kv_blocks=512, mm_blocks=256, max_prefill_tokens=64, num_gpus=0)
+    epd = DeploymentConfig(name="epd", encode=pool, prefill=pool, decode=pool)
     deployments = {
-        "epd": DeploymentConfig(name="epd", encode=pool, prefill=pool, decode=pool),
-        "aggregated_chunked": DeploymentConfig(name="aggregated", aggregated=pool),
+        "epd": (epd, cfg),
+        "epd_no_graphs": (epd, eager),
+        "aggregated_chunked": (DeploymentConfig(name="aggregated", aggregated=pool), cfg),
     }
-    row = {"model": name, "requests": len(reqs)}
-    for dname, dep in deployments.items():
-        with OfflineLLM(cfg, dep, executor="local") as llm:
+    row = {"model": name, "requests": len(reqs), "runtime_eager_vs_transformers": _agreement(runtime, ref)}
+    for dname, (dep, model) in deployments.items():
+        with OfflineLLM(model, dep, executor="local") as llm:
             outs = {o.request_id: o.token_ids for o in llm.generate(reqs)}
-        row[dname] = f"{sum(outs[r] == ref[r] for r in ref)}/{len(ref)} identical to transformers"
+        row[f"{dname}_vs_transformers"] = _agreement(outs, ref)
+        row[f"{dname}_vs_runtime_eager"] = _agreement(outs, runtime)
     print(json.dumps(row))
     return row
 
