@@ -42,6 +42,7 @@ def _decode_partial(
     GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -66,14 +67,14 @@ def _decode_partial(
         blk = tl.load(tables + b * s_tb + tok // BLOCK_SIZE, mask=valid, other=0)
         row = blk.to(tl.int64) * s_kb + (tok % BLOCK_SIZE) * s_kt + kvh * s_kh
         k = tl.load(K + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     o_ptr = Out + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :]
     tl.store(o_ptr, acc, mask=gmask[:, None])
@@ -142,6 +143,7 @@ def paged_decode(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=64,
         SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: no TF32 rounding in the dots
         num_warps=4,
     )
     _merge_splits[(b, h)](
