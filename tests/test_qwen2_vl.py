@@ -56,7 +56,7 @@ def test_pixels_and_grids_equal_the_processor(size):
     fam = load_family(tiny("qwen2_vl"))
     im = _image(*size, seed=size[0])
     ref = Qwen2VLImageProcessorPil(min_pixels=fam.cfg.min_pixels, max_pixels=MAX_PIXELS)(images=[im], return_tensors="pt")
-    for ops, px in ((None, fam.preprocess(im)), (TorchOps, fam.preprocess(image_tensor(im), TorchOps))):
+    for px in (fam.preprocess(im), fam.preprocess(image_tensor(im), TorchOps)):
         patches, grid = patchify(normalize(px, fam.pixel_mean, fam.pixel_std), 14, 2, 2)
         assert list(grid) == ref["image_grid_thw"][0].tolist()
         torch.testing.assert_close(patches, ref["pixel_values"], atol=1e-6, rtol=0)  # the device path resizes bit for bit too
@@ -136,12 +136,16 @@ def test_greedy_tokens_equal_transformers(checkpoint):
         assert len(set(out)) > 1
 
 
+def _procedural(size, seed: int) -> ImageInput:
+    return ImageInput(width=size[0], height=size[1], seed=seed)
+
+
 def _requests(n=6):
     return [
         Request(
             f"q{i}",
             prompt_token_ids=tuple(range(30 + i, 36 + 3 * i)),
-            images=tuple(ImageInput(width=SIZES[(i + k) % len(SIZES)][0], height=SIZES[(i + k) % len(SIZES)][1], seed=7 * i + k) for k in range(i % 3)),
+            images=tuple(_procedural(SIZES[(i + k) % len(SIZES)], 7 * i + k) for k in range(i % 3)),
             sampling=SamplingParams(max_tokens=6 + i, ignore_eos=True),
         )
         for i in range(n)
