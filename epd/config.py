@@ -67,7 +67,7 @@ class TextModelConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny-llava"
-    family: str = "llava"  # the HF model_type: llava | internvl | qwen2_vl | qwen2_5_vl
+    family: str = "llava"  # the HF model_type: llava | internvl | qwen2_vl | qwen2_5_vl | minicpmv4_6
     load_format: str = "dummy"  # dummy (random, seeded) | hf (local checkpoint dir)
     path: Optional[str] = None
     dtype: str = "float32"
@@ -79,15 +79,23 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_feature_layer: int = -2
     downsample_ratio: float = 0.5  # internvl pixel shuffle
-    max_tiles: int = 12  # internvl dynamic tiling
+    max_tiles: int = 12  # internvl dynamic tiling; minicpmv: most slices of a large image
     use_thumbnail: bool = True
     # qwen2_vl: images resized (aspect kept, sides multiples of 28) to between these many pixels;
-    # each image's placeholders are wrapped in these tokens, as the Qwen chat template does.
+    # each image's placeholders are wrapped in these tokens, as the Qwen chat template does
+    # (minicpmv: <image> and </image> around an image's overview).
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     vision_start_token_id: int = 5
     vision_end_token_id: int = 6
     video_token_id: int = 4
+    # minicpmv: pieces of about scale_resolution^2 pixels; the tower's window merger after this layer;
+    # <slice> and </slice> around each slice's placeholders, rows of slices split by a newline token.
+    scale_resolution: int = 448
+    vision_merger_layer: int = 6
+    slice_start_token_id: int = 7
+    slice_end_token_id: int = 8
+    newline_token_id: int = 9
     cuda_graphs: bool = True  # capture the decode step on CUDA devices
     # Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (attention eager
     # between them, steps padded to a bucket); larger steps, which the GPU bounds anyway, run eagerly. 0: off.

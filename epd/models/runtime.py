@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from epd.config import ModelConfig
-from epd.models import internvl, llava, qwen2_vl  # noqa: F401  (registers the families)
+from epd.models import internvl, llava, minicpmv, qwen2_vl  # noqa: F401  (registers the families)
 from epd.models.family import FAMILIES, ModelFamily
 from epd.models.image_processing import normalize
 from epd.models.lm import DecoderLM
@@ -158,13 +158,19 @@ class ModelRuntime:
         if not pixels:
             return []
         if hasattr(self.vision, "encode_images"):
-            return self.vision.encode_images([self._normalized(p.to(self.device, non_blocking=True)) for p in pixels])
+            return self.vision.encode_images([self._on_device(p) for p in pixels])
         feats = self.vision.encode(self._normalized(torch.cat(pixels).to(self.device, non_blocking=True)))
         out, start = [], 0
         for p in pixels:
             out.append(feats[start : start + p.shape[0]].reshape(-1, feats.shape[-1]))
             start += p.shape[0]
         return out
+
+    def _on_device(self, pixels):
+        """One image's pixels (a tensor, or a list of pieces: MiniCPM-V's slices) normalised on the device."""
+        if isinstance(pixels, list):
+            return [self._on_device(p) for p in pixels]
+        return self._normalized(pixels.to(self.device, non_blocking=True))
 
     def _normalized(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dtype == torch.uint8:

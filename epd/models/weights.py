@@ -20,6 +20,8 @@ PART_PREFIXES: dict[str, list[tuple[str, str]]] = {
         ("vision_tower.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("multi_modal_projector.", "multi_modal_projector."),
+        ("model.merger.", "merger."),  # MiniCPM-V
+        ("merger.", "merger."),
         ("model.visual.", "visual."),  # Qwen2-VL family
         ("visual.", "visual."),
     ],
