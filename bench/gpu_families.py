@@ -1,4 +1,4 @@
-"""The Qwen2-VL families on one GPU: exactness of the GPU engine (CUDA graphs, M-RoPE) and the real shapes.
+"""The Qwen2-VL and MiniCPM-V families on one GPU: exactness of the GPU engine (CUDA graphs, M-RoPE) and the real shapes.
 
     python bench/gpu_families.py --out DIR [--parts exact shapes] [--models qwen2-vl-7b qwen2.5-vl-7b]
 
@@ -35,6 +35,7 @@ from epd.serve.offline import OfflineLLM  # noqa: E402
 from tests.helpers import reference  # noqa: E402
 
 SIZES = [(120, 90), (61, 200), (300, 300), (640, 480), (1000, 40), (224, 448)]
+MINICPM_SIZES = [(120, 90), (300, 200), (640, 480), (450, 450)]
 
 
 def _image(size: tuple[int, int], seed: int) -> ImageInput:
@@ -59,10 +60,26 @@ def _agreement(got: dict, want: dict) -> dict:
     return {"identical": f"{len(want) - len(parted)}/{len(want)}", "first_difference_at": parted}
 
 
+def _hf_inputs(fam, images, ids) -> dict:
+    """transformers' own processor outputs for `images`, as its `generate` takes them."""
+    if fam.model_type == "minicpmv4_6":
+        from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+        px = MiniCPMV4_6ImageProcessorPil(scale_resolution=fam.cfg.scale_resolution, max_slice_nums=fam.cfg.max_tiles)(
+            images=images, return_tensors="pt"
+        )
+        return dict(pixel_values=px["pixel_values"].cuda(), target_sizes=px["target_sizes"].cuda())
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    px = Qwen2VLImageProcessorPil(min_pixels=fam.cfg.min_pixels, max_pixels=fam.cfg.max_pixels)(images=images, return_tensors="pt")
+    kw = dict(pixel_values=px["pixel_values"].cuda(), image_grid_thw=px["image_grid_thw"].cuda())
+    kw["mm_token_type_ids"] = (ids == fam.image_token_id).int()
+    return kw
+
+
 def exact(name: str) -> dict:
     """Tiny config on the GPU in float32: the engine's greedy tokens vs transformers' from one checkpoint."""
     from transformers import AutoModelForImageTextToText
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     base = model_config(name)
     fam = load_family(base)
@@ -76,18 +93,14 @@ def exact(name: str) -> dict:
     hf.save_pretrained(path)
     hf = hf.cuda()
     cfg = dataclasses.replace(base, load_format="hf", path=path, device="cuda", dtype="float32")
-    reqs = _requests(24, SIZES, 24)
-    proc = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    # MiniCPM-V: images whose pieces share one size (transformers' packed tower assumes it)
+    reqs = _requests(24, MINICPM_SIZES if fam.model_type == "minicpmv4_6" else SIZES, 24)
     ref = {}
     for r in reqs:
         images = [load_image(im) for im in r.images]
         prompt = fam.build_prompt(list(r.prompt_token_ids), [im.size for im in images])
         ids = torch.tensor([prompt], device="cuda")
-        kw = {}
-        if images:
-            px = proc(images=images, return_tensors="pt")
-            kw = dict(pixel_values=px["pixel_values"].cuda(), image_grid_thw=px["image_grid_thw"].cuda())
-            kw["mm_token_type_ids"] = (ids == fam.image_token_id).int()
+        kw = _hf_inputs(fam, images, ids) if images else {}
         with torch.no_grad():
             out = hf.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kw)
         ref[r.request_id] = out[0, len(prompt) :].tolist()
@@ -152,12 +165,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", nargs="+", default=["exact", "shapes"])
-    ap.add_argument("--models", nargs="+", default=["qwen2-vl-7b", "qwen2.5-vl-7b"])
+    ap.add_argument("--models", nargs="+", default=["qwen2-vl-7b", "qwen2.5-vl-7b", "minicpm-v-2.6"])
     args = ap.parse_args()
     card = torch.cuda.get_device_name(0)
     out = {"card": card, "exact": [], "shapes": []}
     if "exact" in args.parts:
-        out["exact"] = [exact(n) for n in ("tiny-qwen2vl", "tiny-qwen2.5vl")]
+        out["exact"] = [exact(n) for n in ("tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-minicpmv")]
     if "shapes" in args.parts:
         out["shapes"] = [shapes(n, card) for n in args.models]
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -159,10 +159,13 @@ class MiniCPMVFamily(ModelFamily):
         """LM tokens of one full slice (scale_resolution^2 pixels): the unit cost models count in."""
         return self._piece_tokens(self.cfg.scale_resolution, self.cfg.scale_resolution)
 
-    def tower_dims(self) -> tuple[int, int, int, int, int, int]:
-        """(width, MLP width, layers, tile side, patch side, merger input width), for cost models."""
+    def tower_dims(self) -> tuple[int, int, float, int, int, int]:
+        """(width, MLP width, layers, tile side, patch side, merger input width), for cost models. Layers
+        past the window merger see a quarter of the patches: they count a quarter each."""
         v = self.hf.vision_config
-        return v.hidden_size, v.intermediate_size, v.num_hidden_layers, self.cfg.scale_resolution, v.patch_size, 4 * v.hidden_size
+        full = min(self.cfg.vision_merger_layer + 1, v.num_hidden_layers)
+        layers = full + (v.num_hidden_layers - full) / 4
+        return v.hidden_size, v.intermediate_size, layers, self.cfg.scale_resolution, v.patch_size, 4 * v.hidden_size
 
     def _piece_tokens(self, h: int, w: int) -> int:
         return (h // self._patch) * (w // self._patch) // 16
