@@ -45,6 +45,7 @@ class VisionTowerConfig:
     temporal_patch_size: int = 2
     window_size: int = 112
     full_attention_every: int = 8
+    tokens_per_second: int = 2  # Qwen2.5-VL: temporal positions per second of video
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,16 @@ class ImageInput:
         return self.path is None and self.data is None
 
 
+@dataclass(frozen=True)
+class VideoInput:
+    """A video as its sampled frames, in order (images of one size; `epd.video.decode_video` samples a
+    file). `fps`: frames per second they were sampled at, where known (Qwen2.5-VL spaces its temporal
+    positions by it; unknown counts as one temporal patch a second)."""
+
+    frames: tuple[ImageInput, ...] = ()
+    fps: Optional[float] = None
+
+
 # Why a request was aborted: it cannot be served as given, the engine failed serving it, its client left.
 INVALID, INTERNAL, CANCELLED = "invalid", "internal", "cancelled"
 
@@ -127,6 +137,7 @@ class Request:
     prompt_token_ids: Optional[tuple[int, ...]] = None  # text tokens; image placeholders are added by the model
     images: tuple[ImageInput, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    videos: tuple[VideoInput, ...] = ()  # placed before the images in the prompt
 
 
 @dataclass

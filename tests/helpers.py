@@ -13,6 +13,7 @@ from epd.models.generate import generate
 from epd.models.runtime import ModelRuntime, load_family
 from epd.request import ImageInput, Request, SamplingParams
 from epd.serve.offline import OfflineLLM
+from epd.video import VideoLayout, segments
 
 
 def tiny_model_config(family: str = "llava", **kw) -> ModelConfig:
@@ -79,12 +80,16 @@ def reference(reqs, model=MODEL):
     for r in reqs:
         images = [load_image(im) for im in r.images]
         sizes = [im.size for im in images]
-        prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes))
-        rope.append(rt.family.rope_layout(prompts[-1], sizes))
+        temporal = rt.family.frames_per_segment
+        videos = [VideoLayout(*load_image(v.frames[0]).size, -(-len(v.frames) // temporal), v.fps) for v in r.videos]
+        prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes, videos))
+        rope.append(rt.family.rope_layout(prompts[-1], sizes, videos))
+        stacks = [[load_image(f) for f in seg.frames] for i, v in enumerate(r.videos) for seg in segments(v, i, temporal)]
         if model.image_resize == "device":
-            pixels = [rt.family.preprocess(image_tensor(im), TorchOps) for im in images]
+            pixels = [rt.family.preprocess_frames([image_tensor(f) for f in s], TorchOps) for s in stacks]
+            pixels += [rt.family.preprocess(image_tensor(im), TorchOps) for im in images]
         else:
-            pixels = [rt.family.preprocess(im) for im in images]
+            pixels = [rt.family.preprocess_frames(s) for s in stacks] + [rt.family.preprocess(im) for im in images]
         emb = rt.encode(pixels)
         mm.append(torch.cat(emb) if emb else None)
     return generate(rt, prompts, mm, [r.sampling for r in reqs], rope=rope)

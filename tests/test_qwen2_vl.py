@@ -16,8 +16,9 @@ from epd.models.image_processing import TorchOps, image_tensor, normalize
 from epd.models.mrope import rope_layout
 from epd.models.qwen2_vl import patchify
 from epd.models.runtime import ModelRuntime, load_family
-from epd.request import ImageInput, Request, SamplingParams
-from tests.helpers import AGG, EPD, PD, reference, run
+from epd.request import ImageInput, Request, SamplingParams, VideoInput
+from epd.video import VideoLayout
+from tests.helpers import AGG, EPD, PD, reference, run, tiny_model_config
 
 MAX_PIXELS = 28 * 28 * 24
 HF_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
@@ -92,15 +93,68 @@ def test_rope_positions_equal_transformers(checkpoint, seed):
     assert torch.equal(past, (torch.arange(len(prompt), len(prompt) + 4) + layout.delta).expand(3, -1))
 
 
-def test_video_grid_positions_equal_transformers(checkpoint):
-    hf, _ = checkpoint
-    if isinstance(hf, Qwen2_5_VLForConditionalGeneration):
-        pytest.skip("Qwen2.5-VL spaces video positions by seconds; images suffice here")
-    prompt = [1, 20, 5] + [3] * (3 * 2 * 3) + [6, 21, 22]
-    layout = rope_layout(prompt, 3, [(3, 2, 3, 1)])
-    ids = torch.tensor([prompt])
-    ref, delta = hf.model.get_rope_index(ids, (ids == 3).int() * 2, video_grid_thw=torch.tensor([[3, 4, 6]]))
+@pytest.mark.parametrize("fps", [None, 1.0, 2.0])
+def test_video_positions_equal_transformers(checkpoint, fps):
+    """A video then an image: temporal positions (Qwen2.5-VL: spaced by seconds) and what follows."""
+    hf, ours = checkpoint
+    fam = ours.family
+    video = VideoLayout(120, 90, 3, fps)
+    prompt = fam.build_prompt([20, 21], [(61, 200)], [video])
+    layout = fam.rope_layout(prompt, [(61, 200)], [video])
+    ids, types = _hf_ids(fam, prompt, [video])
+    _, h, w, _ = fam.grid(120, 90)
+    kw = {"second_per_grid_ts": torch.tensor([2 / fps if fps else 1.0])} if isinstance(hf, Qwen2_5_VLForConditionalGeneration) else {}
+    _, ih, iw, _ = fam.grid(61, 200)
+    ref, delta = hf.model.get_rope_index(
+        ids, types, image_grid_thw=torch.tensor([[1, 2 * ih, 2 * iw]]), video_grid_thw=torch.tensor([[3, 2 * h, 2 * w]]), **kw
+    )
     assert torch.equal(layout.positions(0, len(prompt)), ref[:, 0]) and layout.delta == int(delta)
+
+
+def _hf_ids(fam, prompt: list[int], videos) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' input ids and token types for our prompt: a video's placeholders are its video token."""
+    ids, types, at = list(prompt), [1 if t == fam.image_token_id else 0 for t in prompt], prompt.index(fam.image_token_id)
+    for v in videos:
+        t, h, w, _ = fam.video_grid(v)
+        for i in range(at, at + t * h * w):
+            ids[i], types[i] = fam.cfg.video_token_id, 2
+        at = prompt.index(fam.image_token_id, at + t * h * w) if fam.image_token_id in prompt[at + t * h * w :] else len(prompt)
+    return torch.tensor([ids]), torch.tensor([types])
+
+
+def test_video_tokens_equal_transformers(checkpoint):
+    """Frames (an odd count: the last segment padded) encoded segment by segment equal transformers' video
+    tower over the whole grid; greedy tokens equal for a video with and without an image."""
+    hf, ours = checkpoint
+    fam = ours.family
+    frames = [_image(120, 90, seed=50 + i) for i in range(5)]
+    video = VideoLayout(120, 90, 3, 2.0)
+    stacks = [frames[i : i + 2] for i in range(0, 4, 2)] + [[frames[4], frames[4]]]
+    pixels = [fam.preprocess_frames(s) for s in stacks]
+    got = torch.cat(ours.encode(pixels))
+    whole = torch.cat([normalize(p, fam.pixel_mean, fam.pixel_std) for p in pixels])
+    patches, (t, gh, gw) = patchify(whole, 14, 2, 2)
+    grid = torch.tensor([[t, gh, gw]])
+    with torch.no_grad():
+        want = torch.cat(list(hf.model.get_video_features(patches, grid).pooler_output))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    image = _image(61, 200, seed=9)
+    for sizes in ([], [image.size]):
+        prompt = fam.build_prompt([20, 21, 22], sizes, [video])
+        mm = torch.cat([got] + ([torch.cat(ours.encode([fam.preprocess(image)]))] if sizes else []))
+        out = generate(
+            ours, [prompt], [mm], [SamplingParams(max_tokens=24, ignore_eos=True)], rope=[fam.rope_layout(prompt, sizes, [video])]
+        )[0]
+        ids, types = _hf_ids(fam, prompt, [video])
+        kw = dict(pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
+        if isinstance(hf, Qwen2_5_VLForConditionalGeneration):
+            kw["second_per_grid_ts"] = torch.tensor([1.0])
+        if sizes:
+            px = Qwen2VLImageProcessorPil(min_pixels=fam.cfg.min_pixels, max_pixels=MAX_PIXELS)(images=[image], return_tensors="pt")
+            kw.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kw)
+        assert out == ref[0, len(prompt) :].tolist()
 
 
 def test_placeholder_count_mismatch_is_refused():
@@ -147,6 +201,7 @@ def _requests(n=6):
             prompt_token_ids=tuple(range(30 + i, 36 + 3 * i)),
             images=tuple(_procedural(SIZES[(i + k) % len(SIZES)], 7 * i + k) for k in range(i % 3)),
             sampling=SamplingParams(max_tokens=6 + i, ignore_eos=True),
+            videos=(VideoInput(tuple(_procedural((120, 90), 900 + 10 * i + f) for f in range(3 + i)), fps=2.0),) if i % 2 else (),
         )
         for i in range(n)
     ]
@@ -167,3 +222,41 @@ def test_engine_deployments_equal_the_runtime(ray_cluster, family):
     for deployment, executor in cases:
         outs, _, _ = run(deployment, reqs, executor, model=model)
         assert {k: v.token_ids for k, v in outs.items()} == expected, (deployment.name, executor)
+
+
+def test_videos_for_families_without_them_and_bad_frames_are_refused(ray_cluster):
+    frames = (_procedural((120, 90), 1), _procedural((120, 90), 2))
+    reqs = [
+        Request("ok", prompt_token_ids=(30, 31), videos=(VideoInput(frames),), sampling=SamplingParams(max_tokens=3)),
+        Request("sizes", prompt_token_ids=(30,), videos=(VideoInput((frames[0], _procedural((60, 90), 3))),)),
+        Request("empty", prompt_token_ids=(30,), videos=(VideoInput(()),)),
+    ]
+    outs, _, _ = run(AGG, reqs, "local", model=tiny("qwen2_vl"))
+    assert outs["ok"].finish_reason == "length"
+    assert outs["sizes"].finish_reason == "abort" and "frames differ in size" in outs["sizes"].abort_reason
+    assert outs["empty"].finish_reason == "abort" and "non-empty" in outs["empty"].abort_reason
+    outs, _, _ = run(AGG, reqs[:1], "local", model=tiny_model_config("llava"))
+    assert outs["ok"].finish_reason == "abort" and "takes no video" in outs["ok"].abort_reason
+
+
+def test_a_video_file_is_sampled_at_its_rate():
+    av = pytest.importorskip("av")
+    import io
+
+    from epd.images import load_image
+    from epd.video import decode_video
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(24):  # 3 s at 8 frames a second
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    video = decode_video(buf.getvalue(), fps=2.0)
+    assert len(video.frames) == 6 and video.fps == 2.0  # 3 s x 2 a second
+    levels = [int(np.asarray(load_image(f))[20, 30, 0]) for f in video.frames]
+    assert levels == sorted(levels) and levels[-1] - levels[0] > 100  # spread over the clip, in order
+    with pytest.raises(ValueError, match="could not be decoded"):
+        decode_video(b"not a video")

@@ -45,6 +45,7 @@ from epd.stages.work import (
     SwitchResult,
 )
 from epd.transfer import Endpoint, TransferHandle, make_transfer
+from epd.video import FrameStack, load_frames
 
 
 @dataclass
@@ -308,13 +309,24 @@ class Worker:
             for i, x in zip(jpegs, self._jpeg.decode([pixels[i] for i in jpegs])):
                 pixels[i] = x
         if self.model_cfg.image_resize == "device":
-            pixels = [self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps) for x in pixels]
+            pixels = [self._resized_on_device(x) for x in pixels]
         return self.rt.encode(pixels)
+
+    def _resized_on_device(self, x):
+        """One item's decoded pixels resized where they will be encoded (a video segment: its frames)."""
+        if isinstance(x, list):
+            return self.rt.family.preprocess_frames([f.to(self.rt.device, non_blocking=True) for f in x], TorchOps)
+        return self.rt.family.preprocess(x.to(self.rt.device, non_blocking=True), TorchOps)
 
     def _preprocess(self, item) -> torch.Tensor | bytes | str:
         """What the tower's batch needs of one image, on the host: pixels resized (image_resize=host),
         decoded pixels (device), or a JPEG's bytes left for the GPU to decode (image_decode=device)."""
         try:
+            if isinstance(item.image, FrameStack):  # a video segment: its frames, as one item
+                frames = load_frames(item.image)
+                if self.model_cfg.image_resize == "device":
+                    return [image_tensor(f) for f in frames]
+                return self.rt.family.preprocess_frames(frames)
             if self._jpeg is not None and (blob := jpeg_bytes(item.image)) is not None:
                 return blob
             image = load_image(item.image)

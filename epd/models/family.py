@@ -45,10 +45,16 @@ class ModelFamily(ABC):
 
     # M-RoPE sections of the LM's rotary frequencies (time, height, width); None: ordinary RoPE.
     mrope_section: Optional[tuple[int, ...]] = None
+    # Video frames the tower encodes together (one segment); None: the family takes no video.
+    frames_per_segment: Optional[int] = None
 
-    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]]):
+    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]], videos: list = ()):
         """The sequence's M-RoPE layout (`epd.models.mrope.RopeLayout`); None where positions are indices."""
         return None
+
+    def video_placeholders(self, video) -> list[int]:
+        """The prompt tokens of one video (`epd.video.VideoLayout`)."""
+        raise ValueError(f"model family {self.model_type!r} takes no video input")
 
     @property
     def image_token_id(self) -> int:
@@ -85,11 +91,14 @@ class ModelFamily(ABC):
         """One image token's embedding, as the LM takes it."""
         return self.text_config().hidden_size * DTYPE_BYTES[dtype or self.cfg.dtype]
 
-    def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:
-        """BOS, each image's placeholders, then the text; or, where the text holds one image token per
-        image (a marker, as chat templates place `<image>`), BOS and the text with each marker expanded
-        to its image's placeholders (a system prompt before the images is then a shared prefix)."""
+    def build_prompt(self, text_ids: list[int], image_sizes: list[tuple[int, int]], videos: list = ()) -> list[int]:
+        """BOS, each video's and image's placeholders, then the text; or, where the text holds one image
+        token per image (a marker, as chat templates place `<image>`), BOS, the videos, and the text with
+        each marker expanded to its image's placeholders (a system prompt before the images is then a
+        shared prefix)."""
         ids = [self.text_config().bos_token_id]
+        for v in videos:
+            ids += self.video_placeholders(v)
         tok = self.image_token_id
         if tok not in text_ids:
             for w, h in image_sizes:

@@ -21,6 +21,7 @@ from epd.config import ModelConfig, TextModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
 from epd.models.image_processing import CLIP_MEAN, CLIP_STD, PILOps
 from epd.models.mrope import RopeLayout, rope_layout
+from epd.video import VideoLayout
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -149,8 +150,31 @@ class _QwenVLFamily(ModelFamily):
         mlp = getattr(v, "intermediate_size", None) or width * v.mlp_ratio
         return width, mlp, v.depth, self.nominal_tile, v.patch_size, width * v.spatial_merge_size**2
 
-    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]]) -> RopeLayout:
-        return rope_layout(prompt_ids, self.image_token_id, [self.grid(w, h) for w, h in image_sizes])
+    @property
+    def frames_per_segment(self) -> int:
+        return self.hf.vision_config.temporal_patch_size
+
+    def preprocess_frames(self, frames: list, ops=PILOps) -> torch.Tensor:
+        """[frames, 3, H', W'] uint8: one video segment's frames, each resized as an image of its size."""
+        return torch.cat([self.preprocess(f, ops) for f in frames])
+
+    def video_grid(self, video: VideoLayout) -> tuple[int, int, int, int]:
+        """(t, h, w, t_step) of a video's LM tokens: its segments over one frame's grid."""
+        _, h, w, _ = self.grid(video.width, video.height)
+        return video.segments, h, w, self.video_time_step(video)
+
+    def video_time_step(self, video: VideoLayout) -> int:
+        return 1
+
+    def video_placeholders(self, video: VideoLayout) -> list[int]:
+        """Placeholders for every segment, wrapped as an image's are (the placeholder id is the image
+        token: the embeddings replace them, whatever their id)."""
+        t, h, w, _ = self.video_grid(video)
+        return [self.hf.vision_start_token_id, *[self.image_token_id] * (t * h * w), self.hf.vision_end_token_id]
+
+    def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]], videos: list = ()) -> RopeLayout:
+        grids = [self.video_grid(v) for v in videos] + [self.grid(w, h) for w, h in image_sizes]  # videos come first
+        return rope_layout(prompt_ids, self.image_token_id, grids)
 
 
 @FAMILIES.register("qwen2_vl")
@@ -203,8 +227,14 @@ class Qwen25VLFamily(_QwenVLFamily):
             temporal_patch_size=v.temporal_patch_size,
             window_size=v.window_size,
             fullatt_block_indexes=list(range(every - 1, v.num_layers, every)),
+            tokens_per_second=v.tokens_per_second,
         )
 
     @staticmethod
     def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:
         return Qwen25VLFamily._build(cfg)
+
+    def video_time_step(self, video: VideoLayout) -> int:
+        """Temporal positions spaced by seconds: tokens_per_second x the seconds one segment spans."""
+        seconds = 1 if video.fps is None else int(self.frames_per_segment / video.fps)
+        return self.hf.vision_config.tokens_per_second * seconds

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 from epd.config import Role, TextModelConfig
-from epd.images import image_key, image_size
 from epd.request import ImageInput, Request, SamplingParams
 from epd.stages.instance import Instance
 from epd.stages.model_view import ModelView
 from epd.stages.state import RequestState
+from epd.video import VideoLayout, check_video, media_key, media_size, segments
 
 
 class AdmissionError(ValueError):
@@ -48,14 +48,22 @@ def prepare(
             f"prompt contains {markers} image placeholder tokens but the request has {len(req.images)} images; "
             "put one where each image goes, or none (the images then come first)"
         )
-    state.image_sizes = [image_size(im) for im in req.images]
-    state.image_keys = [f"{image_key(im)}:{w}x{h}" for im, (w, h) in zip(req.images, state.image_sizes)]
+    video_sizes = [check_video(v, i) for i, v in enumerate(req.videos)]
+    temporal = family.frames_per_segment if req.videos else None
+    if req.videos and temporal is None:
+        raise AdmissionError(f"model family {family.model_type!r} takes no video input")
+    # the encoder's items: each video's segments (videos come first in the prompt), then the images
+    state.media = [seg for i, v in enumerate(req.videos) for seg in segments(v, i, temporal)] + list(req.images)
+    state.image_sizes = [media_size(m) for m in state.media]
+    state.image_keys = [f"{media_key(m)}:{w}x{h}" for m, (w, h) in zip(state.media, state.image_sizes)]
     try:
         state.image_tokens = [family.num_image_tokens(w, h) for w, h in state.image_sizes]
     except ValueError as exc:  # a size the family's processor refuses (e.g. Qwen2-VL: aspect ratio over 200)
         raise AdmissionError(str(exc)) from exc
-    state.prompt_ids = family.build_prompt(text_ids, state.image_sizes)
-    state.rope = family.rope_layout(state.prompt_ids, state.image_sizes)
+    sizes = state.image_sizes[len(state.media) - len(req.images) :]
+    videos = [VideoLayout(w, h, -(-len(v.frames) // temporal), v.fps) for (w, h), v in zip(video_sizes, req.videos)]
+    state.prompt_ids = family.build_prompt(text_ids, sizes, videos)
+    state.rope = family.rope_layout(state.prompt_ids, sizes, videos)
     total = state.prompt_len + req.sampling.max_tokens
     if total > text.max_position_embeddings:
         raise AdmissionError(
@@ -86,6 +94,8 @@ def check_request(req: Request, vocab_size: int) -> None:
         raise AdmissionError(f"prompt_token_ids must be a sequence of ints, got {type(req.prompt_token_ids).__name__}")
     if not isinstance(req.images, (tuple, list)) or not all(isinstance(im, ImageInput) for im in req.images):
         raise AdmissionError("images must be a sequence of ImageInput")
+    if not isinstance(req.videos, (tuple, list)):
+        raise AdmissionError("videos must be a sequence of VideoInput")
     if isinstance(req.arrival_time, bool) or not isinstance(req.arrival_time, (int, float)) or not math.isfinite(req.arrival_time):
         raise AdmissionError(f"arrival_time must be a finite number, got {req.arrival_time!r}")
 

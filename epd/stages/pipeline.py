@@ -159,7 +159,7 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         except Exception as exc:  # a defect admission did not foresee: this request's, not the engine's
             self.abort(state, f"request could not be admitted: {type(exc).__name__}: {exc}", now)
             return
-        if req.images:
+        if state.media:
             self._route_encode(state)
         else:
             self._route_prefill(state)

@@ -47,7 +47,7 @@ class Preemption:
         state.prefilled = state.mm_rows_done = state.prefix_hit = 0
         state.images_pending = 0
         state.mm = {}
-        if state.req.images:
+        if state.media:
             self._route_encode(state, front=True)
         else:
             self._route_prefill(state, front=True)

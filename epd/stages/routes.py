@@ -45,7 +45,7 @@ class Routes:
         if self._none_in_service(state, Role.ENCODE, lambda: self._route_encode(state, front)):
             return
         encoders = self.by_role[Role.ENCODE]
-        n = len(state.req.images)
+        n = len(state.media)
         if self.deployment.irp:
             targets = self.router.spread(Role.ENCODE, encoders, n)
         else:

@@ -65,9 +65,7 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
         inst.encode_queue.popleft()
         state.hold(Hold.mm(inst.id, work.image_index), owner, blocks)
         items.append(
-            EncodeItem(
-                state.rid, work.image_index, state.req.images[work.image_index], n_tokens, blocks, send, hit is not None, state.attempt
-            )
+            EncodeItem(state.rid, work.image_index, state.media[work.image_index], n_tokens, blocks, send, hit is not None, state.attempt)
         )
     return EncodeBatch(items) if items else None
 

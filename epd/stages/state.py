@@ -34,6 +34,7 @@ class RequestState:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image, read at admission
     image_keys: list[str] = field(default_factory=list)  # content hash per image: the encoder cache's key
     rope: Any = None  # the prompt's M-RoPE layout (Qwen2-VL families), else None
+    media: list = field(default_factory=list)  # what E encodes: each video's segments (`epd.video.FrameStack`), then the images
     images_pending: int = 0
     mm: dict[int, MMSource] = field(default_factory=dict)  # image index -> where its embeddings are
     prefill_instance: Optional[str] = None

@@ -183,7 +183,7 @@ class RoleSwitching:
             if state.done or state.rid in redone:
                 continue
             redone.add(state.rid)  # once, however many of its images were queued here
-            if state.holds or state.images_pending != len(state.req.images):
+            if state.holds or state.images_pending != len(state.media):
                 self.start_over(state, inst, "worker_lost")
                 continue
             for other in self.instances.values():
