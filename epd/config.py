@@ -268,6 +268,9 @@ class WorkloadConfig:
     seed: int = 0
     images_per_request: int = 1
     images_per_request_max: Optional[int] = None  # uniform in [images_per_request, max] when set
+    videos_per_request: int = 0  # videos of `video_frames` procedural frames (image_width x image_height) each
+    video_frames: int = 8
+    video_fps: float = 2.0  # the rate the frames stand for
     image_width: int = 640
     image_height: int = 480
     prompt_tokens: int = 16
@@ -467,6 +470,10 @@ class ServerConfig:
     max_concurrent_requests: int = 64  # beyond this: 429 with Retry-After
     max_images_per_request: int = 8
     max_image_bytes: int = 20_000_000
+    max_videos_per_request: int = 2
+    max_video_bytes: int = 64_000_000
+    video_fps: float = 2.0  # videos are sampled at this many frames a second (Qwen2-VL's default)
+    max_video_frames: int = 64
     max_body_bytes: int = 32 * 1024 * 1024  # a larger request body gets 413 before it is parsed
     max_inflight_bytes: int = 512 * 1024 * 1024  # images and prompts of the requests in flight; beyond: 429
     image_root: Optional[str] = None  # local image files are allowed only under this directory

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from epd.config import WorkloadConfig
-from epd.request import ImageInput, Request, SamplingParams
+from epd.request import ImageInput, Request, SamplingParams, VideoInput
 from epd.stages.model_view import ModelView
 
 
@@ -131,6 +131,16 @@ def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int], imag
             if cfg.repeat_image_share and mix.random() < cfg.repeat_image_share:
                 seed = (1 << 40) + int(mix.integers(cfg.image_pool))  # one of the popular pictures
             images.append(ImageInput(width=cfg.image_width, height=cfg.image_height, seed=seed))
+        videos = tuple(
+            VideoInput(
+                tuple(
+                    ImageInput(width=cfg.image_width, height=cfg.image_height, seed=(2 << 40) + i * 997 + v * 101 + f)
+                    for f in range(cfg.video_frames)
+                ),
+                cfg.video_fps,
+            )
+            for v in range(cfg.videos_per_request)
+        )
         system = systems[int(mix.integers(cfg.system_prompts))] if cfg.system_prompt_tokens else ()
         if (
             system and images and image_token is not None
@@ -143,6 +153,7 @@ def synthetic(cfg: WorkloadConfig, vocab_size: int, reserved_ids: set[int], imag
                 prompt_token_ids=system + tuple(int(x) for x in rng.choice(text_ids, n_prompt)),
                 images=tuple(images),
                 sampling=_sampling(cfg, max_tokens, cfg.seed * 100_003 + i, answer or None),
+                videos=videos,
             )
         )
     return _encode_images(cfg, reqs) if cfg.image_format == "jpeg" else reqs

@@ -45,8 +45,10 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-def _serve(engine, **server):
+def _serve(engine, model=None, **server):
     cfg = dataclasses.replace(RunConfig(deployment=DEPLOYMENT), server=ServerConfig(**server))
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=model)
     return LiveServer(build_app(cfg, engine))
 
 

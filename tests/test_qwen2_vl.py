@@ -239,24 +239,75 @@ def test_videos_for_families_without_them_and_bad_frames_are_refused(ray_cluster
     assert outs["ok"].finish_reason == "abort" and "takes no video" in outs["ok"].abort_reason
 
 
-def test_a_video_file_is_sampled_at_its_rate():
-    av = pytest.importorskip("av")
+def _mp4(frames: int = 24, rate: int = 8) -> bytes:
+    """A small MPEG-4 clip whose frames brighten one after another."""
     import io
 
-    from epd.images import load_image
-    from epd.video import decode_video
+    import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=8)
+        stream = out.add_stream("mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(24):  # 3 s at 8 frames a second
+        for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
-    video = decode_video(buf.getvalue(), fps=2.0)
+    return buf.getvalue()
+
+
+def test_a_video_file_is_sampled_at_its_rate():
+    from epd.images import load_image
+    from epd.video import decode_video
+
+    video = decode_video(_mp4(), fps=2.0)  # 3 s at 8 frames a second
     assert len(video.frames) == 6 and video.fps == 2.0  # 3 s x 2 a second
     levels = [int(np.asarray(load_image(f))[20, 30, 0]) for f in video.frames]
     assert levels == sorted(levels) and levels[-1] - levels[0] > 100  # spread over the clip, in order
     with pytest.raises(ValueError, match="could not be decoded"):
         decode_video(b"not a video")
+
+
+def test_the_server_takes_video_url_parts(ray_cluster, tmp_path):
+    """A chat message with an MPEG-4 video (data URL) and text: answered, the tokens those of the same
+    frames sent straight to the engine; an undecodable video is a 400 naming it."""
+    import asyncio
+    import base64
+
+    import httpx
+    import openai
+
+    from epd.config import RunConfig
+    from epd.serve.app import render_chat
+    from epd.serve.async_llm import AsyncLLM
+    from epd.serve.protocol import ChatCompletionRequest
+    from tests.serving import _serve
+
+    model = tiny("qwen2_vl")
+    engine = AsyncLLM(model, AGG, "local")
+    live = _serve(engine, model=model)
+    try:
+        url = "data:video/mp4;base64," + base64.b64encode(_mp4()).decode()
+        msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what happens?"}]}]
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        out = client.chat.completions.create(model=model.name, messages=msg, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].finish_reason == "length"
+        [(ids, _, videos)] = render_chat(ChatCompletionRequest(messages=msg), RunConfig(), engine.core.pipeline.tokenizer)
+        assert len(videos) == 1 and len(videos[0].frames) == 6
+        req = Request("direct", prompt_token_ids=tuple(ids), videos=videos, sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+
+        async def direct():
+            return [t for d in [d async for d in engine.generate(req)] for t in d.token_ids]
+
+        assert out.choices[0].message.content == engine.core.pipeline.tokenizer.decode(asyncio.run(direct()))
+        bad = [
+            {
+                "role": "user",
+                "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"junk").decode()}}],
+            }
+        ]
+        resp = httpx.post(live.url + "/v1/chat/completions", json={"model": model.name, "messages": bad}, timeout=30)
+        assert resp.status_code == 400 and "video could not be decoded" in resp.text and "video_url" in resp.text
+    finally:
+        live.stop()
+        engine.close()

@@ -44,7 +44,7 @@ def test_plain_completion_with_an_image(client, engine):
     from epd.serve.protocol import ChatCompletionRequest
 
     body = ChatCompletionRequest(messages=msg)
-    [(ids, images)] = render_chat(body, RunConfig(), engine.core.pipeline.tokenizer)
+    [(ids, images, _)] = render_chat(body, RunConfig(), engine.core.pipeline.tokenizer)
     req = Request("direct", prompt_token_ids=tuple(ids), images=images, sampling=SamplingParams(max_tokens=7, ignore_eos=True))
 
     async def direct():

@@ -135,3 +135,17 @@ def test_images_follow_the_system_prompt_for_a_model():
     for r in reqs:
         ids = list(r.prompt_token_ids)
         assert ids.count(tok) == len(r.images) and ids[30 : 30 + len(r.images)] == [tok] * len(r.images)
+
+
+def test_video_requests_carry_their_frames():
+    cfg = WorkloadConfig(num_requests=5, images_per_request=1, videos_per_request=2, video_frames=5, video_fps=4.0)
+    reqs = build_workload(cfg, 512, set())
+    again = build_workload(cfg, 512, set())
+    assert reqs == again  # seeded
+    for r in reqs:
+        assert len(r.images) == 1 and len(r.videos) == 2
+        assert all(len(v.frames) == 5 and v.fps == 4.0 for v in r.videos)
+        assert {(f.width, f.height) for v in r.videos for f in v.frames} == {(cfg.image_width, cfg.image_height)}
+    seeds = [f.seed for r in reqs for v in r.videos for f in v.frames]
+    assert len(set(seeds)) == len(seeds)  # every frame its own picture
+    assert all(r.videos == () for r in build_workload(dataclasses.replace(cfg, videos_per_request=0), 512, set()))

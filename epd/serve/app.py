@@ -27,7 +27,7 @@ from epd.request import INTERNAL, MAX_SEED, SamplingParams
 from epd.request import Request as EngineRequest
 from epd.serve.async_llm import AsyncLLM
 from epd.serve.choice import ChoiceRun, EngineRefusal
-from epd.serve.images import BadImage, resolve_image
+from epd.serve.images import BadImage, resolve_image, resolve_video
 from epd.serve.middleware import ApiKey, BodyLimit
 from epd.serve.prometheus import ServerMetrics
 from epd.serve.protocol import (
@@ -214,9 +214,10 @@ class Overloaded(Exception):
 
 
 def payload_bytes(prompts) -> int:
-    """What a request's prompts hold in memory while it runs: its images' encoded bytes (pixels are
-    made on the E worker, batch by batch) and its token ids."""
-    return sum(8 * len(ids) + sum(len(im.data or b"") for im in images) for ids, images in prompts)
+    """What a request's prompts hold in memory while it runs: its images' and video frames' encoded bytes
+    (pixels are made on the E worker, batch by batch) and its token ids."""
+    frames = lambda videos: sum(len(f.data or b"") for v in videos for f in v.frames)  # noqa: E731
+    return sum(8 * len(ids) + sum(len(im.data or b"") for im in images) + frames(videos) for ids, images, videos in prompts)
 
 
 def admit_bytes(state: dict, nbytes: int, limit: int) -> None:
@@ -287,9 +288,10 @@ def sampling_params(body: Union[ChatCompletionRequest, CompletionRequest], chat:
     return sampling, stops
 
 
-def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple]]:
-    """Messages -> one (prompt token ids, images) pair. Images are spliced in by the model family, in order."""
-    lines, images = [], []
+def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple, tuple]]:
+    """Messages -> one (prompt token ids, images, videos). Images and videos are spliced in by the model
+    family, in order (videos first)."""
+    lines, images, videos = [], [], []
     for i, msg in enumerate(body.messages):
         parts = [] if msg.content is None else ([msg.content] if isinstance(msg.content, str) else msg.content)
         texts = []
@@ -298,6 +300,14 @@ def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[
                 texts.append(part)
             elif part.type == "text":
                 texts.append(part.text)
+            elif part.type == "video_url":
+                if len(videos) >= cfg.server.max_videos_per_request:
+                    raise BadRequest(f"more than {cfg.server.max_videos_per_request} videos in one request; this server takes at most "
+                                     f"{cfg.server.max_videos_per_request}", f"messages.{i}.content.{j}")  # fmt: skip
+                try:
+                    videos.append(resolve_video(part.video_url.url, cfg.server))
+                except BadImage as exc:
+                    raise BadRequest(str(exc), f"messages.{i}.content.{j}.video_url") from exc
             else:
                 if len(images) >= cfg.server.max_images_per_request:
                     raise BadRequest(f"more than {cfg.server.max_images_per_request} images in one request; this server takes at most "
@@ -307,10 +317,10 @@ def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[
                 except BadImage as exc:
                     raise BadRequest(str(exc), f"messages.{i}.content.{j}.image_url") from exc
         lines.append(f"{msg.role}: {' '.join(texts)}")
-    return [(tokenizer.encode("\n".join(lines) + "\nassistant:"), tuple(images))]
+    return [(tokenizer.encode("\n".join(lines) + "\nassistant:"), tuple(images), tuple(videos))]
 
 
-def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple]]:
+def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple, tuple]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -320,20 +330,22 @@ def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[t
         prompts = list(prompt)
     if not prompts:
         raise BadRequest("prompt must not be empty", "prompt")
-    return [(tokenizer.encode(p) if isinstance(p, str) else list(p), ()) for p in prompts]
+    return [(tokenizer.encode(p) if isinstance(p, str) else list(p), (), ()) for p in prompts]
 
 
 def start_runs(llm, prompts, sampling: SamplingParams, body, stops, tokenizer, metrics) -> list[ChoiceRun]:
     """n choices per prompt, each its own engine request; seeds seed, seed+1, ... (random without a seed)."""
     base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     runs = []
-    for p, (ids, images) in enumerate(prompts):
+    for p, (ids, images, videos) in enumerate(prompts):
         for i in range(body.n):
             if body.seed is not None:
                 seed = (body.seed + i + MAX_SEED + 1) % (2 * (MAX_SEED + 1)) - (MAX_SEED + 1)
             else:
                 seed = uuid.uuid4().int % MAX_SEED
-            req = EngineRequest(f"{base}-{p}-{i}", prompt_token_ids=tuple(ids), images=images, sampling=replace(sampling, seed=seed))
+            req = EngineRequest(
+                f"{base}-{p}-{i}", prompt_token_ids=tuple(ids), images=images, sampling=replace(sampling, seed=seed), videos=videos
+            )
             runs.append(ChoiceRun(llm, req, stops, tokenizer, p * body.n + i, p, metrics, base))
     return runs
 

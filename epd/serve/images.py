@@ -1,5 +1,5 @@
-"""`image_url` parts -> ImageInput: base64 data URLs, local files under a configured root, and
-http(s) only when enabled. Every refusal names what is wrong."""
+"""`image_url` parts -> ImageInput, `video_url` parts -> VideoInput: base64 data URLs, local files
+under a configured root, and http(s) only when enabled. Every refusal names what is wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 from epd.config import ServerConfig
 from epd.images import ImageError, image_size
-from epd.request import ImageInput
+from epd.request import ImageInput, VideoInput
+from epd.video import decode_video
 
 
 class BadImage(ValueError):
@@ -41,27 +42,53 @@ def resolve_image(url: str, cfg: ServerConfig) -> ImageInput:
     return image
 
 
-def _local_path(url: str, cfg: ServerConfig) -> str:
+def resolve_video(url: str, cfg: ServerConfig) -> VideoInput:
+    """A video's bytes (as an image's are resolved, within `max_video_bytes`), sampled into frames."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise BadImage("video data URLs must be base64 encoded (data:video/...;base64,...)")
+        if len(payload) * 3 // 4 > cfg.max_video_bytes:
+            raise BadImage(f"video is larger than the server's limit of {cfg.max_video_bytes} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadImage(f"video data URL is not valid base64: {exc}") from exc
+    elif url.startswith(("http://", "https://")):
+        if not cfg.allow_remote_images:
+            raise BadImage("remote video URLs are disabled on this server; send a base64 data URL")
+        data = _fetch(url, cfg.max_video_bytes)
+    else:
+        with open(_local_path(url, cfg, "video"), "rb") as f:
+            data = f.read()
+    try:
+        return decode_video(data, fps=cfg.video_fps, max_frames=cfg.max_video_frames)
+    except ImageError as exc:
+        raise BadImage(str(exc)) from exc
+
+
+def _local_path(url: str, cfg: ServerConfig, kind: str = "image") -> str:
     if cfg.image_root is None:
-        raise BadImage("local image paths are disabled on this server (no server.image_root); send a base64 data URL")
+        raise BadImage(f"local {kind} paths are disabled on this server (no server.image_root); send a base64 data URL")
     root = Path(cfg.image_root).resolve()
     if "\x00" in url:
-        raise BadImage("image path contains a null byte")
+        raise BadImage(f"{kind} path contains a null byte")
     try:
         path = Path(url.removeprefix("file://"))
         path = (path if path.is_absolute() else root / path).resolve()
     except (OSError, ValueError) as exc:  # a path the OS cannot name (too long, a loop of links)
-        raise BadImage(f"image path {url[:200]!r} cannot be resolved: {exc}") from exc
+        raise BadImage(f"{kind} path {url[:200]!r} cannot be resolved: {exc}") from exc
     if root not in path.parents and path != root:
-        raise BadImage(f"image path {url!r} is outside the server's image root")
+        raise BadImage(f"{kind} path {url!r} is outside the server's image root")
+    limit = cfg.max_video_bytes if kind == "video" else cfg.max_image_bytes
     try:
         if not path.is_file():
-            raise BadImage(f"image file not found: {url!r}")
+            raise BadImage(f"{kind} file not found: {url!r}")
         size = path.stat().st_size
     except OSError as exc:
-        raise BadImage(f"image file {url[:200]!r} cannot be read: {exc}") from exc
-    if size > cfg.max_image_bytes:
-        raise BadImage(f"image is larger than the server's limit of {cfg.max_image_bytes} bytes")
+        raise BadImage(f"{kind} file {url[:200]!r} cannot be read: {exc}") from exc
+    if size > limit:
+        raise BadImage(f"{kind} is larger than the server's limit of {limit} bytes")
     return str(path)
 
 

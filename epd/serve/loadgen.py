@@ -21,6 +21,7 @@ from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as Ev
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
+from epd.video import encode_video
 
 
 def data_url(image: ImageInput) -> str:
@@ -53,7 +54,11 @@ def chat_body(req: Request) -> dict:
     else:  # one character per prompt token: the byte-level tokenizer's count, near enough for others
         n = len(req.prompt_token_ids or ())
         text = ("lorem ipsum dolor sit amet " * (n // 27 + 1))[:n]
-    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in req.images] + [{"type": "text", "text": text}]
+    videos = [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(encode_video(v)).decode()}}
+        for v in req.videos
+    ]
+    content = videos + [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in req.images] + [{"type": "text", "text": text}]
     sp = req.sampling
     return {
         "messages": [{"role": "user", "content": content}],

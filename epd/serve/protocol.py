@@ -34,7 +34,21 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(BaseModel):
+    model_config = Strict
+    url: StrictStr
+
+
+class VideoPart(BaseModel):
+    """A video as vLLM takes one: a base64 data URL (data:video/mp4;base64,...) or a path under the
+    server's image root; sampled into frames on arrival (`server.video_fps`, `server.max_video_frames`)."""
+
+    model_config = Strict
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(BaseModel):
