@@ -30,8 +30,9 @@ from epd.config import DeploymentConfig, PoolConfig  # noqa: E402
 from epd.images import load_image  # noqa: E402
 from epd.metrics import timelines  # noqa: E402
 from epd.models.runtime import load_family  # noqa: E402
-from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
+from epd.request import ImageInput, Request, SamplingParams, VideoInput  # noqa: E402
 from epd.serve.offline import OfflineLLM  # noqa: E402
+from epd.video import VideoLayout  # noqa: E402
 from tests.helpers import reference  # noqa: E402
 
 SIZES = [(120, 90), (61, 200), (300, 300), (640, 480), (1000, 40), (224, 448)]
@@ -42,16 +43,46 @@ def _image(size: tuple[int, int], seed: int) -> ImageInput:
     return ImageInput(width=size[0], height=size[1], seed=seed)
 
 
-def _requests(n: int, sizes, max_tokens: int, prefix: str = "r") -> list[Request]:
+def _requests(n: int, sizes, max_tokens: int, prefix: str = "r", video_every: int = 0) -> list[Request]:
+    """Requests of 0-3 images; with `video_every`, every so many also carry a video of 3-6 frames."""
     return [
         Request(
             f"{prefix}{i}",
             prompt_token_ids=tuple(range(30 + i % 7, 40 + i % 11)),
             images=tuple(_image(sizes[(i + k) % len(sizes)], i * 5 + k) for k in range(i % 4)),
             sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            videos=(_video(sizes[i % len(sizes)], 3 + i % 4, 1000 + 10 * i),) if video_every and i % video_every == 1 else (),
         )
         for i in range(n)
     ]
+
+
+def _video(size: tuple[int, int], frames: int, seed: int) -> VideoInput:
+    return VideoInput(tuple(_image(size, seed + f) for f in range(frames)), fps=2.0)
+
+
+def _hf_video_inputs(fam, videos: list[VideoInput], ids: torch.Tensor, kw: dict) -> None:
+    """transformers' video inputs for our frames: patches of the frames as the runtime resizes them, the
+    videos' placeholders marked as video tokens (their ids are the image token in our prompts)."""
+    from epd.models.image_processing import normalize
+    from epd.models.qwen2_vl import patchify
+
+    types = (ids == fam.image_token_id).int()
+    patches, grids, at = [], [], (ids[0] == fam.image_token_id).nonzero()[0, 0].item()
+    for v in videos:
+        frames = [load_image(f) for f in v.frames]
+        frames += [frames[-1]] * (-len(frames) % fam.frames_per_segment)
+        x, (t, h, w) = patchify(normalize(fam.preprocess_frames(frames), fam.pixel_mean, fam.pixel_std), 14, 2, 2)
+        patches.append(x)
+        grids.append([t, h, w])
+        n = t * h * w // 4
+        types[0, at : at + n] = 2
+        ids[0, at : at + n] = fam.cfg.video_token_id
+        rest = (ids[0, at + n :] == fam.image_token_id).nonzero()
+        at = at + n + (rest[0, 0].item() if len(rest) else 0)
+    kw.update(pixel_values_videos=torch.cat(patches).cuda(), video_grid_thw=torch.tensor(grids).cuda(), mm_token_type_ids=types)
+    if fam.model_type == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = torch.tensor([fam.frames_per_segment / v.fps for v in videos]).cuda()
 
 
 def _agreement(got: dict, want: dict) -> dict:
@@ -94,13 +125,17 @@ def exact(name: str) -> dict:
     hf = hf.cuda()
     cfg = dataclasses.replace(base, load_format="hf", path=path, device="cuda", dtype="float32")
     # MiniCPM-V: images whose pieces share one size (transformers' packed tower assumes it)
-    reqs = _requests(24, MINICPM_SIZES if fam.model_type == "minicpmv4_6" else SIZES, 24)
+    minicpm = fam.model_type == "minicpmv4_6"
+    reqs = _requests(24, MINICPM_SIZES if minicpm else SIZES, 24, video_every=0 if minicpm else 5)
     ref = {}
     for r in reqs:
         images = [load_image(im) for im in r.images]
-        prompt = fam.build_prompt(list(r.prompt_token_ids), [im.size for im in images])
+        videos = [VideoLayout(*load_image(v.frames[0]).size, -(-len(v.frames) // 2), v.fps) for v in r.videos]
+        prompt = fam.build_prompt(list(r.prompt_token_ids), [im.size for im in images], videos)
         ids = torch.tensor([prompt], device="cuda")
         kw = _hf_inputs(fam, images, ids) if images else {}
+        if r.videos:
+            _hf_video_inputs(fam, list(r.videos), ids, kw)
         with torch.no_grad():
             out = hf.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kw)
         ref[r.request_id] = out[0, len(prompt) :].tolist()
@@ -115,7 +150,8 @@ def exact(name: str) -> dict:
         "epd_no_graphs": (epd, eager),
         "aggregated_chunked": (DeploymentConfig(name="aggregated", aggregated=pool), cfg),
     }
-    row = {"model": name, "requests": len(reqs), "runtime_eager_vs_transformers": _agreement(runtime, ref)}
+    row = {"model": name, "requests": len(reqs), "with_video": sum(bool(r.videos) for r in reqs)}
+    row["runtime_eager_vs_transformers"] = _agreement(runtime, ref)
     for dname, (dep, model) in deployments.items():
         with OfflineLLM(model, dep, executor="local") as llm:
             outs = {o.request_id: o.token_ids for o in llm.generate(reqs)}
