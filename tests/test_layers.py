@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "ray", "triton", "omegaconf", "hydra"}  # what the core may not reach, even through other modules
 
 CORE = (
-    "epd.request", "epd.lifetime", "epd.metrics", "epd.stats", "epd.config", "epd.registry", "epd.workload", "epd.images",
+    "epd.request", "epd.lifetime", "epd.metrics", "epd.stats", "epd.config", "epd.registry", "epd.workload", "epd.images", "epd.video",
     "epd.run_result", "epd.config_checks", "epd.progress", "epd.stages", "epd.allocation",
 )  # fmt: skip
 ENGINE = ("epd.engine", "epd.models", "epd.kernels", "epd.cache", "epd.transfer", "epd.csrc", "epd.distributed", "epd.serve")
