@@ -3,7 +3,8 @@
     python bench/encode_throughput.py --out DIR [--images 64] [--batch 8] [--threads 16]
 
 For LLaVA-1.5-7B's shape (CLIP-L/336, one tile) and InternVL2-8B's (InternViT at 448 px, up to 12
-tiles and a thumbnail), with dummy bf16 weights, on photo-like 4032x3024 JPEGs:
+tiles and a thumbnail) by default (`--models` takes any shape, e.g. minicpm-v-2.6, qwen2-vl-7b), with
+dummy bf16 weights, on photo-like 4032x3024 JPEGs:
   host     decode and resize with Pillow on `threads` host cores, then the tower (the E worker's
            `model.image_resize=host`)
   device   decode with Pillow on the host cores, resize and tile on the GPU (`image_resize=device`;
@@ -89,17 +90,15 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
     t0 = time.perf_counter()
     host = ThreadPoolExecutor(1)  # host work of the next batch while the tower runs this one
     nxt = host.submit(prepare, chunks[0])
-    tiles = 0
     for i in range(len(chunks)):
         pixels = nxt.result()
         if i + 1 < len(chunks):
             nxt = host.submit(prepare, chunks[i + 1])
-        tiles += sum(int(p.shape[0]) for p in pixels)
         rt.encode(pixels)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     host.shutdown()
-    return {"path": path, "images": len(jpegs), "tiles": tiles, "seconds": seconds, "images_per_s": len(jpegs) / seconds}
+    return {"path": path, "images": len(jpegs), "seconds": seconds, "images_per_s": len(jpegs) / seconds}
 
 
 def main() -> None:
@@ -108,6 +107,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "internvl2-8b"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     peak = matmul_peak(dev)
@@ -121,12 +121,14 @@ def main() -> None:
         paths = ["host", "device"]
     rows = []
     with ThreadPoolExecutor(args.threads) as pool:
-        for name in ("llava-1.5-7b", "internvl2-8b"):
+        for name in args.models:
             rt = ModelRuntime(model_config(name), {"vision"}, "cuda")
             shape = ModelShape.of(rt.family, "bfloat16")
+            tiles = rt.family.num_image_tokens(4032, 3024) / shape.tokens_per_tile  # tower inputs per photo, in the cost model's unit
             for path in paths:
                 r = run_path(path, rt, jpegs, args.batch, pool, dev)
-                flops = shape.vision_flops_per_tile * r["tiles"] / r["images"]
+                r["tiles_per_image"] = tiles
+                flops = shape.vision_flops_per_tile * tiles
                 r.update(model=name, ceiling_images_per_s=peak / flops, matmul_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name())
                 r["share_of_ceiling"] = r["images_per_s"] / r["ceiling_images_per_s"]
                 rows.append(r)
@@ -136,7 +138,8 @@ def main() -> None:
 
                 a = rt.family.preprocess(load_image(ImageInput(data=jpegs[0])))
                 b = rt.family.preprocess(tio.decode_jpeg(torch.frombuffer(bytearray(jpegs[0]), dtype=torch.uint8), device=dev), TorchOps)
-                diff = (a.int() - b.cpu().int()).abs().float()
+                flat = lambda p: torch.cat([x.flatten() for x in p]) if isinstance(p, list) else p.flatten()  # noqa: E731
+                diff = (flat(a).int() - flat(b).cpu().int()).abs().float()
                 rows.append({"model": name, "nvjpeg_vs_libjpeg_mean_abs_levels": diff.mean().item(), "max": diff.max().item()})
                 print(json.dumps(rows[-1]), flush=True)
             del rt
