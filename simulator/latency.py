@@ -16,6 +16,7 @@ from simulator.shapes import ModelShape
 @dataclass(frozen=True)
 class EncodeShape:
     tiles: int  # tower forwards in the batch (images, or tiles for tiling models)
+    attention_flops: float = 0.0  # native-resolution towers: the images' attention (`ModelShape.image_attention_flops`)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class RooflineModel(LatencyModel):
 
     def encode(self, s: EncodeShape) -> float:
         act = s.tiles * (self.m.pixels_per_tile * 3 * 4 + self.m.tokens_per_tile * self.m.mm_bytes_per_token)
-        return self._time(s.tiles * self.m.vision_flops_per_tile, self.m.vision_params * self.m.dtype_bytes + act)
+        return self._time(s.tiles * self.m.vision_flops_per_tile + s.attention_flops, self.m.vision_params * self.m.dtype_bytes + act)
 
     def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
         hw = self.hw

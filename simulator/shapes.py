@@ -36,6 +36,18 @@ class ModelShape:
     attn_flops_coeff: float  # x (query positions x key positions)
     kv_bytes_per_token: int
     mm_bytes_per_token: int
+    # Native-resolution towers (Qwen2-VL): attention spans a whole image, so its cost is per image,
+    # quadratic in its patches, and left out of the per-tile FLOPs. (full-attention layers, windowed
+    # layers, patches per window, patches per LM token, tower width); () for towers of fixed tiles.
+    native_attention: tuple = ()
+
+    def image_attention_flops(self, tokens: int) -> float:
+        """Attention FLOPs of one image of `tokens` LM tokens in a native-resolution tower (0 otherwise)."""
+        if not self.native_attention:
+            return 0.0
+        full, windowed, window, per_token, width = self.native_attention
+        p = tokens * per_token
+        return 4.0 * width * (full * p * p + windowed * p * min(p, window))
 
     @staticmethod
     def of(family: ModelFamily, dtype: str) -> ModelShape:
@@ -48,7 +60,9 @@ class ModelShape:
         h, kvd = t.hidden_size, t.num_kv_heads * (t.hidden_size // t.num_heads)
         proj_params = proj_in * h + h * h
         tokens_per_tile = family.tokens_per_tile() if hasattr(family, "tokens_per_tile") else family.num_image_tokens(tile, tile)
-        vision_flops = 2 * lv * layer * n + 4 * lv * hv * n * n + 2 * proj_params * tokens_per_tile
+        native = family.tower_attention() if hasattr(family, "tower_attention") else ()
+        attention = 0 if native else 4 * lv * hv * n * n  # native towers: per image (`image_attention_flops`)
+        vision_flops = 2 * lv * layer * n + attention + 2 * proj_params * tokens_per_tile
         body = t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size)
         return ModelShape(
             dtype_bytes=nbytes,
@@ -62,4 +76,5 @@ class ModelShape:
             attn_flops_coeff=4.0 * t.num_layers * h,
             kv_bytes_per_token=family.kv_bytes_per_token(dtype),
             mm_bytes_per_token=family.mm_bytes_per_token(dtype),
+            native_attention=tuple(native),
         )

@@ -183,13 +183,14 @@ class Simulation:
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
-            images = []  # (source megapixels, tiles) per image encoded (not the encoder cache's hits)
+            images, attention = [], 0.0  # (source megapixels, tiles) per image encoded (not the encoder cache's hits)
             for it in batch.items:
                 if not it.cached:
                     w, h = self.pipe.states[it.request_id].image_sizes[it.image_index]
                     images.append((w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
+                    attention += m.image_attention_flops(it.num_tokens)
             prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
-            tower = self.lat.encode(EncodeShape(sum(t for _, t in images))) if images else 0.0
+            tower = self.lat.encode(EncodeShape(sum(t for _, t in images), attention)) if images else 0.0
             d = (tower + prep) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d

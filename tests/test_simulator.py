@@ -184,3 +184,31 @@ def test_the_simulators_view_of_the_backends_is_theirs():
     from epd.transfer import transfer_class
 
     assert {t for t in TRANSFER_BACKENDS if transfer_class(t).frees_on_send} == COPIES_ON_SEND
+
+
+def test_native_resolution_towers_pay_attention_per_image():
+    """Qwen2-VL attends over a whole image: the roofline charges its patches squared per image (one
+    big image costs more than as many tokens in small ones); Qwen2.5-VL's windows cost less; tiled
+    towers keep their attention inside the per-tile cost."""
+    from epd.config import HardwareConfig, ModelConfig, TextModelConfig, VisionTowerConfig
+    from epd.models.runtime import load_family
+    from simulator.latency import EncodeShape, RooflineModel
+    from simulator.shapes import ModelShape
+
+    vision = VisionTowerConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16)
+    text = TextModelConfig(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4)
+    shapes = {
+        fam: ModelShape.of(load_family(ModelConfig(name=fam, family=fam, vision=vision, text=text, max_pixels=12845056)), "bfloat16")
+        for fam in ("qwen2_vl", "qwen2_5_vl")
+    }
+    m = shapes["qwen2_vl"]
+    full, windowed, _, per_token, width = m.native_attention
+    assert (full, windowed, per_token, width) == (32, 0, 4, 1280)
+    assert m.image_attention_flops(1000) == 4.0 * 1280 * 32 * 4000**2
+    roof = RooflineModel(m, HardwareConfig())
+    one_big = roof.encode(EncodeShape(16, m.image_attention_flops(4096)))
+    four_small = roof.encode(EncodeShape(16, 4 * m.image_attention_flops(1024)))
+    assert one_big > 2 * four_small
+    assert shapes["qwen2_5_vl"].image_attention_flops(4096) < m.image_attention_flops(4096) / 4  # 4 full layers of 32
+    tiled = ModelShape.of(load_family(ModelConfig()), "float32")
+    assert tiled.native_attention == () and tiled.image_attention_flops(576) == 0.0

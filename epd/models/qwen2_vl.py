@@ -172,6 +172,15 @@ class _QwenVLFamily(ModelFamily):
         t, h, w, _ = self.video_grid(video)
         return [self.hf.vision_start_token_id, *[self.image_token_id] * (t * h * w), self.hf.vision_end_token_id]
 
+    def tower_attention(self) -> tuple[int, int, int, int, int]:
+        """(full-attention layers, windowed layers, patches per window, patches per LM token, width): the
+        tower attends over a whole image (Qwen2.5-VL: within windows, but for a few layers)."""
+        v = self.hf.vision_config
+        width = getattr(v, "embed_dim", None) or v.hidden_size
+        full = len(getattr(v, "fullatt_block_indexes", None) or ()) if self.model_type == "qwen2_5_vl" else v.depth
+        window = (getattr(v, "window_size", 0) // v.patch_size) ** 2
+        return full, v.depth - full, window, v.spatial_merge_size**2, width
+
     def rope_layout(self, prompt_ids: list[int], image_sizes: list[tuple[int, int]], videos: list = ()) -> RopeLayout:
         grids = [self.video_grid(v) for v in videos] + [self.grid(w, h) for w, h in image_sizes]  # videos come first
         return rope_layout(prompt_ids, self.image_token_id, grids)
