@@ -173,3 +173,21 @@ def test_sampling_draws_from_the_filtered_distribution():
         for step in range(3000):
             counts[sample(logits, [p], [step])[0]] += 1
         assert (counts / 3000 - torch.tensor(expected)).abs().max() < 0.03, (top_p, top_k, counts / 3000)
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5], [3, 7, 3, 1, 7, 7], [9]])
+def test_grouped_varlen_attention_equals_attention_per_sequence(lengths):
+    """Packed sequences of equal length share one SDPA (contiguous or not); each attends only to itself."""
+    import torch.nn.functional as F
+
+    from epd.models.varlen_attention import grouped_varlen_attention
+
+    g = torch.Generator().manual_seed(len(lengths))
+    total, heads, d = sum(lengths), 4, 8
+    q, k, v = (torch.randn(1, heads, total, d, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    got, _ = grouped_varlen_attention(None, q, k, v, scaling=0.3, cu_seq_lens_q=cu)
+    want = torch.cat(
+        [F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], scale=0.3) for a, b in zip(cu[:-1], cu[1:])], dim=2
+    )
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-6)

@@ -11,6 +11,7 @@ tokens (two 2x2 merges of 14-px patches): 64 for a 448-px square. In the prompt 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -22,6 +23,7 @@ from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Merg
 from epd.config import ModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
 from epd.models.image_processing import PILOps
+from epd.models.varlen_attention import use_grouped_varlen
 
 HALF = (0.5, 0.5, 0.5)  # the processor's IMAGENET_STANDARD mean and std
 
@@ -64,7 +66,8 @@ class SlicedImage(list):
 class MiniCPMVVision(nn.Module):
     def __init__(self, hf: PretrainedConfig):
         super().__init__()
-        self.vision_tower = MiniCPMV4_6VisionModel._from_config(hf.vision_config)
+        # attention grouped by piece length: one launch per size, not per piece (`varlen_attention`)
+        self.vision_tower = use_grouped_varlen(MiniCPMV4_6VisionModel._from_config(copy.deepcopy(hf.vision_config)))
         self.merger = MiniCPMV4_6Merger(hf)
         self.patch = hf.vision_config.patch_size
 

@@ -8,6 +8,7 @@ modules; the LM is the paged one, with M-RoPE positions (`epd.models.mrope`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -21,6 +22,7 @@ from epd.config import ModelConfig, TextModelConfig
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
 from epd.models.image_processing import CLIP_MEAN, CLIP_STD, PILOps
 from epd.models.mrope import RopeLayout, rope_layout
+from epd.models.varlen_attention import use_grouped_varlen
 from epd.video import VideoLayout
 
 
@@ -58,7 +60,8 @@ class Qwen2VLVision(nn.Module):
     def __init__(self, hf: PretrainedConfig, tower_cls):
         super().__init__()
         v = hf.vision_config
-        self.visual = tower_cls._from_config(v)
+        # attention grouped by image (or window) length: one launch per size (`varlen_attention`)
+        self.visual = use_grouped_varlen(tower_cls._from_config(copy.deepcopy(v)))
         self.patch, self.merge, self.temporal = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
 
     def encode_images(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
