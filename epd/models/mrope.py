@@ -39,6 +39,8 @@ class RopeLayout:
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """[3, end - start] rotary positions (time, height, width) of the sequence's tokens [start, end)."""
+        if start >= self.length:  # generated tokens only (decode rows): no image to place
+            return (torch.arange(start, end, dtype=torch.long) + self.delta).expand(3, -1)
         idx = torch.arange(start, end, dtype=torch.long)
         out = torch.empty(3, end - start, dtype=torch.long)
         is_text = torch.ones_like(idx, dtype=torch.bool)
