@@ -186,8 +186,10 @@ class Simulation:
             images, attention = [], 0.0  # (source megapixels, tiles) per image encoded (not the encoder cache's hits)
             for it in batch.items:
                 if not it.cached:
-                    w, h = self.pipe.states[it.request_id].image_sizes[it.image_index]
-                    images.append((w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
+                    state = self.pipe.states[it.request_id]
+                    w, h = state.image_sizes[it.image_index]
+                    frames = len(getattr(state.media[it.image_index], "frames", ())) or 1  # a video segment: each frame decoded
+                    images.append((frames * w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
                     attention += m.image_attention_flops(it.num_tokens)
             prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
             tower = self.lat.encode(EncodeShape(sum(t for _, t in images), attention)) if images else 0.0

@@ -212,3 +212,29 @@ def test_native_resolution_towers_pay_attention_per_image():
     assert shapes["qwen2_5_vl"].image_attention_flops(4096) < m.image_attention_flops(4096) / 4  # 4 full layers of 32
     tiled = ModelShape.of(load_family(ModelConfig()), "float32")
     assert tiled.native_attention == () and tiled.image_attention_flops(576) == 0.0
+
+
+def test_the_simulator_encodes_a_videos_segments_as_the_engine_does():
+    """Qwen2-VL with video requests: the simulator's encode items are the engine's (one per two-frame
+    segment, images after), every request finishes, and more frames cost the E stage more host time."""
+    from tests.test_qwen2_vl import tiny
+
+    def run(frames):
+        wl = WorkloadConfig(num_requests=6, rate=4.0, images_per_request=1, videos_per_request=1, video_frames=frames, output_tokens=3)
+        cfg = RunConfig(model=tiny("qwen2_vl"), deployment=EPD, workload=wl, backend=BackendConfig(kind="sim"))
+        return cfg, SimBackend(cfg).run(make_requests(cfg)).events
+
+    cfg, events = run(6)
+    ends = [e for e in events if e.kind == Ev.ENCODE_END]
+    assert len(ends) == 6 * (3 + 1)  # three segments of two frames and the image, per request
+    assert sum(e.kind == Ev.FINISHED for e in events) == 6
+    with OfflineLLM(cfg.model, EPD, executor="local") as llm:
+        llm.generate(make_requests(cfg))
+        engine_ends = [e for e in llm.core.pipeline.events if e.kind == Ev.ENCODE_END]
+    assert sorted((e.request_id, e.data.get("image")) for e in engine_ends) == sorted((e.request_id, e.data.get("image")) for e in ends)
+
+    def encode_time(evs):
+        begin = {(e.request_id, e.data.get("image")): e.time for e in evs if e.kind == Ev.ENCODE_BEGIN}
+        return sum(e.time - begin[(e.request_id, e.data.get("image"))] for e in evs if e.kind == Ev.ENCODE_END)
+
+    assert encode_time(run(16)[1]) > encode_time(events)
