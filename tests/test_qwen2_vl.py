@@ -311,3 +311,22 @@ def test_the_server_takes_video_url_parts(ray_cluster, tmp_path):
     finally:
         live.stop()
         engine.close()
+
+
+def test_a_checkpoints_processor_config_sets_the_pixel_bounds(checkpoint, tmp_path):
+    """Loaded from a checkpoint directory that ships preprocessor_config.json, images are sized by its
+    min/max pixels (as the processor saved with the model would size them), not by the config's."""
+    import json
+    import shutil
+
+    hf, ours = checkpoint
+    src = ours.cfg.path
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    (dst / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 8}))
+    from epd.models.runtime import load_family as load
+
+    fam = load(ModelConfig(load_format="hf", path=str(dst), max_pixels=MAX_PIXELS))
+    assert fam.pixel_bounds == (3136, 28 * 28 * 8)
+    ref = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=28 * 28 * 8)(images=[_image(640, 480, 1)], return_tensors="pt")
+    assert fam.num_image_tokens(640, 480) == ref["image_grid_thw"][0].prod().item() // 4 < ours.family.num_image_tokens(640, 480)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,8 +118,22 @@ class _QwenVLFamily(ModelFamily):
         v = self.hf.vision_config
         return v.patch_size * v.spatial_merge_size
 
+    @functools.cached_property
+    def pixel_bounds(self) -> tuple[int, int]:
+        """(min, max) pixels of a resized image: a checkpoint's own processor config where it ships one
+        (preprocessor_config.json: min_pixels/max_pixels, or size.shortest_edge/longest_edge), else
+        `model.min_pixels` / `model.max_pixels`."""
+        low, high = self.cfg.min_pixels, self.cfg.max_pixels
+        path = Path(self.cfg.path or "") / "preprocessor_config.json"
+        if self.cfg.load_format == "hf" and path.is_file():
+            proc = json.loads(path.read_text())
+            size = proc.get("size") or {}
+            low = int(proc.get("min_pixels") or size.get("shortest_edge") or low)
+            high = int(proc.get("max_pixels") or size.get("longest_edge") or high)
+        return low, high
+
     def _resized(self, width: int, height: int) -> tuple[int, int]:
-        h, w = smart_resize(height, width, self._factor, self.cfg.min_pixels, self.cfg.max_pixels)
+        h, w = smart_resize(height, width, self._factor, *self.pixel_bounds)
         return w, h
 
     def preprocess(self, image, ops=PILOps) -> torch.Tensor:
