@@ -301,23 +301,25 @@ def render_chat(body: ChatCompletionRequest, cfg: RunConfig, tokenizer) -> list[
             elif part.type == "text":
                 texts.append(part.text)
             elif part.type == "video_url":
-                if len(videos) >= cfg.server.max_videos_per_request:
-                    raise BadRequest(f"more than {cfg.server.max_videos_per_request} videos in one request; this server takes at most "
-                                     f"{cfg.server.max_videos_per_request}", f"messages.{i}.content.{j}")  # fmt: skip
-                try:
-                    videos.append(resolve_video(part.video_url.url, cfg.server))
-                except BadImage as exc:
-                    raise BadRequest(str(exc), f"messages.{i}.content.{j}.video_url") from exc
+                _take(
+                    videos, "video", part.video_url.url, resolve_video, cfg.server.max_videos_per_request, cfg, f"messages.{i}.content.{j}"
+                )
             else:
-                if len(images) >= cfg.server.max_images_per_request:
-                    raise BadRequest(f"more than {cfg.server.max_images_per_request} images in one request; this server takes at most "
-                                     f"{cfg.server.max_images_per_request}", f"messages.{i}.content.{j}")  # fmt: skip
-                try:
-                    images.append(resolve_image(part.image_url.url, cfg.server))
-                except BadImage as exc:
-                    raise BadRequest(str(exc), f"messages.{i}.content.{j}.image_url") from exc
+                _take(
+                    images, "image", part.image_url.url, resolve_image, cfg.server.max_images_per_request, cfg, f"messages.{i}.content.{j}"
+                )
         lines.append(f"{msg.role}: {' '.join(texts)}")
     return [(tokenizer.encode("\n".join(lines) + "\nassistant:"), tuple(images), tuple(videos))]
+
+
+def _take(found: list, kind: str, url: str, resolve, limit: int, cfg: RunConfig, where: str) -> None:
+    """One image or video part resolved into `found`, or a 400 naming the part: too many of them, or bad."""
+    if len(found) >= limit:
+        raise BadRequest(f"more than {limit} {kind}s in one request; this server takes at most {limit}", where)
+    try:
+        found.append(resolve(url, cfg.server))
+    except BadImage as exc:
+        raise BadRequest(str(exc), f"{where}.{kind}_url") from exc
 
 
 def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[tuple[list[int], tuple, tuple]]:

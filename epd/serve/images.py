@@ -18,21 +18,8 @@ class BadImage(ValueError):
 
 
 def resolve_image(url: str, cfg: ServerConfig) -> ImageInput:
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise BadImage("image data URLs must be base64 encoded (data:image/...;base64,...)")
-        if len(payload) * 3 // 4 > cfg.max_image_bytes:
-            raise BadImage(f"image is larger than the server's limit of {cfg.max_image_bytes} bytes")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadImage(f"image data URL is not valid base64: {exc}") from exc
-        image = ImageInput(data=data)
-    elif url.startswith(("http://", "https://")):
-        if not cfg.allow_remote_images:
-            raise BadImage("remote image URLs are disabled on this server; send a base64 data URL")
-        image = ImageInput(data=_fetch(url, cfg.max_image_bytes))
+    if url.startswith(("data:", "http://", "https://")):
+        image = ImageInput(data=_url_bytes(url, cfg, "image", cfg.max_image_bytes))
     else:
         image = ImageInput(path=_local_path(url, cfg))
     try:
@@ -43,21 +30,9 @@ def resolve_image(url: str, cfg: ServerConfig) -> ImageInput:
 
 
 def resolve_video(url: str, cfg: ServerConfig) -> VideoInput:
-    """A video's bytes (as an image's are resolved, within `max_video_bytes`), sampled into frames."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise BadImage("video data URLs must be base64 encoded (data:video/...;base64,...)")
-        if len(payload) * 3 // 4 > cfg.max_video_bytes:
-            raise BadImage(f"video is larger than the server's limit of {cfg.max_video_bytes} bytes")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadImage(f"video data URL is not valid base64: {exc}") from exc
-    elif url.startswith(("http://", "https://")):
-        if not cfg.allow_remote_images:
-            raise BadImage("remote video URLs are disabled on this server; send a base64 data URL")
-        data = _fetch(url, cfg.max_video_bytes)
+    """A video's bytes (resolved as an image's are, within `max_video_bytes`), sampled into frames."""
+    if url.startswith(("data:", "http://", "https://")):
+        data = _url_bytes(url, cfg, "video", cfg.max_video_bytes)
     else:
         with open(_local_path(url, cfg, "video"), "rb") as f:
             data = f.read()
@@ -65,6 +40,23 @@ def resolve_video(url: str, cfg: ServerConfig) -> VideoInput:
         return decode_video(data, fps=cfg.video_fps, max_frames=cfg.max_video_frames)
     except ImageError as exc:
         raise BadImage(str(exc)) from exc
+
+
+def _url_bytes(url: str, cfg: ServerConfig, kind: str, limit: int) -> bytes:
+    """The bytes of a base64 data URL, or of an http(s) URL where the server allows them, within `limit`."""
+    if not url.startswith("data:"):
+        if not cfg.allow_remote_images:
+            raise BadImage(f"remote {kind} URLs are disabled on this server; send a base64 data URL")
+        return _fetch(url, limit)
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise BadImage(f"{kind} data URLs must be base64 encoded (data:{kind}/...;base64,...)")
+    if len(payload) * 3 // 4 > limit:
+        raise BadImage(f"{kind} is larger than the server's limit of {limit} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadImage(f"{kind} data URL is not valid base64: {exc}") from exc
 
 
 def _local_path(url: str, cfg: ServerConfig, kind: str = "image") -> str:
