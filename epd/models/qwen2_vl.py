@@ -86,7 +86,7 @@ class _QwenVLFamily(ModelFamily):
         raise NotImplementedError
 
     @classmethod
-    def _build(cls, cfg: ModelConfig) -> PretrainedConfig:
+    def build_hf_config(cls, cfg: ModelConfig) -> PretrainedConfig:
         head_half = cfg.text.hidden_size // cfg.text.num_heads // 2
         section = [head_half // 4, head_half * 3 // 8]  # Qwen2-VL-7B's 16/24/24 of 64, in proportion
         section.append(head_half - sum(section))
@@ -229,10 +229,6 @@ class Qwen2VLFamily(_QwenVLFamily):
             temporal_patch_size=v.temporal_patch_size,
         )
 
-    @staticmethod
-    def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:
-        return Qwen2VLFamily._build(cfg)
-
 
 @FAMILIES.register("qwen2_5_vl")
 class Qwen25VLFamily(_QwenVLFamily):
@@ -258,10 +254,6 @@ class Qwen25VLFamily(_QwenVLFamily):
             fullatt_block_indexes=list(range(every - 1, v.num_layers, every)),
             tokens_per_second=v.tokens_per_second,
         )
-
-    @staticmethod
-    def build_hf_config(cfg: ModelConfig) -> PretrainedConfig:
-        return Qwen25VLFamily._build(cfg)
 
     def video_time_step(self, video: VideoLayout) -> int:
         """Temporal positions spaced by seconds: tokens_per_second x the seconds one segment spans."""
