@@ -48,7 +48,7 @@ def grouped_varlen_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scaling)  # [seqs, heads, n, d]
             out[lo:hi] = o.permute(0, 2, 1, 3).reshape(-1, *o.shape[1:2], o.shape[-1])
             continue
-        idx = torch.tensor([b + j for b in begins for j in range(n)], device=q.device)
+        idx = (torch.tensor(begins, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
         qs, ks, vs = (t[:, idx].unflatten(1, (len(begins), n)).transpose(0, 1) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scaling)
         out[idx] = o.permute(0, 2, 1, 3).reshape(-1, o.shape[1], o.shape[-1])
