@@ -167,7 +167,8 @@ class _QwenVLFamily(ModelFamily):
         """(width, MLP width, layers, tile side, patch side, merger input width), for cost models."""
         v = self.hf.vision_config
         width = getattr(v, "embed_dim", None) or v.hidden_size
-        mlp = getattr(v, "intermediate_size", None) or width * v.mlp_ratio
+        # Qwen2.5-VL's MLP is gated (three matrices): counted as a two-matrix MLP half again as wide
+        mlp = v.intermediate_size * 3 // 2 if self.model_type == "qwen2_5_vl" else width * v.mlp_ratio
         return width, mlp, v.depth, self.nominal_tile, v.patch_size, width * v.spatial_merge_size**2
 
     @property
