@@ -130,7 +130,7 @@ def exact(name: str) -> dict:
     ref = {}
     for r in reqs:
         images = [load_image(im) for im in r.images]
-        videos = [VideoLayout(*load_image(v.frames[0]).size, -(-len(v.frames) // 2), v.fps) for v in r.videos]
+        videos = [VideoLayout.of(v, load_image(v.frames[0]).size, fam.frames_per_segment) for v in r.videos]
         prompt = fam.build_prompt(list(r.prompt_token_ids), [im.size for im in images], videos)
         ids = torch.tensor([prompt], device="cuda")
         kw = _hf_inputs(fam, images, ids) if images else {}

@@ -44,6 +44,11 @@ class VideoLayout:
     segments: int
     fps: Optional[float] = None
 
+    @staticmethod
+    def of(video: VideoInput, size: tuple[int, int], temporal: int) -> VideoLayout:
+        """The layout of `video`, whose frames are `size`, cut into segments of `temporal` frames."""
+        return VideoLayout(size[0], size[1], -(-len(video.frames) // temporal), video.fps)
+
 
 def check_video(video: VideoInput, index: int) -> tuple[int, int]:
     """The size of a video's frames; ImageError naming what is wrong with it."""

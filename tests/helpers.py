@@ -81,7 +81,7 @@ def reference(reqs, model=MODEL):
         images = [load_image(im) for im in r.images]
         sizes = [im.size for im in images]
         temporal = rt.family.frames_per_segment
-        videos = [VideoLayout(*load_image(v.frames[0]).size, -(-len(v.frames) // temporal), v.fps) for v in r.videos]
+        videos = [VideoLayout.of(v, load_image(v.frames[0]).size, temporal) for v in r.videos]
         prompts.append(rt.family.build_prompt(list(r.prompt_token_ids), sizes, videos))
         rope.append(rt.family.rope_layout(prompts[-1], sizes, videos))
         stacks = [[load_image(f) for f in seg.frames] for i, v in enumerate(r.videos) for seg in segments(v, i, temporal)]

@@ -61,7 +61,7 @@ def prepare(
     except ValueError as exc:  # a size the family's processor refuses (e.g. Qwen2-VL: aspect ratio over 200)
         raise AdmissionError(str(exc)) from exc
     sizes = state.image_sizes[len(state.media) - len(req.images) :]
-    videos = [VideoLayout(w, h, -(-len(v.frames) // temporal), v.fps) for (w, h), v in zip(video_sizes, req.videos)]
+    videos = [VideoLayout.of(v, size, temporal) for v, size in zip(req.videos, video_sizes)]
     state.prompt_ids = family.build_prompt(text_ids, sizes, videos)
     state.rope = family.rope_layout(state.prompt_ids, sizes, videos)
     total = state.prompt_len + req.sampling.max_tokens
