@@ -155,6 +155,7 @@ def main() -> None:
                     if aborted:
                         raise RuntimeError(f"{len(aborted)} requests aborted: {aborted[0]}")
                     tp = tpots(core.pipeline.events)
+                    fed = core.executor.call_one(iid, "probe", lambda w: w.device_fed)
                     gaps = idle_gaps(list(core.batches), iid)
                     row = {
                         "mode": mode,
@@ -162,6 +163,7 @@ def main() -> None:
                         "repeat": rep,
                         "tpot_p50_ms": statistics.median(tp) * 1e3,
                         "gap_p50_ms": statistics.median(gaps) * 1e3 if gaps else None,
+                        "device_fed_rows": fed,  # decode rows launched from the step before's tokens on the device (cumulative)
                         "ready_s": ready,
                         "warmup_s": core.warmup_s,
                         **bare,
@@ -173,7 +175,7 @@ def main() -> None:
                         f"  {mode:5s} B={b:3d} #{rep}: TPOT p50 {row['tpot_p50_ms']:.2f} ms, "
                         f"bare replay {bare.get('replay_ms', float('nan')):.2f} ms, "
                         f"worker step {bare['worker_step_ms']:.2f} ms -> TPOT/bare {row['tpot_over_bare']:.2f}; "
-                        f"worker idle between decode batches p50 {row['gap_p50_ms']:.3f} ms",
+                        f"worker idle between decode batches p50 {row['gap_p50_ms']:.3f} ms; device-fed rows {fed}",
                         flush=True,
                     )
         finally:

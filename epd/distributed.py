@@ -1,7 +1,9 @@
 """Process groups among a deployment's worker processes (tensor parallelism, NCCL transfers).
 
-The driver hosts the rendezvous store and describes the groups (`CommSpec`); every worker joins
-the same world and creates the same groups in the same order, as torch.distributed requires.
+The driver hosts the rendezvous stores and describes the groups (`CommSpec`); the workers of a world
+create the same groups in the same order, as torch.distributed requires. Push-based transfers need one
+world of every worker (a group per pair); otherwise each tensor-parallel instance is a world of its
+own ranks, so a lost instance can be started again in a fresh world while the others go on.
 NCCL on GPUs, gloo on CPU (so the same code paths run in CI).
 """
 
@@ -25,6 +27,10 @@ class CommSpec:
     tp_groups: tuple[tuple[int, ...], ...]  # global ranks of each instance with tp > 1
     pairs: bool  # one group per ordered pair of ranks (point-to-point transfers)
     backend: str = "gloo"
+    first_rank: int = 0  # the global rank of this world's rank 0 (a world of one instance's ranks starts past 0)
+
+    def rank_of(self, global_rank: int) -> int:
+        return global_rank - self.first_rank
 
 
 @dataclass

@@ -180,3 +180,33 @@ def test_a_stage_left_without_workers_waits_for_the_replacement(ray_cluster, vic
         core.drain_check()
     finally:
         core.close()
+
+
+def test_a_tensor_parallel_instance_that_loses_a_rank_is_started_again_in_a_world_of_its_own(ray_cluster):
+    """Killing one rank of a tp=2 instance loses the instance (its sibling's collectives fail with it):
+    its work is redone on the other instance, both ranks are started again in a fresh process group,
+    and the new instance serves with a fault-free run's tokens."""
+    two_tp = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=2, kv_blocks=128, max_decode_seqs=8, tp=2))
+    first, later = _requests("t", 8), _requests("u", 16)  # the last 8 new: caches on the survivor do not draw them all
+    expected = {r.request_id: list(t) for r, t in zip(first + later, reference(first + later))}
+    core = EngineCore(EngineConfig(MODEL, two_tp, "ray", BackendConfig()))
+    try:
+        victim = "aggregated-0"
+        old_world = core.executor._comms[victim].port
+        for r in first:
+            core.add_request(r)
+        _step_until(core, lambda: _first_tokens(core) >= 2, 120)
+        ray_cluster.kill(core.executor.actors[victim][1], no_restart=True)  # rank 1: rank 0 lives on
+        _step_until(core, lambda: _replaced(core), 180, "no replacement came up")
+        assert core.executor._comms[victim].port != old_world and len(core.executor.actors[victim]) == 2
+        replaced = next(e for e in core.pipeline.events if e.kind == Ev.WORKER_REPLACED)
+        for r in later:
+            core.add_request(r)
+        core.run_until_idle(120)
+        events = list(core.pipeline.events)
+        assert [e.instance for e in events if e.kind == Ev.WORKER_LOST] == [victim]
+        assert {rid: o.token_ids for rid, o in core.pipeline.outputs.items()} == expected
+        assert [e for e in events if e.time > replaced.time and e.instance == victim and e.request_id], "the new instance served nothing"
+        core.drain_check()
+    finally:
+        core.close()

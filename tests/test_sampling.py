@@ -221,13 +221,16 @@ def test_a_failure_inside_a_batch_aborts_only_its_request(monkeypatch):
     and at decode) aborts that request alone; the others in its batches finish as if alone."""
     import epd.engine.worker as worker
 
-    real = worker.sample_full
+    real = {name: getattr(worker, name) for name in ("sample_full", "sample_ids")}  # host-synced and device-fed decode paths
 
-    def flaky(logits, params, steps, **kw):
-        for p, s in zip(params, steps):
-            if p.seed == 666 and s == 0 or p.seed == 667 and s == 3:
-                raise RuntimeError(f"poisoned row at step {s}")
-        return real(logits, params, steps, **kw)
+    def poisoned(name):
+        def flaky(logits, params, steps, *args, **kw):
+            for p, s in zip(params, steps):
+                if p.seed == 666 and s == 0 or p.seed == 667 and s == 3:
+                    raise RuntimeError(f"poisoned row at step {s}")
+            return real[name](logits, params, steps, *args, **kw)
+
+        return flaky
 
     reqs = [
         Request(f"r{i}", prompt_token_ids=(10 + i, 11), sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=i)) for i in range(4)
@@ -239,9 +242,11 @@ def test_a_failure_inside_a_batch_aborts_only_its_request(monkeypatch):
     for dep in (EPD, AGG):
         with OfflineLLM(ModelConfig(), dep, "local") as llm:
             clean = {o.request_id: o.token_ids for o in llm.generate(reqs)}
-            monkeypatch.setattr(worker, "sample_full", flaky)
+            for name in real:
+                monkeypatch.setattr(worker, name, poisoned(name))
             outs = {o.request_id: o for o in llm.generate(reqs[:2] + poison + reqs[2:])}
-            monkeypatch.setattr(worker, "sample_full", real)
+            for name, fn in real.items():
+                monkeypatch.setattr(worker, name, fn)
             llm.core.drain_check()
         for r in reqs:
             assert outs[r.request_id].token_ids == clean[r.request_id], dep.name

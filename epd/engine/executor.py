@@ -107,17 +107,24 @@ def _processes(deployment: DeploymentConfig) -> list[_Proc]:
     return procs
 
 
-def _comm_spec(deployment: DeploymentConfig, procs: list[_Proc], host: str) -> Optional[CommSpec]:
-    """Process groups are needed for tensor parallelism and for push-based (NCCL) transfers."""
-    tp_groups = {}
+def _comm_specs(deployment: DeploymentConfig, procs: list[_Proc], host: str) -> dict[str, CommSpec]:
+    """Each instance's world, where it needs one: push-based (NCCL) transfers put every worker in one
+    world (a group per pair of ranks); otherwise a tensor-parallel instance is a world of its ranks."""
+    backend = "nccl" if any(p.pool.num_gpus > 0 for p in procs) else "gloo"
+    tp_groups: dict[str, list[int]] = {}
     for p in procs:
         if p.endpoint.tp > 1:
             tp_groups.setdefault(p.iid, []).append(p.endpoint.global_rank)
-    pairs = transfer_class(deployment.transfer).needs_push
-    if not tp_groups and not pairs:
-        return None
-    gpu = any(p.pool.num_gpus > 0 for p in procs)
-    return CommSpec(host, free_port(), len(procs), tuple(tuple(g) for g in tp_groups.values()), pairs, "nccl" if gpu else "gloo")
+    if transfer_class(deployment.transfer).needs_push:
+        spec = CommSpec(host, free_port(), len(procs), tuple(tuple(g) for g in tp_groups.values()), True, backend)
+        return {p.iid: spec for p in procs}
+    return {iid: _instance_world(host, ranks, backend) for iid, ranks in tp_groups.items()}
+
+
+def _instance_world(host: str, global_ranks: list[int], backend: str) -> CommSpec:
+    """A world of one tensor-parallel instance's ranks, on a fresh rendezvous port."""
+    tp = len(global_ranks)
+    return CommSpec(host, free_port(), tp, (tuple(range(tp)),), False, backend, first_rank=min(global_ranks))
 
 
 def ensure_ray(backend: BackendConfig, deployments: list[DeploymentConfig]) -> bool:
@@ -158,23 +165,17 @@ class RayExecutor:
         if not self.pg.wait(timeout_seconds=120):
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(f"cannot reserve {bundles} on the Ray cluster: {ray.cluster_resources()}")
-        self._store = None
-        comm = None
-        spec = _comm_spec(deployment, procs, ray.util.get_node_ip_address())
-        if spec is not None:
-            import torch.distributed as dist
-
-            from epd.distributed import TIMEOUT
-
-            # The driver hosts the rendezvous, so workers on any node can reach it.
-            self._store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-            comm = spec
+        self._comms = _comm_specs(deployment, procs, ray.util.get_node_ip_address())
+        self._shared_world = transfer_class(deployment.transfer).needs_push and bool(self._comms)
+        self._stores: dict[int, Any] = {}  # rendezvous port -> the store the driver hosts for that world
+        for spec in self._comms.values():
+            self._host_store(spec)
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
         # A prep thread: the next encode batch's images are prepared while the current batch runs.
         # Three threads for batches and calls: the next batch is taken in while one runs (`execute`'s tickets).
         self._remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
         self._strategy = PlacementGroupSchedulingStrategy
-        self._procs, self._model, self._comm = procs, model, comm
+        self._procs, self._model = procs, model
         self._starting: dict[str, tuple] = {}  # replacements under way: actors, pings, start time, (roles, pool, attempt)
         self._retries: dict[str, tuple[float, tuple]] = {}  # replacements to try again: when, (roles, pool, attempt)
         self.given_up: set[str] = set()  # instances no replacement will come for
@@ -208,12 +209,23 @@ class RayExecutor:
             num_gpus=pool.num_gpus,
             scheduling_strategy=self._strategy(self.pg, placement_group_bundle_index=idx),
             runtime_env={"env_vars": env} if env else None,
-        ).remote(p.iid, roles, self._model, pool, self.transfer, max(1, int(pool.num_cpus)), p.endpoint, self._comm, gpu, True)
+        ).remote(p.iid, roles, self._model, pool, self.transfer, max(1, int(pool.num_cpus)), p.endpoint, self._comms.get(p.iid), gpu, True)
+
+    def _host_store(self, spec: CommSpec) -> None:
+        """The rendezvous of a world, hosted by the driver so that workers on any node reach it."""
+        import torch.distributed as dist
+
+        from epd.distributed import TIMEOUT
+
+        if spec.port not in self._stores:
+            store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+            self._stores[spec.port] = store
 
     @property
     def can_replace(self) -> bool:
-        """Workers in process groups (tensor parallelism, nccl transfers) cannot rejoin their groups."""
-        return self._comm is None
+        """A worker in the one world of push-based transfers cannot rejoin it (every pair group would have
+        to be made again); a tensor-parallel instance is started again in a fresh world of its own."""
+        return not self._shared_world
 
     def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> None:
         """Start a new worker for lost instance `iid` (its current roles and pool) in the dead one's
@@ -222,10 +234,15 @@ class RayExecutor:
         if not self.can_replace:
             raise RuntimeError(f"worker {iid} is in a process group: it cannot be replaced")
         for a in self.actors.get(iid, []):
-            self.ray.kill(a, no_restart=True)  # a hung one too: its bundle is needed
+            self.ray.kill(a, no_restart=True)  # a hung one too, and a dead rank's live siblings: their bundles are needed
         self._launch(iid, roles, pool, attempt=1)
 
     def _launch(self, iid: str, roles: tuple[str, ...], pool: PoolConfig, attempt: int) -> None:
+        if iid in self._comms:  # the instance's ranks meet again in a new world: the old one died with a rank
+            old = self._comms[iid]
+            self._stores.pop(old.port, None)
+            self._comms[iid] = _instance_world(old.host, [old.first_rank + r for r in range(old.world_size)], old.backend)
+            self._host_store(self._comms[iid])
         ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
         self._tickets.restart(iid)  # the new worker's batches count from 0
         self.deadlines.forget(iid)
@@ -322,7 +339,7 @@ class RayExecutor:
                     self.ray.get(others)  # the other tensor-parallel ranks ran the same batch
                 except Exception as exc:
                     log.error("worker %s failed: %s", iid, exc)
-                    lost = isinstance(exc, self.ray.exceptions.RayActorError)
+                    lost = isinstance(exc, self.ray.exceptions.RayActorError) or self._rank_died(others)
                     if lost:
                         self.lost.add(iid)
                     result = BatchFailure(_reason(exc), time.time(), worker_lost=lost)
@@ -330,6 +347,21 @@ class RayExecutor:
             heads = self._heads()
             ready = self.ray.wait(heads, num_returns=len(heads), timeout=0)[0] if heads else []
         return out
+
+    def _rank_died(self, refs: list[Any]) -> bool:
+        """Whether a tensor-parallel sibling's part of a failed batch failed because its process died: a live
+        rank's collective fails (gloo) when a peer dies, and that batch is the dead worker's, not its own."""
+        if not refs:
+            return False
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
+        for ref in done:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                return True
+            except Exception:
+                pass
+        return False
 
     def _heads(self) -> list[Any]:
         """Each instance's oldest batch in flight (dicts keep the order batches were sent in)."""
@@ -414,7 +446,7 @@ class RayExecutor:
             self.ray.kill(a)
         self.actors.clear()
         self.ray.util.remove_placement_group(self.pg)
-        self._store = None
+        self._stores.clear()
         if self._own_ray:
             self.ray.shutdown()
 

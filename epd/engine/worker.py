@@ -22,10 +22,11 @@ from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
 from epd.engine.isolation import Failed, describe, isolated
 from epd.engine.ordering import InOrder
 from epd.images import ImageError, load_image
+from epd.models.device_tokens import Fed, PendingTokens
 from epd.models.generate import lm_step
 from epd.models.image_processing import TorchOps, image_tensor
 from epd.models.runtime import ModelRuntime
-from epd.models.sampling import sample_full
+from epd.models.sampling import sample_full, sample_ids
 from epd.request import INTERNAL, SamplingParams, TokenLogprob
 from epd.stages.work import (
     Batch,
@@ -58,6 +59,15 @@ class _Seq:
     prompt_ids: Optional[list[int]] = None  # kept only for penalties, which read the tokens so far
     output_ids: Optional[list[int]] = None
     rope: Any = None  # M-RoPE layout (Qwen2-VL families): rotary positions differ from cache positions
+    pending: Optional[tuple[PendingTokens, int]] = None  # last_token is this row of a launched step, not on the host yet
+
+
+class _Landing:
+    """A decode step launched on the device whose reply waits for its tokens to reach the host: `execute`
+    lands it after handing the worker to the next batch."""
+
+    def __init__(self, land):
+        self.land = land
 
 
 def assigned_gpu() -> Optional[int]:
@@ -109,7 +119,7 @@ class Worker:
             if index is not None:
                 torch.cuda.set_device(index)
                 device = f"cuda:{index}"
-        self.comm = join(comm, self.endpoint.global_rank, torch.device(device) if device else None) if comm else None
+        self.comm = join(comm, comm.rank_of(self.endpoint.global_rank), torch.device(device) if device else None) if comm else None
         self.model_cfg = model
         self.rt = ModelRuntime(model, _parts(roles), device)
         self.transfer = make_transfer(transfer)
@@ -119,6 +129,8 @@ class Worker:
         self.seqs: dict[str, _Seq] = {}
         self._tables_version = 0  # bumped when any sequence's block table changes: graph inputs are recopied
         self._batches_in_order = InOrder()  # batches run one at a time, in their tickets' order
+        self._seq_lock = threading.Lock()  # a landing step and the next step's launch both update sequences
+        self.device_fed = 0  # decode rows whose input token came from the step before on the device
         self._pushes_in_order = InOrder()  # per receiver
         # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
@@ -235,11 +247,14 @@ class Worker:
         delivered and unpacked beside the running one; `ticket` (the batch's place in its instance's
         order) makes it start the moment the one before it ends."""
         if ticket is None:
-            return self._execute(batch)
-        with self._batches_in_order.turn(None, ticket):
-            if self.rt.device.type == "cuda":
-                torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
-            return self._execute(batch)
+            result = self._execute(batch)
+        else:
+            with self._batches_in_order.turn(None, ticket):
+                if self.rt.device.type == "cuda":
+                    torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
+                result = self._execute(batch)
+        # A launched decode step: the next batch may launch behind it while this one waits for its tokens.
+        return result.land() if isinstance(result, _Landing) else result
 
     def _execute(self, batch: Batch) -> Result:
         if isinstance(batch, EncodeBatch):
@@ -422,7 +437,7 @@ class Worker:
         sampled token and logprob; None for a chunk that is not its sequence's last."""
         if not chunks:
             return self._decode_compute(rids)
-        seqs = [self.seqs[r] for r in rids]
+        seqs = self._settled(rids)
         logits = lm_step(
             self.rt,
             self.kv,
@@ -506,14 +521,84 @@ class Worker:
                 logprobs[rid] = logprob
         return tokens, logprobs
 
-    def _decode(self, batch: DecodeBatch) -> DecodeResult:
+    def _decode(self, batch: DecodeBatch) -> DecodeResult | _Landing:
         self._release(batch.release)
         transfers, errors = self._admit(batch)
         begin = time.time()
         step = [rid for rid in batch.step if rid not in errors]
+        if step and all(self._feeds_forward(self.seqs[r].sampling) for r in step):
+            launched = isolated(lambda idx: self._launch([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+            return _Landing(lambda: self._landed(step, launched, begin, transfers, errors))
         sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
         tokens, logprobs = self._stepped(step, sampled, errors)
         return DecodeResult((begin, time.time()), tokens, transfers, logprobs, errors)
+
+    @staticmethod
+    def _feeds_forward(sampling: SamplingParams) -> bool:
+        """A sequence whose next step needs nothing of this one on the host (no penalties over its tokens,
+        no logprobs) steps from its sampled id on the device."""
+        return not sampling.needs_history and sampling.logprobs is None
+
+    def _launch(self, rids: list[str]) -> list[tuple[PendingTokens, int]]:
+        """Queue one decode step of `rids` on the device, its input ids taken from the steps before it where
+        those have not reached the host; the sequences advance at once (the step's tokens land later)."""
+        seqs = [self.seqs[r] for r in rids]
+        with self._seq_lock:
+            fed = self._fed(seqs)
+        tokens = PendingTokens(sample_ids(*self._decode_sampling_inputs(seqs, self._decode_logits(rids, seqs, fed))))
+        with self._seq_lock:
+            for row, s in enumerate(seqs):
+                s.context_len += 1
+                s.generated += 1
+                s.pending = (tokens, row)
+        self.device_fed += sum(len(rows) for _, rows, _ in fed)
+        return [(tokens, row) for row in range(len(seqs))]
+
+    def _landed(self, step: list[str], launched: list, begin: float, transfers: dict, errors: dict) -> DecodeResult:
+        """A launched step's reply, once its tokens are on the host."""
+        tokens: dict[str, int] = {}
+        for rid, res in zip(step, launched):
+            if isinstance(res, Failed):
+                errors[rid] = res.reason
+                self.seqs.pop(rid, None)  # the driver aborts it
+                continue
+            pending, row = res
+            try:
+                tok = pending.values()[row]
+            except Exception as exc:  # an asynchronous device error shows here
+                errors[rid] = describe(exc, f"{self.worker_id} decode")
+                self.seqs.pop(rid, None)
+                continue
+            with self._seq_lock:
+                s = self.seqs.get(rid)
+                if s is not None and s.pending is not None and s.pending[0] is pending:  # no later step launched yet
+                    s.last_token, s.pending = tok, None
+            tokens[rid] = tok
+        return DecodeResult((begin, time.time()), tokens, transfers, {}, errors)
+
+    @staticmethod
+    def _fed(seqs: list[_Seq]) -> Fed:
+        """Rows whose last token is still only on the device, grouped by the step that sampled them."""
+        groups: dict[int, tuple] = {}
+        for i, s in enumerate(seqs):
+            if s.pending is not None:
+                pending, row = s.pending
+                group = groups.setdefault(id(pending), (pending.device, [], []))
+                group[1].append(i)
+                group[2].append(row)
+        return list(groups.values())
+
+    def _settled(self, rids: list[str]) -> list[_Seq]:
+        """The sequences of `rids` with their last tokens on the host (waiting for launched steps to land)."""
+        seqs = [self.seqs[r] for r in rids]
+        for s in seqs:
+            held = s.pending
+            if held is not None:
+                tok = held[0].values()[held[1]]
+                with self._seq_lock:
+                    if s.pending is held:
+                        s.last_token, s.pending = tok, None
+        return seqs
 
     def _mixed(self, batch: MixedBatch) -> MixedResult:
         """Running decodes and prefill chunks in one forward: the chunks ride on the decode step."""
@@ -536,32 +621,38 @@ class Worker:
         return MixedResult(DecodeResult(span, tokens, transfers, logprobs, errors), PrefillResult(span, prefilled))
 
     def _decode_compute(self, rids: list[str]) -> list[tuple[int, Optional[TokenLogprob]]]:
-        """One step of the sequences `rids`: writes each one's next KV position, samples its next token."""
-        seqs = [self.seqs[r] for r in rids]
+        """One step of the sequences `rids`, waited for: writes each one's next KV position, samples its
+        next token (the path of sequences whose sampling reads their tokens on the host)."""
+        seqs = self._settled(rids)
+        sampled = sample_full(*self._decode_sampling_inputs(seqs, self._decode_logits(rids, seqs)))
+        return list(zip(sampled.tokens, sampled.logprobs))
+
+    def _decode_logits(self, rids: list[str], seqs: list[_Seq], fed: Optional[Fed] = None) -> torch.Tensor:
         tables = [s.blocks for s in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
             shift = [s.rope.delta if s.rope is not None else 0 for s in seqs] if any(s.rope is not None for s in seqs) else None
             key = (tuple(rids), self._tables_version)
-            logits = self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=key, rope_shift=shift)
-        else:
-            logits = lm_step(
-                self.rt,
-                self.kv,
-                [[s.last_token] for s in seqs],
-                [s.context_len for s in seqs],
-                tables,
-                self.pool.kv_block_size,
-                rope=[s.rope for s in seqs],
-            )
-        sampled = sample_full(
+            return self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=key, rope_shift=shift, fed=fed)
+        return lm_step(
+            self.rt,
+            self.kv,
+            [[s.last_token] for s in seqs],
+            [s.context_len for s in seqs],
+            tables,
+            self.pool.kv_block_size,
+            rope=[s.rope for s in seqs],
+            fed=fed,
+        )
+
+    def _decode_sampling_inputs(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple:
+        return (
             logits,
             [s.sampling for s in seqs],
             [s.generated for s in seqs],
-            prompts=[s.prompt_ids for s in seqs],
-            outputs=[s.output_ids for s in seqs],
-            eos_token_id=self.rt.text_cfg.eos_token_id,
+            [s.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+            self.rt.text_cfg.eos_token_id,
         )
-        return list(zip(sampled.tokens, sampled.logprobs))
 
     def _release(self, ids: list[str]) -> None:
         for rid in ids:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from epd.kernels.attention import AttentionMetadata
+from epd.models.device_tokens import Fed
 from epd.models.lm import DecoderLM
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -68,32 +69,48 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, tokens: list[int], positions: list[int], tables: list[list[int]], key: object = None, rope_shift: Optional[list[int]] = None
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        key: object = None,
+        rope_shift: Optional[list[int]] = None,
+        fed: Optional[Fed] = None,
     ) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions in the
         cache, `rope_shift` what M-RoPE adds to them for the rotary position (generated tokens of a
-        Qwen2-VL sequence: the same on every axis, so the one-axis rotary computes it).
+        Qwen2-VL sequence: the same on every axis, so the one-axis rotary computes it); `fed` rows take
+        their token from an earlier step's sampled ids on the device.
 
         `key` names the batch's sequences and their tables' version; when it repeats, the block tables
-        already in place are reused.
+        already in place are reused. The inputs go up in one copy from pinned memory: it never waits for
+        the steps still running, so the next step is queued while the GPU works.
         """
         b = len(tokens)
         bs = min(s for s in self.graphs if s >= b)
         bsz = self.block_size
         slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(tables, positions)]
         pad = bs - b
-        dev = self.ids.device
-        self.ids[:bs].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         rotary = positions if rope_shift is None else [p + d for p, d in zip(positions, rope_shift)]
-        self.pos[:bs].copy_(torch.tensor(rotary + [0] * pad), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor(slots + [self.scratch * bsz] * pad), non_blocking=True)
-        self.ctx[:bs].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
+        host = tokens + [0] * pad + rotary + [0] * pad + slots + [self.scratch * bsz] * pad + [p + 1 for p in positions] + [1] * pad
+        for _, rows, src in fed or ():
+            host += rows + src
+        staged = torch.tensor(host, dtype=torch.long).pin_memory().to(self.ids.device, non_blocking=True)
+        self.ids[:bs].copy_(staged[:bs])
+        self.pos[:bs].copy_(staged[bs : 2 * bs])
+        self.slots[:bs].copy_(staged[2 * bs : 3 * bs])
+        self.ctx[:bs].copy_(staged[3 * bs : 4 * bs])
+        at = 4 * bs
+        for device_tokens, rows, _ in fed or ():
+            n = len(rows)
+            self.ids[staged[at : at + n]] = device_tokens[staged[at + n : at + 2 * n]]
+            at += 2 * n
         if key is None or key != self._last_key:
             width = max(len(t) for t in tables)
-            rows = np.full((bs, width), self.scratch, dtype=np.int32)
+            rows_np = np.full((bs, width), self.scratch, dtype=np.int32)
             for i, t in enumerate(tables):
-                rows[i, : len(t)] = t
-            self.tables[:bs, :width].copy_(torch.from_numpy(rows).to(dev, non_blocking=True))
+                rows_np[i, : len(t)] = t
+            self.tables[:bs, :width].copy_(torch.from_numpy(rows_np).pin_memory().to(self.ids.device, non_blocking=True))
             self._last_key = key
         graph, out = self.graphs[bs]
         graph.replay()

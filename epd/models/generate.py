@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from epd.kernels.attention import AttentionMetadata
+from epd.models.device_tokens import Fed, feed
 from epd.models.mrope import RopeLayout, rope_positions
 from epd.models.runtime import ModelRuntime
 from epd.models.sampling import sample
@@ -27,16 +28,19 @@ def lm_step(
     mm_ends: Optional[list[int]] = None,
     graphs: Optional[StepGraphs] = None,
     rope: Optional[list[Optional[RopeLayout]]] = None,
+    fed: Optional[Fed] = None,
 ) -> torch.Tensor:
     """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
 
     mm[i]: the image-embedding rows of sequence i's placeholders among its new tokens, in order;
     mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images);
     graphs: piecewise CUDA graphs to run the layers through where the step's tokens fit them;
-    rope[i]: sequence i's M-RoPE layout (None: its rotary positions are its cache positions)."""
+    rope[i]: sequence i's M-RoPE layout (None: its rotary positions are its cache positions);
+    fed: token rows taken from earlier steps' sampled ids still on the device (decode rows)."""
     assert rt.lm is not None
     flat = [t for seq in tokens for t in seq]
     ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
+    feed(ids, fed)
     pos = torch.tensor([s + i for seq, s in zip(tokens, starts) for i in range(len(seq))], device=rt.device)
     qlens = [len(seq) for seq in tokens]
     meta = AttentionMetadata.build(tables, qlens, [s + q for s, q in zip(starts, qlens)], block_size, rt.device)

@@ -55,7 +55,22 @@ def sample_full(
     outputs: Optional[Sequence[Optional[Sequence[int]]]] = None,
     eos_token_id: Optional[int] = None,
 ) -> Sampled:
-    """logits [num_seqs, vocab]; steps[i] = how many tokens sequence i has generated so far.
+    """The sampled ids on the host, with the logprobs rows asked for (see `sample_ids`)."""
+    tokens = sample_ids(logits, params, steps, prompts, outputs, eos_token_id).tolist()
+    return Sampled(tokens, _logprobs(logits, params, tokens))
+
+
+def sample_ids(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    steps: list[int],
+    prompts: Optional[Sequence[Optional[Sequence[int]]]] = None,
+    outputs: Optional[Sequence[Optional[Sequence[int]]]] = None,
+    eos_token_id: Optional[int] = None,
+) -> torch.Tensor:
+    """The sampled ids [num_seqs] on the logits' device, without a host sync.
+
+    logits [num_seqs, vocab]; steps[i] = how many tokens sequence i has generated so far.
 
     Logits are processed in transformers' order — logit bias, repetition penalty (over prompts[i]
     and outputs[i]), presence and frequency penalties (over outputs[i]), min_tokens (EOS and stop
@@ -89,8 +104,7 @@ def sample_full(
         u = uniform(seeds, torch.tensor([steps[i] for i in rows], device=dev, dtype=torch.int64), vocab)
         gumbel = -torch.log(-torch.log(u))
         out[idx] = (masked + gumbel).argmax(dim=-1)  # Gumbel-max: an exact draw from softmax(masked)
-    tokens = out.tolist()
-    return Sampled(tokens, _logprobs(logits, params, tokens))
+    return out
 
 
 def _process(x, params, steps, rows, prompts, outputs, eos_token_id) -> torch.Tensor:
