@@ -11,9 +11,17 @@ dummy bf16 weights, on photo-like 4032x3024 JPEGs:
            pixels bit-identical to the host path)
   nvjpeg   decode on the GPU too (torchvision.io.decode_jpeg on CUDA, when torchvision is there);
            its pixels differ from libjpeg's by the IDCT's rounding: the mean difference is reported
-Each path runs the images in batches of `batch` with the host work of batch n+1 overlapped with the
-tower of batch n (as a pipelined E worker would), after a warm-up; images/s is end to end. The
+  transformers  as a transformers user runs it: Pillow decode, the model's transformers image processor
+           (CLIPImageProcessor / GotOcr2ImageProcessor, as AutoProcessor builds them) over the batch,
+           then the same tower (transformers' vision modules), one step after the other
+Each path but the last runs the images in batches of `batch` with the host work of batch n+1 overlapped
+with the tower of batch n (as the E worker does), after a warm-up; images/s is end to end. The
 ceiling is the tower's FLOPs per image over the card's bf16 matrix rate measured in the same run.
+`host_wait_share`: the share of the stage the GPU waited for host work (the issue's "host share").
+
+`--split` also times the parts apart, for the simulator's encode cost model (`hardware.*_s_per_*`):
+Pillow decode and resize on one host core, nvJPEG decode and resizing on the GPU, the tower per tile,
+at two photo sizes; fitted per source megapixel and per tile over the models given.
 """
 
 from __future__ import annotations
@@ -85,20 +93,127 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
         return pixels
 
     chunks = [jpegs[i : i + batch] for i in range(0, len(jpegs), batch)]
+    if path == "transformers":
+        return _run_transformers(rt, chunks, dev)
     rt.encode(prepare(chunks[0]))  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    waited = 0.0  # the GPU idle, waiting for the next batch's host work
     host = ThreadPoolExecutor(1)  # host work of the next batch while the tower runs this one
     nxt = host.submit(prepare, chunks[0])
     for i in range(len(chunks)):
+        t = time.perf_counter()
         pixels = nxt.result()
+        waited += time.perf_counter() - t
         if i + 1 < len(chunks):
             nxt = host.submit(prepare, chunks[i + 1])
         rt.encode(pixels)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     host.shutdown()
-    return {"path": path, "images": len(jpegs), "seconds": seconds, "images_per_s": len(jpegs) / seconds}
+    n = len(jpegs)
+    return {"path": path, "images": n, "seconds": seconds, "images_per_s": n / seconds, "host_wait_share": waited / seconds}
+
+
+def _hf_processor(family):
+    """The transformers image processor a LLaVA / InternVL checkpoint's AutoProcessor builds (fast variant)."""
+    from transformers.models.clip import CLIPImageProcessor
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessor
+
+    if family.model_type == "llava":
+        side = family.hf.vision_config.image_size
+        return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if family.model_type == "internvl":
+        side, tiles = family.tile_size, family.cfg.max_tiles
+        mean, std = family.pixel_mean, family.pixel_std
+        square = {"height": side, "width": side}
+        return GotOcr2ImageProcessor(size=square, crop_to_patches=True, max_patches=tiles, min_patches=1, image_mean=mean, image_std=std)
+    raise ValueError(f"no transformers processor baseline for family {family.model_type!r}")
+
+
+def _run_transformers(rt: ModelRuntime, chunks: list[list[bytes]], dev) -> dict:
+    proc = _hf_processor(rt.family)
+
+    def batch_pixels(chunk: list[bytes]) -> list[torch.Tensor]:
+        images = [Image.open(io.BytesIO(d)).convert("RGB") for d in chunk]
+        out = proc(images=images, return_tensors="pt")
+        px = out["pixel_values"].to(dev, torch.bfloat16)
+        counts = out["num_patches"].tolist() if "num_patches" in out else [1] * len(chunk)
+        return list(torch.split(px, counts))
+
+    rt.encode(batch_pixels(chunks[0]))  # warm-up
+    torch.cuda.synchronize()
+    t0, host = time.perf_counter(), 0.0
+    for chunk in chunks:
+        t = time.perf_counter()
+        pixels = batch_pixels(chunk)
+        host += time.perf_counter() - t
+        rt.encode(pixels)
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    n = sum(len(c) for c in chunks)
+    return {"path": "transformers", "images": n, "seconds": seconds, "images_per_s": n / seconds, "host_wait_share": host / seconds}
+
+
+def _per_call(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def split_parts(rt: ModelRuntime, dev, batch: int) -> list[dict]:
+    """Each part of encoding one photo, timed alone, at two sizes (rows: part, megapixels, tiles, seconds)."""
+    import torchvision.io as tio
+
+    family, rows = rt.family, []
+    for w, h in ((4032, 3024), (1600, 1200)):
+        data = photo_jpeg(w, h, 3)
+        mp = w * h / 1e6
+        tiles = family.num_image_tokens(w, h) / ModelShape.of(family, "bfloat16").tokens_per_tile
+        im = load_image(ImageInput(data=data))
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        on_gpu = tio.decode_jpeg(raw, device=dev)
+        px = family.preprocess(on_gpu, TorchOps)
+        parts = {
+            "host_decode": lambda data=data: load_image(ImageInput(data=data)),
+            "host_resize": lambda im=im: family.preprocess(im),
+            "device_decode": lambda raw=raw: tio.decode_jpeg([raw] * batch, device=dev),  # batched, per image below
+            "device_resize": lambda x=on_gpu: family.preprocess(x, TorchOps),
+            "tower": lambda px=px: rt.encode([px] * batch),
+        }
+        for part, fn in parts.items():
+            per = _per_call(fn, 3 if part.startswith("host") else 10)
+            if part in ("device_decode", "tower"):
+                per /= batch
+            rows.append({"part": part, "megapixels": mp, "tiles": tiles, "seconds": per})
+            print(json.dumps({"model": family.model_type, **rows[-1]}), flush=True)
+    return rows
+
+
+def fit_parts(rows: list[dict]) -> dict:
+    """hardware.* constants: decode per megapixel; resize per megapixel and per tile (least squares)."""
+    out = {}
+    for part, key in (("host_decode", "decode_s_per_mpixel"), ("device_decode", "device_decode_s_per_mpixel")):
+        data = [r for r in rows if r["part"] == part]
+        out[key] = sum(r["seconds"] for r in data) / sum(r["megapixels"] for r in data)
+    resizes = {
+        "host_resize": ("preprocess_s_per_mpixel", "preprocess_s_per_tile"),
+        "device_resize": ("device_resize_s_per_mpixel", "device_resize_s_per_tile"),
+    }
+    for part, keys in resizes.items():
+        data = [r for r in rows if r["part"] == part]
+        x = np.array([[r["megapixels"], r["tiles"]] for r in data])
+        y = np.array([r["seconds"] for r in data])
+        w = 1.0 / y  # relative error
+        sol = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)[0]
+        sol = np.maximum(sol, 0.0)
+        out[keys[0]], out[keys[1]] = float(sol[0]), float(sol[1])
+        out[f"{part}_mean_rel_err"] = float(np.mean(np.abs(x @ sol - y) / y))
+    return out
 
 
 def main() -> None:
@@ -108,6 +223,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "internvl2-8b"])
+    ap.add_argument("--split", action="store_true", help="also time decode, resize and tower apart and fit the simulator's constants")
     args = ap.parse_args()
     dev = torch.device("cuda")
     peak = matmul_peak(dev)
@@ -119,13 +235,14 @@ def main() -> None:
         paths = ["host", "device", "nvjpeg"]
     except Exception:
         paths = ["host", "device"]
-    rows = []
+    rows, parts = [], []
     with ThreadPoolExecutor(args.threads) as pool:
         for name in args.models:
             rt = ModelRuntime(model_config(name), {"vision"}, "cuda")
             shape = ModelShape.of(rt.family, "bfloat16")
             tiles = rt.family.num_image_tokens(4032, 3024) / shape.tokens_per_tile  # tower inputs per photo, in the cost model's unit
-            for path in paths:
+            baseline = ["transformers"] if rt.family.model_type in ("llava", "internvl") else []
+            for path in paths + baseline:
                 r = run_path(path, rt, jpegs, args.batch, pool, dev)
                 r["tiles_per_image"] = tiles
                 flops = shape.vision_flops_per_tile * tiles
@@ -142,16 +259,22 @@ def main() -> None:
                 diff = (flat(a).int() - flat(b).cpu().int()).abs().float()
                 rows.append({"model": name, "nvjpeg_vs_libjpeg_mean_abs_levels": diff.mean().item(), "max": diff.max().item()})
                 print(json.dumps(rows[-1]), flush=True)
+            if args.split and "nvjpeg" in paths:
+                parts += [{"model": name, **r} for r in split_parts(rt, dev, args.batch)]
             del rt
             torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "encode_throughput.json").write_text(json.dumps(rows, indent=1))
+    if parts:
+        fitted = fit_parts(parts)
+        (Path(args.out) / "encode_parts.json").write_text(json.dumps({"parts": parts, "hardware": fitted}, indent=1))
+        print("fitted hardware constants:", json.dumps(fitted, indent=1))
     print(f"\nbf16 matmul peak {peak / 1e12:.0f} TFLOP/s on {torch.cuda.get_device_name()}; 4032x3024 JPEGs, batch {args.batch}")
-    print(f"{'model':14} {'path':7} {'img/s':>8} {'ceiling':>9} {'share':>6}")
+    print(f"{'model':14} {'path':12} {'img/s':>8} {'ceiling':>9} {'share':>6} {'host wait':>9}")
     for r in rows:
         if "path" in r:
             rate, ceiling, share = r["images_per_s"], r["ceiling_images_per_s"], r["share_of_ceiling"]
-            print(f"{r['model']:14} {r['path']:7} {rate:>8.1f} {ceiling:>9.0f} {share:>6.1%}")
+            print(f"{r['model']:14} {r['path']:12} {rate:>8.1f} {ceiling:>9.0f} {share:>6.1%} {r['host_wait_share']:>9.1%}")
 
 
 if __name__ == "__main__":

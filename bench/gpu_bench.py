@@ -230,7 +230,7 @@ def bench_encode(counts: list[int]) -> None:
 
 
 # ---- end to end ---------------------------------------------------------------------------
-def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray") -> None:
+def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: str = "mixed", chunked: bool = True) -> None:
     """`executor=ray`: the engine as `epd.run` runs it (driver and worker in separate processes, async
     scheduling, images prepared on the worker's prep threads ahead of their batch); `local`: the
     worker in this process, each batch run at submit."""
@@ -248,6 +248,8 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray") -> None:
     gpu = 1 if executor == "ray" else 0
     dep = DeploymentConfig(
         name="aggregated",
+        prefill_decode_steps=steps_mode,
+        chunked_prefill=chunked,
         transfer="ipc" if gpu else "local",
         aggregated=PoolConfig(
             kv_blocks=kv_blocks,
@@ -276,9 +278,12 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray") -> None:
         t0 = time.time()
         outs = llm.generate(reqs)
         elapsed = time.time() - t0
-        busy: dict[str, float] = {}  # time inside the worker per kind of batch (its own spans)
+        busy: dict[str, float] = {}  # time inside the worker per kind of batch (its own spans; launched decode steps overlap)
+        counts: dict[str, int] = {}
         for b in llm.core.batches:
             busy[b.kind] = busy.get(b.kind, 0.0) + b.end - b.begin
+            counts[b.kind] = counts.get(b.kind, 0) + 1
+        preempted = sum(1 for e in llm.core.pipeline.events if e.kind.value == "preempted")
     toks = sum(len(o.token_ids) for o in outs)
     # Roofline: every prefill/encode FLOP at the matmul ceiling, every decode step reading weights + KV at the copy ceiling.
     shape = ModelShape.of(llm.core.pipeline.family, "bfloat16")
@@ -289,10 +294,15 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray") -> None:
     steps = -(-n_req // concurrent) * (out_tokens - 1)
     kv_read = n_req * sum(prompt + i for i in range(1, out_tokens)) * per_tok
     roof = flops / peak + (steps * weights + kv_read) / bw
-    print("  time inside workers by batch kind:", {k: round(v, 2) for k, v in busy.items()}, f"of {elapsed:.2f} s")
+    print("  time inside workers by batch kind:", {k: round(v, 2) for k, v in busy.items()}, f"of {elapsed:.2f} s;", counts)
+    print(f"  sequences preempted: {preempted}")
     RESULTS.setdefault("e2e", []).append(
         {
             "executor": executor,
+            "prefill_decode_steps": steps_mode,
+            "chunked_prefill": chunked,
+            "batches": counts,
+            "preempted": preempted,
             "ready_s": ready,
             "warmup_s": llm.core.warmup_s,
             "out_tokens": out_tokens,
@@ -308,7 +318,8 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray") -> None:
         }
     )
     print(
-        f"engine e2e ({executor}): {n_req} requests x (1 image + 24 tokens -> {out_tokens}), {elapsed:.1f} s, "
+        f"engine e2e ({executor}, {steps_mode}, chunked {chunked}): "
+        f"{n_req} requests x (1 image + 24 tokens -> {out_tokens}), {elapsed:.1f} s, "
         f"{toks / elapsed:.0f} output tok/s; "
         f"roofline {roof:.1f} s -> {roof / elapsed:.0%} of it"
     )
@@ -358,6 +369,8 @@ def main() -> None:
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
     ap.add_argument("--executor", default="ray", help="e2e: ray (as epd.run runs it) | local (one process)")
+    ap.add_argument("--steps", default="mixed", help="e2e: deployment.prefill_decode_steps (mixed | alternate)")
+    ap.add_argument("--no-chunked", action="store_true", help="e2e: deployment.chunked_prefill=false")
     args = ap.parse_args()
     sec = set(args.sections.split(","))
     print(f"card: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -370,7 +383,7 @@ def main() -> None:
         ("decode", lambda: bench_decode([1, 8, 64, 128, 256], 1024)),
         ("prefill", lambda: bench_prefill([512, 1024, 2048, 4096, 8192])),
         ("encode", lambda: bench_encode([1, 4, 8, 16, 32])),
-        ("e2e", lambda: bench_e2e(args.requests, args.out_tokens, args.executor)),
+        ("e2e", lambda: bench_e2e(args.requests, args.out_tokens, args.executor, args.steps, not args.no_chunked)),
         ("hf", lambda: bench_hf(args.requests, args.out_tokens, 64, 64)),
     ]
     for name, step in steps:

@@ -353,7 +353,11 @@ class HardwareConfig:
     # seconds per source megapixel plus per tile produced (`python bench/preprocess.py` measures them).
     preprocess_s_per_mpixel: float = 0.0  # resizing (with model.image_resize=host)
     preprocess_s_per_tile: float = 0.0
-    decode_s_per_mpixel: float = 0.0  # decoding, either way
+    decode_s_per_mpixel: float = 0.0  # decoding on the host (model.image_decode=host)
+    # The E worker's GPU per image, serial with its tower (`python bench/encode_throughput.py --split` measures them):
+    device_decode_s_per_mpixel: float = 0.0  # nvJPEG (model.image_decode=device), per source megapixel
+    device_resize_s_per_mpixel: float = 0.0  # resizing and tiling (model.image_resize=device)
+    device_resize_s_per_tile: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from simulator.sim import Simulation
 
 
 def make_latency_model(cfg: RunConfig, shape: ModelShape) -> LatencyModel:
-    roofline = RooflineModel(shape, cfg.hardware, resize_on_device=cfg.model.image_resize == "device")
+    model = cfg.model
+    roofline = RooflineModel(shape, cfg.hardware, model.image_resize == "device", model.image_decode == "device")
     if cfg.backend.latency_model == "roofline":
         return roofline
     if cfg.backend.latency_model == "profiled":

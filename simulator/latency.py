@@ -56,6 +56,10 @@ class LatencyModel:
         0 unless the model leaves it out of `encode` (a profile measured it inside its encode spans)."""
         return 0.0
 
+    def device_prep(self, images: list[tuple[float, int]]) -> float:
+        """GPU time to decode and resize a batch's images before its tower (image_decode/resize=device)."""
+        return 0.0
+
     def prefill(self, s: PrefillShape) -> float:
         raise NotImplementedError
 
@@ -67,9 +71,10 @@ class LatencyModel:
 
 
 class RooflineModel(LatencyModel):
-    def __init__(self, shape: ModelShape, hw: HardwareConfig, resize_on_device: bool = False):
+    def __init__(self, shape: ModelShape, hw: HardwareConfig, resize_on_device: bool = False, decode_on_device: bool = False):
         self.m, self.hw = shape, hw
-        self.resize_on_device = resize_on_device  # model.image_resize=device: the host only decodes
+        self.resize_on_device = resize_on_device or decode_on_device  # model.image_resize=device: the host only decodes
+        self.decode_on_device = decode_on_device  # model.image_decode=device: the host passes JPEG bytes on
         self.flops = hw.peak_flops * hw.compute_efficiency
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
         self.overhead, self.rpc = hw.step_overhead, hw.rpc_latency
@@ -83,6 +88,8 @@ class RooflineModel(LatencyModel):
 
     def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
         hw = self.hw
+        if self.decode_on_device:
+            return 0.0
         if self.resize_on_device:
             costs = [mp * hw.decode_s_per_mpixel for mp, _ in images]
         else:
@@ -90,6 +97,15 @@ class RooflineModel(LatencyModel):
         if not costs:
             return 0.0
         return max(max(costs), sum(costs) / max(1, threads))  # images in parallel, one per core
+
+    def device_prep(self, images: list[tuple[float, int]]) -> float:
+        hw, total = self.hw, 0.0
+        for mp, tiles in images:
+            if self.decode_on_device:
+                total += mp * hw.device_decode_s_per_mpixel
+            if self.resize_on_device:
+                total += mp * hw.device_resize_s_per_mpixel + tiles * hw.device_resize_s_per_tile
+        return total
 
     def prefill(self, s: PrefillShape) -> float:
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops

@@ -193,7 +193,7 @@ class Simulation:
                     attention += m.image_attention_flops(it.num_tokens)
             prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
             tower = self.lat.encode(EncodeShape(sum(t for _, t in images), attention)) if images else 0.0
-            d = (tower + prep) * slow + sends
+            d = (tower + self.lat.device_prep(images) + prep) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):

@@ -150,6 +150,13 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
     hw = dataclasses.replace(hw, decode_s_per_mpixel=0.1)
     assert RooflineModel(lat.m, hw).preprocess([(2.0, 1)], threads=1) == pytest.approx(1.45)
     assert RooflineModel(lat.m, hw, resize_on_device=True).preprocess([(2.0, 1)], threads=1) == pytest.approx(0.2)  # decode only
+    # on the E worker's GPU: resizing per megapixel and tile, nvJPEG per megapixel; the host then does nothing
+    hw = dataclasses.replace(hw, device_decode_s_per_mpixel=0.01, device_resize_s_per_mpixel=0.002, device_resize_s_per_tile=0.003)
+    assert RooflineModel(lat.m, hw).device_prep([(2.0, 13)]) == 0.0
+    assert RooflineModel(lat.m, hw, True).device_prep([(2.0, 13), (1.0, 1)]) == pytest.approx(0.004 + 0.039 + 0.002 + 0.003)
+    nvjpeg = RooflineModel(lat.m, hw, True, True)
+    assert nvjpeg.preprocess([(2.0, 1)], threads=1) == 0.0
+    assert nvjpeg.device_prep([(2.0, 13)]) == pytest.approx(0.02 + 0.004 + 0.039)
 
     def encode_spans(hardware):
         run = dataclasses.replace(cfg, hardware=hardware)

@@ -26,7 +26,7 @@ class Hold:
         return Hold(instance, image)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is an entity: queues find and remove it by identity, not by comparing every field
 class RequestState:
     req: Request
     prompt_ids: list[int]
