@@ -4,6 +4,7 @@ the host path (Pillow) and the device path (torch, here on the CPU), exactly."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,22 @@ def test_greedy_tokens_equal_transformers_for_photo_sizes(tiny_checkpoint, resiz
         outs = llm.generate(reqs)
         llm.core.drain_check()
     assert [o.token_ids for o in outs] == refs
+
+
+PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
+
+
+@pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.stem)
+def test_real_photos_are_prepared_as_transformers_prepares_them(processors, photo):
+    """Camera photos (tests/data/photos: public-domain and CC0 images shipped with scikit-image), decoded
+    from their JPEG bytes: CLIP and InternVL pixels equal transformers' processors', host and device paths alike."""
+    clip, got = processors
+    data = photo.read_bytes()
+    im = load_image(ImageInput(data=data))
+    ours = _both_paths(im, lambda im, ops: clip_preprocess(im, 336, ops))
+    ref = clip(images=Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(normalize(ours, CLIP_MEAN, CLIP_STD), ref)
+    ours = _both_paths(im, lambda im, ops: internvl_preprocess(im, 448, 12, True, ops))
+    ref = got(12)(images=Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
+    assert ours.shape[0] == num_tiles(*im.size, 12, 448, True) == ref.shape[0]
+    torch.testing.assert_close(normalize(ours, IMAGENET_MEAN, IMAGENET_STD), ref)
