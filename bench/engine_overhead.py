@@ -82,9 +82,10 @@ def tpots(events) -> list[float]:
 
 
 def idle_gaps(batches, iid: str) -> list[float]:
-    """Time the worker sat between consecutive decode batches, while it had sequences to step."""
+    """Time the worker sat between consecutive decode batches, while it had sequences to step (0 where
+    the next step was launched before this one's tokens landed: their spans overlap)."""
     mine = [b for b in batches if b.instance == iid and b.kind == "DecodeBatch"]
-    return [b.begin - a.end for a, b in zip(mine, mine[1:])]
+    return [max(0.0, b.begin - a.end) for a, b in zip(mine, mine[1:])]
 
 
 def main() -> None:

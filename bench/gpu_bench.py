@@ -230,6 +230,16 @@ def bench_encode(counts: list[int]) -> None:
 
 
 # ---- end to end ---------------------------------------------------------------------------
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the spans."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: str = "mixed", chunked: bool = True) -> None:
     """`executor=ray`: the engine as `epd.run` runs it (driver and worker in separate processes, async
     scheduling, images prepared on the worker's prep threads ahead of their batch); `local`: the
@@ -278,11 +288,11 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
         t0 = time.time()
         outs = llm.generate(reqs)
         elapsed = time.time() - t0
-        busy: dict[str, float] = {}  # time inside the worker per kind of batch (its own spans; launched decode steps overlap)
-        counts: dict[str, int] = {}
+        spans: dict[str, list[tuple[float, float]]] = {}  # time inside the worker per kind of batch (its own spans)
         for b in llm.core.batches:
-            busy[b.kind] = busy.get(b.kind, 0.0) + b.end - b.begin
-            counts[b.kind] = counts.get(b.kind, 0) + 1
+            spans.setdefault(b.kind, []).append((b.begin, b.end))
+        busy = {kind: _covered(v) for kind, v in spans.items()}  # launched decode steps overlap the next: counted once
+        counts = {kind: len(v) for kind, v in spans.items()}
         preempted = sum(1 for e in llm.core.pipeline.events if e.kind.value == "preempted")
     toks = sum(len(o.token_ids) for o in outs)
     # Roofline: every prefill/encode FLOP at the matmul ceiling, every decode step reading weights + KV at the copy ceiling.
