@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.configs import model_config  # noqa: E402
+from bench.mixed_step import timed  # noqa: E402  (wall clock per call, ms: the host parts are no GPU work)
 from epd.images import load_image  # noqa: E402
 from epd.models.image_processing import TorchOps  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
@@ -155,16 +156,6 @@ def _run_transformers(rt: ModelRuntime, chunks: list[list[bytes]], dev) -> dict:
     return {"path": "transformers", "images": n, "seconds": seconds, "images_per_s": n / seconds, "host_wait_share": host / seconds}
 
 
-def _per_call(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
 def split_parts(rt: ModelRuntime, dev, batch: int) -> list[dict]:
     """Each part of encoding one photo, timed alone, at two sizes (rows: part, megapixels, tiles, seconds)."""
     import torchvision.io as tio
@@ -186,7 +177,7 @@ def split_parts(rt: ModelRuntime, dev, batch: int) -> list[dict]:
             "tower": lambda px=px: rt.encode([px] * batch),
         }
         for part, fn in parts.items():
-            per = _per_call(fn, 3 if part.startswith("host") else 10)
+            per = timed(fn, 3 if part.startswith("host") else 10) / 1e3
             if part in ("device_decode", "tower"):
                 per /= batch
             rows.append({"part": part, "megapixels": mp, "tiles": tiles, "seconds": per})

@@ -546,13 +546,14 @@ class Worker:
         with self._seq_lock:
             fed = self._fed(seqs)
         tokens = PendingTokens(sample_ids(*self._decode_sampling_inputs(seqs, self._decode_logits(rids, seqs, fed))))
+        held = [(tokens, row) for row in range(len(seqs))]
         with self._seq_lock:
-            for row, s in enumerate(seqs):
+            for s, h in zip(seqs, held):
                 s.context_len += 1
                 s.generated += 1
-                s.pending = (tokens, row)
+                s.pending = h
         self.device_fed += sum(len(rows) for _, rows, _ in fed)
-        return [(tokens, row) for row in range(len(seqs))]
+        return held
 
     def _landed(self, step: list[str], launched: list, begin: float, transfers: dict, errors: dict) -> DecodeResult:
         """A launched step's reply, once its tokens are on the host."""
@@ -562,18 +563,11 @@ class Worker:
                 errors[rid] = res.reason
                 self.seqs.pop(rid, None)  # the driver aborts it
                 continue
-            pending, row = res
             try:
-                tok = pending.values()[row]
+                tokens[rid] = self._land(self.seqs.get(rid), res)
             except Exception as exc:  # an asynchronous device error shows here
                 errors[rid] = describe(exc, f"{self.worker_id} decode")
                 self.seqs.pop(rid, None)
-                continue
-            with self._seq_lock:
-                s = self.seqs.get(rid)
-                if s is not None and s.pending is not None and s.pending[0] is pending:  # no later step launched yet
-                    s.last_token, s.pending = tok, None
-            tokens[rid] = tok
         return DecodeResult((begin, time.time()), tokens, transfers, {}, errors)
 
     @staticmethod
@@ -592,13 +586,20 @@ class Worker:
         """The sequences of `rids` with their last tokens on the host (waiting for launched steps to land)."""
         seqs = [self.seqs[r] for r in rids]
         for s in seqs:
-            held = s.pending
+            held = s.pending  # read once: a landing step may clear it meanwhile
             if held is not None:
-                tok = held[0].values()[held[1]]
-                with self._seq_lock:
-                    if s.pending is held:
-                        s.last_token, s.pending = tok, None
+                self._land(s, held)
         return seqs
+
+    def _land(self, s: Optional[_Seq], held: tuple[PendingTokens, int]) -> int:
+        """The token `held` names, on the host; it becomes `s`'s last token unless a later step of `s` was
+        launched meanwhile (or `s` is gone)."""
+        pending, row = held
+        tok = pending.values()[row]
+        with self._seq_lock:
+            if s is not None and s.pending is held:
+                s.last_token, s.pending = tok, None
+        return tok
 
     def _mixed(self, batch: MixedBatch) -> MixedResult:
         """Running decodes and prefill chunks in one forward: the chunks ride on the decode step."""
