@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
 #   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
+#                                                      [overhead] [epd4] [online4]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
 # resized on the GPUs, model.image_resize=device). The csrc extension is built first, with no
@@ -46,14 +47,31 @@ for part in $PARTS; do
     qwen1)  # the Qwen2-VL families on GPU 0: exactness against transformers, the 7B shapes' sizes and speed
       CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/gpu_families.py --out "$OUT/qwen" 2>&1 | grep -E "^\{|rror" | cut -c1-600
       ;;
-    qwen4)  # each Qwen 7B shape in 2E1P1D on 4 GPUs, the paper workload's photos at max_pixels 1 MP
-      for m in qwen2-vl-7b qwen2.5-vl-7b; do
+    qwen4)  # each newer family's 7B shape in 2E1P1D on 4 GPUs, the paper workload's photos (Qwen: at max_pixels 1 MP;
+      # MiniCPM-V 2.6: 4 photos a request, as its SLO assumes)
+      for m in qwen2-vl-7b qwen2.5-vl-7b minicpm-v-2.6; do
         t0=$SECONDS
-        timeout 200 python3 -m epd.run +experiment=gpu4_epd model=$m model.max_pixels=1003520 workload.num_requests=100 \
+        case $m in
+          minicpm*) extra=(workload.images_per_request=4 workload.images_per_request_max=4) ;;
+          *) extra=(model.max_pixels=1003520) ;;
+        esac
+        timeout 230 python3 -m epd.run +experiment=gpu4_epd model=$m "${extra[@]}" workload.num_requests=100 \
           workload.rate=1.0 hardware="$HW" logger=none hydra.run.dir="/tmp/runs/gpu4_$m" 2>&1 | grep -E "requests |TTFT|TPOT|SLO|throughput|ready|rror" | tail -8
         echo "gpu4_$m: $((SECONDS - t0)) s"
         mkdir -p "$OUT/qwen/gpu4_$m" && cp /tmp/runs/gpu4_"$m"/{summary,workers}.json "$OUT/qwen/gpu4_$m/" 2>/dev/null
       done
+      ;;
+    overhead)  # TPOT of D in 2E1P1D against its bare decode step (requests with one image: E, P and IPC transfers run)
+      timeout 240 python3 bench/engine_overhead.py --layout 2E1P1D --batches 1,8 --repeats 2 --modes async --out "$OUT/overhead_2e1p1d.json" 2>&1 \
+        | grep -vE "Warning|warn" | tail -12
+      ;;
+    epd4|online4)  # gpu4_epd at 4 req/s, 200 requests: the engine (epd4), and the same workload through the server (online4)
+      kind=ray; [ "$part" = online4 ] && kind=online
+      t0=$SECONDS
+      timeout 280 python3 -m epd.run +experiment=gpu4_epd workload.num_requests=200 workload.rate=4 backend=$kind hardware="$HW" \
+        logger=none hydra.run.dir="/tmp/runs/$part" 2>&1 | grep -E "requests |TTFT|TPOT|SLO|throughput|ready|refused|rror" | tail -10
+      echo "$part: $((SECONDS - t0)) s"
+      mkdir -p "$OUT/$part" && cp /tmp/runs/"$part"/{summary.json,workers.json,config.yaml} "$OUT/$part/" 2>/dev/null
       ;;
     resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device $QUICK ;;
     *) echo "unknown part $part" ;;

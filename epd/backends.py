@@ -33,6 +33,7 @@ class EngineBackend:
         self._llm = None
         self.startup_s: Optional[float] = None  # seconds until the last engine built was ready
         self.warmup_s: Optional[float] = None
+        self.start_phases: dict[str, float] = {}  # the driver's view of start-up before the warm-up
 
     def _async_llm(self):
         from epd.serve.async_llm import AsyncLLM
@@ -40,14 +41,16 @@ class EngineBackend:
         started = time.time()
         llm = AsyncLLM(self.engine_config, allocation=self._allocation())
         llm.core.worker_info()  # every worker up
-        self._ready(time.time() - started, llm.core.warmup_s)
+        self._ready(time.time() - started, llm.core)
         return llm
 
-    def _ready(self, seconds: float, warmup_s: Optional[float]) -> None:
+    def _ready(self, seconds: float, core) -> None:
         """Workers are built, loaded and warmed up: runs measure from here (start-up stays out of the window)."""
-        self.startup_s, self.warmup_s = seconds, warmup_s
-        warm = f" (warm-up {warmup_s:.1f} s)" if warmup_s is not None else " (no warm-up)"
-        print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s{warm}", flush=True)
+        self.startup_s, self.warmup_s = seconds, core.warmup_s
+        self.start_phases = {k: round(v, 3) for k, v in getattr(core.executor, "startup_s", {}).items()}
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.start_phases.items())
+        warm = f"warm-up {self.warmup_s:.1f} s" if self.warmup_s is not None else "no warm-up"
+        print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s ({parts}, {warm})", flush=True)
 
     def _allocation(self):
         from simulator.backend import best_split
@@ -80,7 +83,7 @@ class EngineBackend:
         started = time.time()
         with OfflineLLM(self.engine_config, allocation=self._allocation()) as llm:
             workers = llm.core.worker_info()
-            self._ready(time.time() - started, llm.core.warmup_s)
+            self._ready(time.time() - started, llm.core)
             llm.core.reset_clock()
             with progress(len(requests), "requests", "req") as bar:
                 outputs = llm.generate(requests, timeout_s=self.cfg.backend.timeout_s, on_finished=bar.update)
@@ -109,6 +112,7 @@ class EngineBackend:
             stage_load,
             startup_s=self.startup_s,
             warmup_s=self.warmup_s,
+            start_phases=dict(self.start_phases),
             batch_stats=batch_stats(core.batches),
         )
 

@@ -44,6 +44,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
             hardware=cfg.hardware.name,
             engine_startup_s=result.startup_s,  # time to ready
             engine_warmup_s=result.warmup_s,
+            **{f"engine_start_{k}_s": v for k, v in result.start_phases.items()},
             **result.batch_stats,
         )
         write_record(out_dir, resolved, result, summary)

@@ -20,6 +20,7 @@ class RunResult:
     stage_load: list[dict] = field(default_factory=list)  # per-stage load signals (epd.allocation.load)
     startup_s: Optional[float] = None  # engine start-up to ready (workers built and loaded, warm-up run), outside the measured window
     warmup_s: Optional[float] = None  # the warm-up's part of it
+    start_phases: dict[str, float] = field(default_factory=dict)  # the rest of it, as the driver saw it (workers' own phases: workers)
     batch_stats: dict = field(default_factory=dict)  # engine runs: per batch kind, how many and the workers' time in them
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 

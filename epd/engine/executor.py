@@ -40,7 +40,9 @@ class LocalExecutor:
     def __init__(self, deployment: DeploymentConfig, model: ModelConfig):
         from epd.engine.worker import Worker
 
+        t0 = time.time()
         self.workers = {iid: Worker(iid, roles, model, pool, self.transfer) for iid, roles, pool in _worker_specs(deployment)}
+        self.startup_s = {"workers_built": time.time() - t0}
         self._done: list[Done] = []
         self.lost: set[str] = set()  # never any: see lost_workers
 
@@ -158,7 +160,9 @@ class RayExecutor:
         self.transfer = deployment.transfer
         self.needs_push = transfer_class(self.transfer).needs_push
         procs = _processes(deployment)
+        t0 = time.time()
         self._own_ray = ensure_ray(backend, [deployment])
+        t1 = time.time()
         # One bundle per process, reserved at once: a deployment gets all of its GPUs or none.
         bundles = [{"CPU": p.pool.num_cpus, **({"GPU": p.pool.num_gpus} if p.pool.num_gpus else {})} for p in procs]
         self.pg = placement_group(bundles, strategy=backend.placement)
@@ -184,12 +188,16 @@ class RayExecutor:
             self.actors.setdefault(p.iid, []).append(self._start(idx, p.roles, p.pool))
         all_actors = [a for ranks in self.actors.values() for a in ranks]
         try:
+            t2 = time.time()
             ray.get([a.ping.remote() for a in all_actors])  # surface construction errors now
+            t3 = time.time()
             self._exports = dict(ray.get([a.transfer_export.remote() for a in all_actors]))
             ray.get([a.transfer_connect.remote(self._exports) for a in all_actors])
         except Exception:
             self.shutdown()
             raise
+        # The driver's view of start-up (each worker's own phases are in its `info`).
+        self.startup_s = {"ray": t1 - t0, "placement": t2 - t1, "workers_built": t3 - t2, "transfers_connected": time.time() - t3}
         self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
         self._pushes: list[Any] = []
         self.lost: set[str] = set()  # instances whose worker died

@@ -109,6 +109,7 @@ class Worker:
         gpu: bool = False,
         prefetch: bool = False,  # the executor sends every encode batch to `prepare` before `execute`
     ):
+        t0 = time.time()
         if threads > 0:
             torch.set_num_threads(threads)
         self.worker_id, self.roles, self.pool = worker_id, roles, pool
@@ -121,11 +122,15 @@ class Worker:
                 device = f"cuda:{index}"
         self.comm = join(comm, comm.rank_of(self.endpoint.global_rank), torch.device(device) if device else None) if comm else None
         self.model_cfg = model
+        t1 = time.time()
         self.rt = ModelRuntime(model, _parts(roles), device)
+        t2 = time.time()
         self.transfer = make_transfer(transfer)
         if self.comm is not None:
             self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
+        # Where a worker's time to ready goes (the record's workers.json): process group, weights, caches and graphs.
+        self.startup_s = {"join": t1 - t0, "weights": t2 - t1, "caches_graphs": time.time() - t2}
         self.seqs: dict[str, _Seq] = {}
         self._tables_version = 0  # bumped when any sequence's block table changes: graph inputs are recopied
         self._batches_in_order = InOrder()  # batches run one at a time, in their tickets' order
@@ -207,6 +212,7 @@ class Worker:
             "lm_weight_bytes": weights["lm"],
             "kv_cache_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
             "mm_cache_bytes": 0 if self.mm is None else self.mm.numel() * self.mm.element_size(),
+            "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
         }
 
     def ping(self) -> str:

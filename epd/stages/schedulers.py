@@ -183,11 +183,14 @@ def select_decode(inst: Instance, on_pull: OnPull, policy: Policy, on_preempt: O
     fresh = {n.request_id for n in new}
     step: list[RequestState] = []
     grow: dict[str, list[int]] = {}
+    live, count = None, len(inst.running)  # the running set, rebuilt only once a preemption has shrunk it
     for s in list(inst.running):
-        if s not in inst.running or len(s.output) + s.steps_inflight >= s.req.sampling.max_tokens:
+        if (live is not None and s not in live) or len(s.output) + s.steps_inflight >= s.req.sampling.max_tokens:
             continue  # preempted for an older sequence's block, or every step it may take is in flight
         if not policy.reserve:
             blocks = _grow(inst, s, fresh, on_preempt)
+            if len(inst.running) != count:
+                live, count = set(inst.running), len(inst.running)
             if blocks is None:
                 continue
             if blocks:
