@@ -396,3 +396,20 @@ def test_a_server_engine_keeps_only_the_requests_in_flight():
     finally:
         live.stop()
         llm.close()
+
+
+def test_continuous_usage_times_tokens_whose_text_is_empty(client, engine):
+    """Tokens that decode to no text still reach a client that asks for usage on every chunk: one
+    chunk per engine step, the running count rising to the total (how the load generator times them)."""
+    silent = {"300": 100.0}  # outside the byte range: decodes to ""
+    kw = dict(max_tokens=12, logit_bias=silent, stream=True, **GREEDY)
+    plain = list(client.chat.completions.create(stream_options={"include_usage": True}, **kw))
+    assert not any(c.choices and c.choices[0].delta.content for c in plain)  # nothing to time without usage
+    chunks = list(client.chat.completions.create(stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 12 and chunks[-1].usage.prompt_tokens > 0
+    steps = [c for c in chunks if c.choices and c.choices[0].finish_reason is None and c.usage.completion_tokens > 0]
+    assert len({c.usage.completion_tokens for c in steps}) >= 2  # tokens arrived over several chunks, not all at the end
+    assert all((c.choices[0].delta.content or "") == "" for c in steps)
+    _wait_drained(engine)

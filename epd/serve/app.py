@@ -155,9 +155,10 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
                 raise refusal
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
                 streaming = True  # the stream owns the runs and the inflight slot now
                 return StreamingResponse(
-                    sse(runs, chat, include_usage, model_name, prompts, state, metrics), media_type="text/event-stream"
+                    sse(runs, chat, include_usage, model_name, prompts, state, metrics, continuous), media_type="text/event-stream"
                 )
             done = await collect_unless_disconnected(runs, request)
             if not done:
@@ -408,13 +409,26 @@ def respond(runs: list[ChoiceRun], chat: bool, model: str, prompts) -> Union[Cha
     return Completion(id=runs[0].base, created=created, model=model, choices=choices, usage=usage(runs, prompts))
 
 
-async def sse(runs: list[ChoiceRun], chat: bool, include_usage: bool, model: str, prompts, state: dict, metrics: ServerMetrics):
+async def sse(
+    runs: list[ChoiceRun],
+    chat: bool,
+    include_usage: bool,
+    model: str,
+    prompts,
+    state: dict,
+    metrics: ServerMetrics,
+    continuous: bool = False,  # stream_options.continuous_usage_stats
+):
     """Server-sent events of every choice as its text becomes final; on disconnect, every choice aborts."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
+    sent = {r.index: 0 for r in runs}  # tokens of each choice that the chunks so far account for
 
     def chunk(choices: list[dict], use: Optional[Usage] = None) -> str:
         body = {"id": runs[0].base, "object": kind, "created": created, "model": model, "choices": choices}
+        if use is None and continuous:
+            prompt = usage(runs, prompts).prompt_tokens
+            use = Usage(prompt_tokens=prompt, completion_tokens=sum(sent.values()), total_tokens=prompt + sum(sent.values()))
         if use is not None:
             body["usage"] = use.model_dump()
         return f"data: {json.dumps(body)}\n\n"
@@ -423,10 +437,10 @@ async def sse(runs: list[ChoiceRun], chat: bool, include_usage: bool, model: str
 
     async def pump(run: ChoiceRun) -> None:
         try:
-            async for piece in run.pieces():
-                await queue.put((run, piece))
+            async for piece in run.pieces(every_step=continuous):
+                await queue.put((run, piece, run.completion_tokens))
         finally:
-            await queue.put((run, None))
+            await queue.put((run, None, run.completion_tokens))
 
     tasks = [asyncio.ensure_future(pump(r)) for r in runs]
     try:
@@ -436,7 +450,7 @@ async def sse(runs: list[ChoiceRun], chat: bool, include_usage: bool, model: str
             )
         open_runs = len(runs)
         while open_runs:
-            run, piece = await queue.get()
+            run, piece, sent[run.index] = await queue.get()
             if piece is None:
                 open_runs -= 1
                 finish = "abort" if run.finish is None else run.finish

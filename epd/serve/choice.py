@@ -64,8 +64,9 @@ class ChoiceRun:
         reason = (d.abort_reason if d is not None else None) or "the engine aborted the request"
         return EngineRefusal(reason, kind if kind in (INVALID, INTERNAL) else INTERNAL)
 
-    async def pieces(self):
-        """Text pieces as they become final, with their tokens' logprobs; sets `finish`."""
+    async def pieces(self, every_step: bool = False):
+        """Text pieces as they become final, with their tokens' logprobs; sets `finish`. With
+        `every_step`, a step whose tokens made no final text yet yields an empty piece."""
         delta = self._first
         while True:
             self._last = delta
@@ -82,7 +83,7 @@ class ChoiceRun:
                 piece = Piece(piece.text + tail.text, piece.logprobs + tail.logprobs)
                 self.finish = delta.finish_reason  # stop | length | abort
             self.all_logprobs += piece.logprobs
-            if piece.text or piece.logprobs:
+            if piece.text or piece.logprobs or (every_step and delta.token_ids):
                 yield piece
             if self.finish is not None:
                 if delta.finish_reason is None:

@@ -69,7 +69,9 @@ def chat_body(req: Request) -> dict:
         "ignore_eos": sp.ignore_eos,
         **({"answer_tokens": sp.answer_tokens} if sp.answer_tokens is not None else {}),
         "stream": True,
-        "stream_options": {"include_usage": True},
+        # Usage on every chunk and a chunk per engine step: tokens are timed even where their text is
+        # held back (an incomplete character, or a vocabulary that decodes to nothing).
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
 
 
@@ -135,7 +137,7 @@ class OnlineBackend:
                     await asyncio.sleep(delay)
                 rid = req.request_id
                 events.emit(time.time() - start, rid, Ev.ISSUED, num_images=len(req.images))
-                pieces, usage, finish = [], None, None
+                pieces, usage, finish, timed = [], None, None, 0
                 try:
                     for attempt in range(self.cfg.server.client_retries + 1):
                         async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
@@ -155,9 +157,13 @@ class OnlineBackend:
                                     usage = chunk["usage"]
                                 for choice in chunk.get("choices", []):
                                     if choice["delta"].get("content"):
-                                        events.emit(now, rid, Ev.FIRST_TOKEN if not pieces else Ev.TOKEN)
                                         pieces.append(choice["delta"]["content"])
                                     finish = choice.get("finish_reason") or finish
+                                # Each token the chunk accounts for (a server without per-chunk usage: one per text piece).
+                                count = chunk["usage"]["completion_tokens"] if chunk.get("usage") and chunk.get("choices") else len(pieces)
+                                for _ in range(count - timed):
+                                    events.emit(now, rid, Ev.FIRST_TOKEN if timed == 0 else Ev.TOKEN)
+                                    timed += 1
                         break
                     if finish == "abort":
                         raise RuntimeError("failed: the server aborted the request while streaming it")

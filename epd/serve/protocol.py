@@ -61,6 +61,9 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = Strict
     include_usage: StrictBool = False
+    # Every chunk carries the usage so far, and every engine step that produced tokens sends a chunk
+    # even where its text is not final yet (empty content): a client times each token (as vLLM's option).
+    continuous_usage_stats: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
