@@ -4,7 +4,7 @@
 #                                                      [overhead] [epd4] [online4]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
-# resized on the GPUs, model.image_resize=device). The csrc extension is built first, with no
+# decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device). The csrc extension is built first, with no
 # time limit: a build killed half-way costs the next one its wait. It is built under build/csrc,
 # which a warm device machine keeps between calls. Outputs stay few and small.
 set -u
@@ -73,7 +73,7 @@ for part in $PARTS; do
       echo "$part: $((SECONDS - t0)) s"
       mkdir -p "$OUT/$part" && cp /tmp/runs/"$part"/{summary.json,workers.json,config.yaml} "$OUT/$part/" 2>/dev/null
       ;;
-    resize) experiment internvl_device_resize 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device $QUICK ;;
+    resize) experiment internvl_device_prep 330 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" model.image_resize=device model.image_decode=device $QUICK ;;
     *) echo "unknown part $part" ;;
   esac
 done
