@@ -275,3 +275,21 @@ def test_simulator_stays_close_to_the_recorded_async_4gpu_engine_run(tmp_path):
     assert abs(sim["tpot_p50"] - recorded["tpot_p50"]) < 0.15 * recorded["tpot_p50"], (sim["tpot_p50"], recorded["tpot_p50"])
     assert abs(sim["ttft_p50"] - recorded["ttft_p50"]) < 0.30 * recorded["ttft_p50"], (sim["ttft_p50"], recorded["ttft_p50"])
     assert abs(sim["slo_attainment"] - recorded["slo_attainment"]) <= 0.1
+
+
+def test_paper_workload_arrives_as_jpeg_files_except_in_the_simulator(tmp_path):
+    """The engine and the server get the paper workload's photos as JPEG files (decoded as a client's
+    would be); the simulator, which reads only sizes, the same requests without the files."""
+    from epd.experiment import make_requests
+
+    small = ["+experiment=gpu4_epd", "model=tiny-llava", "workload.num_requests=3", "workload.image_width=320", "workload.image_height=240"]
+    small.append(f"workload.image_cache_dir={tmp_path}")
+    real = make_requests(to_run_config(_compose(small)))
+    sim = make_requests(to_run_config(_compose([*small, "backend=sim"])))
+    assert real and all(im.path and im.path.endswith(".jpg") for r in real for im in r.images)
+    assert all(im.is_procedural for r in sim for im in r.images)
+    def shape(reqs):
+        return [(r.request_id, r.prompt_token_ids, len(r.images)) for r in reqs]
+
+    assert shape(real) == shape(sim)
+    assert len(list(tmp_path.glob("*.jpg"))) == sum(len(r.images) for r in real)
