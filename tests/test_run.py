@@ -288,6 +288,7 @@ def test_paper_workload_arrives_as_jpeg_files_except_in_the_simulator(tmp_path):
     sim = make_requests(to_run_config(_compose([*small, "backend=sim"])))
     assert real and all(im.path and im.path.endswith(".jpg") for r in real for im in r.images)
     assert all(im.is_procedural for r in sim for im in r.images)
+
     def shape(reqs):
         return [(r.request_id, r.prompt_token_ids, len(r.images)) for r in reqs]
 
