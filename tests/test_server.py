@@ -296,6 +296,10 @@ def test_online_benchmark_writes_a_record(tmp_path):
     summary, events = run("retried", "workload.rate=200", "server.max_concurrent_requests=1", "server.client_retries=30")
     assert summary["backend"] == "online" and summary["num_finished"] == 5 and summary["ttft_p50"] > 0 and summary["tpot_p50"] > 0
     assert {"issued", "first_token", "token", "finished"} <= {e["kind"] for e in events}
+    for done in (e for e in events if e["kind"] == "finished"):  # every generated token timed by the client
+        timed = [e for e in events if e["request_id"] == done["request_id"] and e["kind"] in ("first_token", "token")]
+        assert len(timed) == done["data"]["num_output_tokens"] > 0
+    assert summary["engine_startup_s"] > 0 and summary["engine_start_workers_built_s"] > 0
     summary, events = run("refused", "workload.rate=200", "server.max_concurrent_requests=1")
     refused = [e for e in events if e["kind"] == "aborted"]
     assert refused and all("refused: HTTP 429" in e["data"]["reason"] for e in refused)
