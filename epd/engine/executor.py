@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig, PoolConfig
-from epd.distributed import CommSpec, free_port
+from epd.distributed import CommSpec, PairRendezvous, free_port
 from epd.engine.deadlines import BatchDeadlines
 from epd.engine.ordering import Tickets
 from epd.stages.work import Batch, BatchFailure, EncodeBatch, Result, pulled_handles
@@ -109,24 +109,23 @@ def _processes(deployment: DeploymentConfig) -> list[_Proc]:
     return procs
 
 
-def _comm_specs(deployment: DeploymentConfig, procs: list[_Proc], host: str) -> dict[str, CommSpec]:
-    """Each instance's world, where it needs one: push-based (NCCL) transfers put every worker in one
-    world (a group per pair of ranks); otherwise a tensor-parallel instance is a world of its ranks."""
-    backend = "nccl" if any(p.pool.num_gpus > 0 for p in procs) else "gloo"
+def _group_backend(procs: list[_Proc]) -> str:
+    return "nccl" if any(p.pool.num_gpus > 0 for p in procs) else "gloo"
+
+
+def _comm_specs(procs: list[_Proc], host: str) -> dict[str, CommSpec]:
+    """Each tensor-parallel instance's world: its own ranks, on a rendezvous of its own."""
     tp_groups: dict[str, list[int]] = {}
     for p in procs:
         if p.endpoint.tp > 1:
             tp_groups.setdefault(p.iid, []).append(p.endpoint.global_rank)
-    if transfer_class(deployment.transfer).needs_push:
-        spec = CommSpec(host, free_port(), len(procs), tuple(tuple(g) for g in tp_groups.values()), True, backend)
-        return {p.iid: spec for p in procs}
-    return {iid: _instance_world(host, ranks, backend) for iid, ranks in tp_groups.items()}
+    return {iid: _instance_world(host, ranks, _group_backend(procs)) for iid, ranks in tp_groups.items()}
 
 
 def _instance_world(host: str, global_ranks: list[int], backend: str) -> CommSpec:
     """A world of one tensor-parallel instance's ranks, on a fresh rendezvous port."""
     tp = len(global_ranks)
-    return CommSpec(host, free_port(), tp, (tuple(range(tp)),), False, backend, first_rank=min(global_ranks))
+    return CommSpec(host, free_port(), tp, (tuple(range(tp)),), backend, first_rank=min(global_ranks))
 
 
 def ensure_ray(backend: BackendConfig, deployments: list[DeploymentConfig]) -> bool:
@@ -169,11 +168,14 @@ class RayExecutor:
         if not self.pg.wait(timeout_seconds=120):
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(f"cannot reserve {bundles} on the Ray cluster: {ray.cluster_resources()}")
-        self._comms = _comm_specs(deployment, procs, ray.util.get_node_ip_address())
-        self._shared_world = transfer_class(deployment.transfer).needs_push and bool(self._comms)
+        host = ray.util.get_node_ip_address()
+        self._comms = _comm_specs(procs, host)
         self._stores: dict[int, Any] = {}  # rendezvous port -> the store the driver hosts for that world
         for spec in self._comms.values():
-            self._host_store(spec)
+            self._host_store(spec.host, spec.port)
+        self._pairs = PairRendezvous(host, free_port(), _group_backend(procs)) if self.needs_push else None
+        if self._pairs is not None:
+            self._host_store(self._pairs.host, self._pairs.port)
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
         # A prep thread: the next encode batch's images are prepared while the current batch runs.
         # Three threads for batches and calls: the next batch is taken in while one runs (`execute`'s tickets).
@@ -217,30 +219,37 @@ class RayExecutor:
             num_gpus=pool.num_gpus,
             scheduling_strategy=self._strategy(self.pg, placement_group_bundle_index=idx),
             runtime_env={"env_vars": env} if env else None,
-        ).remote(p.iid, roles, self._model, pool, self.transfer, max(1, int(pool.num_cpus)), p.endpoint, self._comms.get(p.iid), gpu, True)
+        ).remote(
+            p.iid,
+            roles,
+            self._model,
+            pool,
+            self.transfer,
+            max(1, int(pool.num_cpus)),
+            p.endpoint,
+            self._comms.get(p.iid),
+            gpu,
+            True,
+            self._pairs,
+        )
 
-    def _host_store(self, spec: CommSpec) -> None:
-        """The rendezvous of a world, hosted by the driver so that workers on any node reach it."""
+    def _host_store(self, host: str, port: int) -> None:
+        """A rendezvous, hosted by the driver so that workers on any node reach it."""
         import torch.distributed as dist
 
         from epd.distributed import TIMEOUT
 
-        if spec.port not in self._stores:
-            store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-            self._stores[spec.port] = store
+        if port not in self._stores:
+            self._stores[port] = dist.TCPStore(host, port, None, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
 
-    @property
-    def can_replace(self) -> bool:
-        """A worker in the one world of push-based transfers cannot rejoin it (every pair group would have
-        to be made again); a tensor-parallel instance is started again in a fresh world of its own."""
-        return not self._shared_world
+    # A lost worker is started again: a tensor-parallel instance in a fresh world of its own, and with
+    # push-based transfers every worker makes new pair groups with the new incarnation.
+    can_replace = True
 
     def replace(self, iid: str, roles: tuple[str, ...], pool: PoolConfig) -> None:
         """Start a new worker for lost instance `iid` (its current roles and pool) in the dead one's
         bundle; it loads its weights while the others serve, and `rejoined` reports it once it answers
         (or `given_up` names it)."""
-        if not self.can_replace:
-            raise RuntimeError(f"worker {iid} is in a process group: it cannot be replaced")
         for a in self.actors.get(iid, []):
             self.ray.kill(a, no_restart=True)  # a hung one too, and a dead rank's live siblings: their bundles are needed
         self._launch(iid, roles, pool, attempt=1)
@@ -250,9 +259,10 @@ class RayExecutor:
             old = self._comms[iid]
             self._stores.pop(old.port, None)
             self._comms[iid] = _instance_world(old.host, [old.first_rank + r for r in range(old.world_size)], old.backend)
-            self._host_store(self._comms[iid])
+            self._host_store(self._comms[iid].host, self._comms[iid].port)
         ranks = [self._start(i, roles, pool) for i, p in enumerate(self._procs) if p.iid == iid]
         self._tickets.restart(iid)  # the new worker's batches count from 0
+        self._push_tickets.restart_where(lambda key: key[0] == iid)  # and so do its pushes to each receiver
         self.deadlines.forget(iid)
         self._starting[iid] = (ranks, [a.ping.remote() for a in ranks], time.time(), (roles, pool, attempt))
 

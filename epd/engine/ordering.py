@@ -23,6 +23,11 @@ class Tickets:
         """Number from 0 again: the receiver behind `key` is a new one (a replaced worker)."""
         self._next.pop(key, None)
 
+    def restart_where(self, pred) -> None:
+        """`restart` every key for which `pred(key)` holds."""
+        for key in [k for k in self._next if pred(k)]:
+            del self._next[key]
+
 
 class InOrder:
     """The receiver's side: `with turns.turn(key, ticket):` waits until every smaller ticket of `key`

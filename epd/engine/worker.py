@@ -17,7 +17,7 @@ import torch
 
 from epd.cache.paged import read_rows, write_rows
 from epd.config import ModelConfig, PoolConfig, Role
-from epd.distributed import CommSpec, join, leave
+from epd.distributed import CommSpec, PairRendezvous, join, leave
 from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
 from epd.engine.isolation import Failed, describe, isolated
 from epd.engine.ordering import InOrder
@@ -108,6 +108,7 @@ class Worker:
         comm: Optional[CommSpec] = None,
         gpu: bool = False,
         prefetch: bool = False,  # the executor sends every encode batch to `prepare` before `execute`
+        pairs: Optional[PairRendezvous] = None,  # push-based transfers: where their pair groups meet
     ):
         t0 = time.time()
         if threads > 0:
@@ -126,9 +127,9 @@ class Worker:
         self.rt = ModelRuntime(model, _parts(roles), device)
         t2 = time.time()
         self.transfer = make_transfer(transfer)
-        if self.comm is not None:
-            self.transfer.set_comm(self.comm)
         self._configure(roles, pool)
+        if pairs is not None:
+            self.transfer.set_pairs(pairs)
         # Where a worker's time to ready goes (the record's workers.json): process group, weights, caches and graphs.
         self.startup_s = {"join": t1 - t0, "weights": t2 - t1, "caches_graphs": time.time() - t2}
         self.seqs: dict[str, _Seq] = {}

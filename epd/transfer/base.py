@@ -53,10 +53,6 @@ class TransferBackend(ABC):
     def bind(self, endpoint: Endpoint, caches: dict[str, torch.Tensor]) -> None:
         self.endpoint, self.caches = endpoint, caches
 
-    def set_comm(self, comm: Any) -> None:
-        """The worker's process groups (`epd.distributed.Comm`), where the deployment has them."""
-        self.comm = comm
-
     def send(self, cache: str, blocks: list[int], rows: int) -> TransferHandle:
         """Hand `rows` tokens in `blocks` of this worker's `cache` to some receiver."""
         return TransferHandle(self.endpoint.instance, cache, list(blocks), rows)
