@@ -47,7 +47,7 @@ class EngineBackend:
     def _ready(self, seconds: float, core) -> None:
         """Workers are built, loaded and warmed up: runs measure from here (start-up stays out of the window)."""
         self.startup_s, self.warmup_s = seconds, core.warmup_s
-        self.start_phases = {k: round(v, 3) for k, v in getattr(core.executor, "startup_s", {}).items()}
+        self.start_phases = core.start_phases()
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.start_phases.items())
         warm = f"warm-up {self.warmup_s:.1f} s" if self.warmup_s is not None else "no warm-up"
         print(f"  engine     {self.cfg.deployment.describe()} ready in {seconds:.1f} s ({parts}, {warm})", flush=True)

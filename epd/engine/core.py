@@ -246,6 +246,10 @@ class EngineCore:
             raise AssertionError(f"workers still hold sequences after the run: {left}")
         return held
 
+    def start_phases(self) -> dict[str, float]:
+        """The driver's view of start-up before the warm-up (each worker's own phases: `worker_info`)."""
+        return {k: round(v, 3) for k, v in self.executor.startup_s.items()}
+
     def worker_info(self) -> list[dict]:
         return list(self.executor.call("info").values())
 

@@ -120,8 +120,10 @@ class OnlineBackend:
             events, outputs = drive_elsewhere(self.cfg, url, requests)
             if local is None:
                 return RunResult(events, outputs, workers, [])
-            phases = {k: round(v, 3) for k, v in getattr(local.llm.core.executor, "startup_s", {}).items()}
-            return RunResult(events, outputs, workers, [], startup_s=local.startup_s, warmup_s=local.llm.core.warmup_s, start_phases=phases)
+            core = local.llm.core
+            return RunResult(
+                events, outputs, workers, [], startup_s=local.startup_s, warmup_s=core.warmup_s, start_phases=core.start_phases()
+            )
         finally:
             if local:
                 local.close()
@@ -139,67 +141,62 @@ def drive_elsewhere(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[
 
 
 def _drive_sync(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
-    return asyncio.run(Client(cfg).drive(url, requests))
+    return asyncio.run(drive(cfg, url, requests))
 
 
-class Client:
-    """Sends a workload's requests at their arrival times and times each token from its side."""
+async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
+    """Sends a workload's requests at their arrival times and times each token from the client's side."""
+    import httpx
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    events, outputs = EventLog(), {}
+    headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}
+    bodies = {r.request_id: chat_body(r) for r in requests}  # images encoded before the clock starts
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=cfg.backend.timeout_s, limits=limits) as client:
+        start = time.time()
 
-    async def drive(self, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
-        import httpx
-
-        events, outputs = EventLog(), {}
-        headers = {"Authorization": f"Bearer {self.cfg.server.api_key}"} if self.cfg.server.api_key else {}
-        bodies = {r.request_id: chat_body(r) for r in requests}  # images encoded before the clock starts
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=self.cfg.backend.timeout_s, limits=limits) as client:
-            start = time.time()
-
-            async def one(req: Request) -> None:
-                delay = start + req.arrival_time - time.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                rid = req.request_id
-                events.emit(time.time() - start, rid, Ev.ISSUED, num_images=len(req.images))
-                pieces, usage, finish, timed = [], None, None, 0
-                try:
-                    for attempt in range(self.cfg.server.client_retries + 1):
-                        async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
-                            if resp.status_code in (429, 503) and attempt < self.cfg.server.client_retries:
-                                await asyncio.sleep(float(resp.headers.get("retry-after", "1")))  # refused for now: try again
+        async def one(req: Request) -> None:
+            delay = start + req.arrival_time - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rid = req.request_id
+            events.emit(time.time() - start, rid, Ev.ISSUED, num_images=len(req.images))
+            pieces, usage, finish, timed = [], None, None, 0
+            try:
+                for attempt in range(cfg.server.client_retries + 1):
+                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
+                        if resp.status_code in (429, 503) and attempt < cfg.server.client_retries:
+                            await asyncio.sleep(float(resp.headers.get("retry-after", "1")))  # refused for now: try again
+                            continue
+                        if resp.status_code != 200:
+                            reason = (await resp.aread()).decode(errors="replace")[:300]
+                            kind = "refused" if resp.status_code in (429, 503) else "failed"
+                            raise RuntimeError(f"{kind}: HTTP {resp.status_code}: {reason}")
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
-                            if resp.status_code != 200:
-                                reason = (await resp.aread()).decode(errors="replace")[:300]
-                                kind = "refused" if resp.status_code in (429, 503) else "failed"
-                                raise RuntimeError(f"{kind}: HTTP {resp.status_code}: {reason}")
-                            async for line in resp.aiter_lines():
-                                if not line.startswith("data: ") or line == "data: [DONE]":
-                                    continue
-                                chunk = json.loads(line[6:])
-                                now = time.time() - start
-                                if chunk.get("usage"):
-                                    usage = chunk["usage"]
-                                for choice in chunk.get("choices", []):
-                                    if choice["delta"].get("content"):
-                                        pieces.append(choice["delta"]["content"])
-                                    finish = choice.get("finish_reason") or finish
-                                # Each token the chunk accounts for (a server without per-chunk usage: one per text piece).
-                                count = chunk["usage"]["completion_tokens"] if chunk.get("usage") and chunk.get("choices") else len(pieces)
-                                for _ in range(count - timed):
-                                    events.emit(now, rid, Ev.FIRST_TOKEN if timed == 0 else Ev.TOKEN)
-                                    timed += 1
-                        break
-                    if finish == "abort":
-                        raise RuntimeError("failed: the server aborted the request while streaming it")
-                    n_out = usage["completion_tokens"] if usage else len(pieces)
-                    events.emit(time.time() - start, rid, Ev.FINISHED, num_output_tokens=n_out, finish_reason=finish)
-                    outputs[rid] = RequestOutput(rid, [], "".join(pieces), finish, None, usage["prompt_tokens"] if usage else 0)
-                except Exception as exc:  # refused or broken: an aborted request, the run goes on
-                    events.emit(time.time() - start, rid, Ev.ABORTED, reason=str(exc))
-                    outputs[rid] = RequestOutput(rid, [], None, "abort", str(exc))
+                            chunk = json.loads(line[6:])
+                            now = time.time() - start
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                            for choice in chunk.get("choices", []):
+                                if choice["delta"].get("content"):
+                                    pieces.append(choice["delta"]["content"])
+                                finish = choice.get("finish_reason") or finish
+                            # Each token the chunk accounts for (a server without per-chunk usage: one per text piece).
+                            count = chunk["usage"]["completion_tokens"] if chunk.get("usage") and chunk.get("choices") else len(pieces)
+                            for _ in range(count - timed):
+                                events.emit(now, rid, Ev.FIRST_TOKEN if timed == 0 else Ev.TOKEN)
+                                timed += 1
+                    break
+                if finish == "abort":
+                    raise RuntimeError("failed: the server aborted the request while streaming it")
+                n_out = usage["completion_tokens"] if usage else len(pieces)
+                events.emit(time.time() - start, rid, Ev.FINISHED, num_output_tokens=n_out, finish_reason=finish)
+                outputs[rid] = RequestOutput(rid, [], "".join(pieces), finish, None, usage["prompt_tokens"] if usage else 0)
+            except Exception as exc:  # refused or broken: an aborted request, the run goes on
+                events.emit(time.time() - start, rid, Ev.ABORTED, reason=str(exc))
+                outputs[rid] = RequestOutput(rid, [], None, "abort", str(exc))
 
-            await asyncio.gather(*(one(r) for r in requests))
-        return events, outputs
+        await asyncio.gather(*(one(r) for r in requests))
+    return events, outputs
