@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from epd.kernels.varlen_prefill import VarlenLayout, usable, varlen_available, varlen_prefill
+
 
 @dataclass
 class AttentionMetadata:
@@ -30,6 +32,7 @@ class AttentionMetadata:
     # A fresh prefill's sequences grouped by length, with their rows: made once per step, not per layer
     # (a host-to-device copy from pageable memory waits for the stream, which would stall every layer).
     _length_groups: Optional[list[tuple[int, int, Optional[torch.Tensor]]]] = None
+    varlen: Optional[VarlenLayout] = None  # CUDA prefill steps: offsets (and context slots) for one flash varlen call
 
     @property
     def num_seqs(self) -> int:
@@ -51,11 +54,16 @@ class AttentionMetadata:
         split = None
         if not is_decode and not fresh and 1 in query_lens and len(query_lens) > 1:
             split = MixedSplit.build(block_tables, query_lens, context_lens, block_size, device)
+        tables = torch.tensor(padded, dtype=torch.int32, device=device)
+        varlen = None
+        if device.type == "cuda" and not is_decode and split is None and varlen_available():
+            varlen = VarlenLayout(query_lens, context_lens, tables, block_size, fresh)
         return AttentionMetadata(
+            varlen=varlen,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             query_lens=list(query_lens),
             context_lens=list(context_lens),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            block_tables=tables,
             block_size=block_size,
             context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
             logits_indices=None if is_decode else ends.to(device),
@@ -179,17 +187,20 @@ def paged_attention(
 ) -> torch.Tensor:
     """Entry point the models call (K/V of the new tokens already written to the cache).
 
-    CUDA: Triton paged kernel for decode, flash SDPA for fresh prefill. Elsewhere: the reference.
+    CUDA: Triton paged kernel for decode; prompts and chunks through one flash varlen call (or, without it,
+    flash SDPA per prompt length for fresh prefill). Elsewhere: the reference.
     """
     if q.is_cuda:
         if meta.is_decode:
             from epd.kernels.triton_decode import paged_decode
 
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens_t, scale)
-        if meta.is_fresh_prefill:
-            return prefill_attention_sdpa(q, k, v, meta, scale)
         if meta.split is not None:  # decodes through the decode kernel, not one by one beside the chunks
             return split_attention(q, k, v, k_cache, v_cache, meta.split, scale, paged_attention)
+        if meta.varlen is not None and usable(q, q.shape[-1]):  # every prompt and chunk in one flash call
+            return varlen_prefill(q, k, v, k_cache, v_cache, meta.varlen, scale)
+        if meta.is_fresh_prefill:
+            return prefill_attention_sdpa(q, k, v, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)
 
 

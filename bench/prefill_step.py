@@ -1,0 +1,159 @@
+"""A prefill step as the engine runs it under load: many prompts in one forward, one of them a chunk
+continued from an earlier step, optionally decodes beside them; LLaVA-1.5-7B's shape, graphed pieces.
+
+Times the step with prompts' attention in one flash varlen call and with the older paths (flash SDPA per
+prompt length; one attention per sequence when a chunk is present), against the card's matmul ceiling
+measured in the same run, checks the two give the same logits, and with --profile prints where the
+varlen step's device time goes (GEMMs, attention, the rest).
+
+    python bench/prefill_step.py --prompts 27 --length 601 --vary 0.5 --chunk 256 --decodes 0 --profile --out step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.configs import model_config  # noqa: E402
+from epd.kernels import varlen_prefill  # noqa: E402
+from epd.models.generate import lm_step  # noqa: E402
+from epd.models.runtime import ModelRuntime  # noqa: E402
+from epd.models.step_graphs import StepGraphs  # noqa: E402
+from simulator.shapes import ModelShape  # noqa: E402
+
+
+def timed(fn, iters: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / timed(lambda: a @ b, 20)
+
+
+def use_varlen(on: bool) -> None:
+    import os
+
+    os.environ["EPD_VARLEN"] = "1" if on else "0"
+    varlen_prefill._varlen.cache_clear()
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "matmul", "addmm")):
+        return "gemm"
+    if any(s in n for s in ("flash", "attention", "fmha", "_decode_partial", "_merge_splits")):
+        return "attention"
+    if "graph" in n:
+        return "graph"
+    return "other"
+
+
+def profile_step(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    by: dict[str, float] = {}
+    rows = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total / 3
+        if us <= 0:
+            continue
+        by[category(e.key)] = by.get(category(e.key), 0.0) + us / 1e3
+        rows.append((us / 1e3, e.key[:90]))
+    rows.sort(reverse=True)
+    for ms, key in rows[:14]:
+        print(f"    {ms:8.2f} ms  {key}")
+    return {"ms_by_category": by, "top": rows[:14]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=27)
+    ap.add_argument("--length", type=int, default=601)
+    ap.add_argument("--vary", type=float, default=0.0, help="prompt lengths drawn from length x [1 - vary, 1 + vary]")
+    ap.add_argument("--chunk", type=int, default=0, help="one more sequence: this many tokens after --context of earlier KV")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--decodes", type=int, default=0)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rnd = random.Random(0)
+    lens = [max(1, round(a.length * (1 + rnd.uniform(-a.vary, a.vary)))) for _ in range(a.prompts)]
+    cfg = model_config("llava-1.5-7b")
+    rt = ModelRuntime(cfg, {"lm"}, "cuda")
+    rt.lm.fuse()
+    shape = ModelShape.of(rt.family, "bfloat16")
+    bs = 16
+    seqs = [(n, 0) for n in lens] + ([(a.chunk, a.context)] if a.chunk else []) + [(1, 600)] * a.decodes
+    need = [-(-(n + start) // bs) for n, start in seqs]
+    kv = rt.allocate_kv_cache(sum(need) + 2, bs)
+    tables, at = [], 0
+    for n in need:
+        tables.append(list(range(at, at + n)))
+        at += n
+    tokens = [[(i * 31 + j * 7) % 30000 + 10 for j in range(n)] for i, (n, _) in enumerate(seqs)]
+    starts = [s for _, s in seqs]
+    total = sum(n for n, _ in seqs)
+    graphs = StepGraphs(rt.lm, kv, bs, sum(need) + 1, (max(8, total),))  # the one bucket this step uses
+
+    def step():
+        return lm_step(rt, kv, tokens, starts, tables, bs, graphs=graphs)
+
+    peak = matmul_ceiling()
+    flops = sum(n * shape.lm_flops_per_token + (start * n + 0.5 * n * n) * shape.attn_flops_coeff for n, start in seqs)
+    result = {
+        "card": torch.cuda.get_device_name(0),
+        "bf16_matmul_TFLOPs": peak / 1e12,
+        "lengths": lens,
+        "chunk": a.chunk,
+        "decodes": a.decodes,
+    }
+    logits = {}
+    for path in ("per_length", "varlen"):
+        use_varlen(path == "varlen")
+        if path == "varlen" and not varlen_prefill.varlen_available():
+            print("varlen: torch.nn.attention.varlen is not available in this torch")
+            continue
+        t = timed(step)
+        logits[path] = step().float()
+        result[path] = {"ms": t * 1e3, "TFLOPs": flops / t / 1e12, "share_of_matmul_ceiling": flops / t / peak}
+        print(
+            f"{result['card']}: {len(lens)} prompts ({min(lens)}-{max(lens)} tokens)"
+            f"{f' + a {a.chunk}-token chunk after {a.context}' if a.chunk else ''}{f' + {a.decodes} decodes' if a.decodes else ''}"
+            f" = {total} tokens, {path}: {t * 1e3:.1f} ms, {flops / t / 1e12:.0f} TFLOP/s = {flops / t / peak:.0%} of the matmul ceiling"
+        )
+        if a.profile:
+            print(f"  device time by kernel ({path}):")
+            prof = profile_step(step)
+            result[path]["profile"] = prof
+            print(f"  by category: { {k: round(v, 1) for k, v in prof['ms_by_category'].items()} }")
+    if len(logits) == 2:
+        diff = (logits["varlen"] - logits["per_length"]).abs().max().item()
+        same = (logits["varlen"].argmax(-1) == logits["per_length"].argmax(-1)).float().mean().item()
+        result["logits_max_abs_diff"], result["argmax_equal"] = diff, same
+        print(f"  varlen vs per-length logits: max |diff| {diff:.3g}, argmax equal {same:.0%}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
