@@ -11,6 +11,7 @@ the compiled ones, and the profiler's top ops (host and device time) of the deco
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.configs import model_config  # noqa: E402
-from epd.kernels import fused  # noqa: E402
 from epd.models.generate import lm_step  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
 
@@ -48,14 +48,12 @@ def issue_ms(fn) -> float:
 def breakdown(name: str, steps: dict) -> None:
     for label, fn in steps.items():
         print(f"{name}: {label:6s} host issues it in {issue_ms(fn):.1f} ms of {timed(fn):.1f} ms")
-    saved = dict(fused._COMPILED)
-    fused._COMPILED.update(rms_norm=fused.rms_norm_ref, rotary=fused.rotary_ref, silu_mul=fused.silu_mul_ref)
+    os.environ["EPD_COMPILE"] = "0"  # read at every call: the plain definitions, neither Triton nor compiled
     try:
         for label, fn in steps.items():
             print(f"{name}: {label:6s} with plain torch elementwise pieces {timed(fn):.1f} ms")
     finally:
-        fused._COMPILED.clear()
-        fused._COMPILED.update(saved)
+        del os.environ["EPD_COMPILE"]
     from torch.profiler import ProfilerActivity, profile
 
     for label in ("decode", "mixed"):

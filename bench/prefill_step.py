@@ -1,10 +1,10 @@
 """A prefill step as the engine runs it under load: many prompts in one forward, one of them a chunk
 continued from an earlier step, optionally decodes beside them; LLaVA-1.5-7B's shape, graphed pieces.
 
-Times the step with prompts' attention in one flash varlen call and with the older paths (flash SDPA per
-prompt length; one attention per sequence when a chunk is present), against the card's matmul ceiling
-measured in the same run, checks the two give the same logits, and with --profile prints where the
-varlen step's device time goes (GEMMs, attention, the rest).
+Times the step three ways, against the card's matmul ceiling measured in the same run: `before` (compiled
+elementwise pieces; attention per prompt length, or per sequence when a chunk is present), `varlen` (every
+prompt and chunk in one flash varlen call) and `fused` (varlen, and the Triton q/k/v pass and SiLU-gate);
+checks they give the same logits, and with --profile prints where each step's device time goes.
 
     python bench/prefill_step.py --prompts 27 --length 601 --vary 0.5 --chunk 256 --decodes 0 --profile --out step.json
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -46,10 +47,15 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / timed(lambda: a @ b, 20)
 
 
-def use_varlen(on: bool) -> None:
-    import os
+PATHS = {
+    "before": {"EPD_VARLEN": "0", "EPD_TRITON_ELEMENTWISE": "0"},
+    "varlen": {"EPD_VARLEN": "1", "EPD_TRITON_ELEMENTWISE": "0"},
+    "fused": {"EPD_VARLEN": "1", "EPD_TRITON_ELEMENTWISE": "1"},
+}
 
-    os.environ["EPD_VARLEN"] = "1" if on else "0"
+
+def use_path(name: str) -> None:
+    os.environ.update(PATHS[name])
     varlen_prefill._varlen.cache_clear()
 
 
@@ -113,7 +119,7 @@ def main() -> None:
     tokens = [[(i * 31 + j * 7) % 30000 + 10 for j in range(n)] for i, (n, _) in enumerate(seqs)]
     starts = [s for _, s in seqs]
     total = sum(n for n, _ in seqs)
-    graphs = StepGraphs(rt.lm, kv, bs, sum(need) + 1, (max(8, total),))  # the one bucket this step uses
+    graphs = None
 
     def step():
         return lm_step(rt, kv, tokens, starts, tables, bs, graphs=graphs)
@@ -128,11 +134,14 @@ def main() -> None:
         "decodes": a.decodes,
     }
     logits = {}
-    for path in ("per_length", "varlen"):
-        use_varlen(path == "varlen")
-        if path == "varlen" and not varlen_prefill.varlen_available():
-            print("varlen: torch.nn.attention.varlen is not available in this torch")
-            continue
+    for path in PATHS:
+        use_path(path)
+        if path != "before" and not varlen_prefill.varlen_available():
+            print("torch.nn.attention.varlen is not available in this torch")
+            break
+        graphs = None
+        torch.cuda.empty_cache()
+        graphs = StepGraphs(rt.lm, kv, bs, sum(need) + 1, (max(8, total),))  # the one bucket this step uses, this path's kernels
         t = timed(step)
         logits[path] = step().float()
         result[path] = {"ms": t * 1e3, "TFLOPs": flops / t / 1e12, "share_of_matmul_ceiling": flops / t / peak}
@@ -146,11 +155,11 @@ def main() -> None:
             prof = profile_step(step)
             result[path]["profile"] = prof
             print(f"  by category: { {k: round(v, 1) for k, v in prof['ms_by_category'].items()} }")
-    if len(logits) == 2:
-        diff = (logits["varlen"] - logits["per_length"]).abs().max().item()
-        same = (logits["varlen"].argmax(-1) == logits["per_length"].argmax(-1)).float().mean().item()
-        result["logits_max_abs_diff"], result["argmax_equal"] = diff, same
-        print(f"  varlen vs per-length logits: max |diff| {diff:.3g}, argmax equal {same:.0%}")
+    for path in list(logits)[1:]:
+        diff = (logits[path] - logits["before"]).abs().max().item()
+        same = (logits[path].argmax(-1) == logits["before"].argmax(-1)).float().mean().item()
+        result[path].update(logits_max_abs_diff=diff, argmax_equal=same)
+        print(f"  {path} vs before: logits max |diff| {diff:.3g}, argmax equal {same:.0%}")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from epd.config import TextModelConfig
 from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
-from epd.kernels.fused import rms_norm, rotary, silu_mul
+from epd.kernels.fused import rms_norm, rope_qkv, rotary, silu_mul
 
 
 def _keep_rows(linear: nn.Linear, rank: int, tp: int) -> None:
@@ -117,19 +117,22 @@ class Attention(nn.Module):
                 self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x, cos, sin, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The new tokens' queries, keys and values (rotated); keys and values written to their cache slots."""
-        n = x.shape[0]
-        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    def project(self, x, cos, sin, kv_cache: torch.Tensor, slots: torch.Tensor, out=None) -> tuple[torch.Tensor, ...]:
+        """The new tokens' queries, keys and values (rotated); keys and values written to their cache slots.
+        `out`: tensors (q, k, v) to write them into."""
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.reshape(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+            qkv = self.qkv_proj(x)
+            return rope_qkv(qkv, cos, sin, kv_cache[0], kv_cache[1], slots, self.num_heads, self.num_kv_heads, self.head_dim, out)
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).reshape(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(n, self.num_kv_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], slots)
-        return q, k, v
+        if out is None:
+            return q, k, v
+        for dst, src in zip(out, (q, k, v)):
+            dst.copy_(src)
+        return out
 
     def attend(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)

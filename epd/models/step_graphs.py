@@ -70,10 +70,8 @@ class StepGraphs:
             self.x[:n].copy_(last.finish(self.x[:n], last.self_attn.output(self.attn[:n])))
         if i < len(layers):
             layer = layers[i]
-            q, k, v = layer.self_attn.project(layer.input_layernorm(self.x[:n]), self.cos[:n], self.sin[:n], self.kv[i], self.slots[:n])
-            self.q[:n].copy_(q)
-            self.k[:n].copy_(k)
-            self.v[:n].copy_(v)
+            out = (self.q[:n], self.k[:n], self.v[:n])
+            layer.self_attn.project(layer.input_layernorm(self.x[:n]), self.cos[:n], self.sin[:n], self.kv[i], self.slots[:n], out)
 
     @torch.inference_mode()
     def _capture(self, size: int) -> None:
