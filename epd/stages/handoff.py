@@ -4,6 +4,8 @@ pulling batch has completed)."""
 
 from __future__ import annotations
 
+from epd.config import Role
+from epd.stages.instance import Instance
 from epd.stages.state import RequestState
 from epd.stages.work import (
     Batch,
@@ -35,17 +37,18 @@ class HandOff:
                     state.release(key)
         state.senders = []
 
-    def _pull_done(self, batch: Batch) -> None:
+    def _pull_done(self, batch: Batch, inst: Instance) -> set[str]:
+        """`inst`'s batch that pulled is back: the senders' blocks go. Returns the requests started over
+        because a sender died during the pull (what the batch made of them is dropped)."""
         if isinstance(batch, MixedBatch):
-            self._pull_done(batch.decode)
-            self._pull_done(batch.prefill)
-            return
+            return self._pull_done(batch.decode, inst) | self._pull_done(batch.prefill, inst)
         if isinstance(batch, PrefillBatch):
             rids = [it.request_id for it in batch.items]
         elif isinstance(batch, DecodeBatch):
             rids = [n.request_id for n in batch.new]
         else:
-            return
+            return set()
+        redo = set()
         for rid in rids:
             state = self.states.get(rid)
             if state is not None and state.pulling:
@@ -53,3 +56,9 @@ class HandOff:
                 self._release_senders(state)
                 if state.forgotten:
                     del self.states[rid]
+                elif state.pull_lost and not state.done:
+                    if inst.has(Role.DECODE):  # the reader took the sequence in: it forgets it before its next batch
+                        inst.pending_release.append(rid)
+                    self.start_over(state, inst, "worker_lost")
+                    redo.add(rid)
+        return redo

@@ -243,9 +243,10 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         if isinstance(batch, SwitchBatch):
             self._switched(inst, batch, result)
             return
-        self._pull_done(batch)  # first: a prefill result below may make this instance a sender
+        redo = self._pull_done(batch, inst)  # first: a prefill result below may make this instance a sender
+        stale |= redo  # started over: this batch's tokens for them are dropped (prefill: their attempt moved on)
         if isinstance(result, BatchFailure):
-            self._fail_batch(inst, batch, result)
+            self._fail_batch(inst, batch, result, redo)
         elif isinstance(result, EncodeResult):
             self._encoded(inst, batch, result)
         elif isinstance(result, PrefillResult):

@@ -34,7 +34,7 @@ class Preemption:
         state.release_all()
         for sender in state.senders:
             self.instances[sender].outgoing -= 1
-        state.senders, state.pulling, state.kv_handle = [], False, None
+        state.senders, state.pulling, state.kv_handle, state.pull_lost = [], False, None, None
         if state.steps_inflight:  # their tokens come back after this (or their batch fails): dropped
             where = state.decode_instance or inst.id
             state.stale_steps[where] = state.stale_steps.get(where, 0) + state.steps_inflight

@@ -196,8 +196,9 @@ class Results:
             if self.instances[iid].has(Role.DECODE):
                 self.instances[iid].pending_release.append(state.rid)
 
-    def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure) -> None:
-        ids = request_ids(batch)
+    def _fail_batch(self, inst: Instance, batch: Batch, failure: BatchFailure, redo: set[str] = frozenset()) -> None:
+        """`redo`: requests already started over (a sender died while this batch pulled from it)."""
+        ids = [rid for rid in request_ids(batch) if rid not in redo]
         if isinstance(batch, EncodeBatch) and inst.encoder_cache is not None:  # what was to be encoded never was
             for it in batch.items:
                 if not it.cached and inst.encoder_cache.holds(it.mm_blocks):

@@ -43,6 +43,7 @@ class RequestState:
     kv_local: bool = False  # decode runs where prefill ran: the KV is already in place
     senders: list[str] = field(default_factory=list)  # instances whose output awaits our pull
     pulling: bool = False  # a batch in flight is pulling from the senders' blocks
+    pull_lost: Optional[str] = None  # a sender died during that pull: started over once the pulling batch is back
     output: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
     decode_started: bool = False

@@ -9,7 +9,6 @@ from typing import Optional
 from epd.config import POOL_ROLES, ROLES, PoolConfig, Role, describe_layout
 from epd.lifetime import SYSTEM
 from epd.lifetime import LifetimeEvent as Ev
-from epd.request import INTERNAL
 from epd.stages.instance import Instance
 from epd.stages.schedulers import select_decode, select_prefill
 from epd.stages.state import RequestState
@@ -152,9 +151,9 @@ class RoleSwitching:
     def lose_instance(self, inst: Instance, reason: str, t: float) -> None:
         """Its worker died: the instance leaves service. Work queued there that holds nothing on it goes
         to a sibling of its stage; a request that had work or data there starts over on the siblings
-        (its images encoded again, its prompt and what it had sampled prefilled again). Only a request a
-        live worker is reading from the dead one at this moment, or one whose stage has no worker left,
-        is aborted with the reason."""
+        (its images encoded again, its prompt and what it had sampled prefilled again); one a live worker's
+        batch is reading from the dead one at this moment starts over when that batch is back (until then
+        the reader writes into its blocks). Only a request whose stage has no worker left is aborted."""
         if inst.failed:
             return
         inst.failed = reason
@@ -174,8 +173,12 @@ class RoleSwitching:
         for state in list(self.states.values()):  # what lived on the lost worker: redone elsewhere
             if state.done or not self.tied_to(state, inst):
                 continue
-            if state.pulling and self._receiver(state) != inst.id:
-                self.abort(state, why, t, INTERNAL)  # a live worker is copying from the dead one right now
+            if state.pulling and self._receiver(state) != inst.id:  # a live worker is copying from the dead one
+                state.pull_lost = why
+                for key in state.keys_of(inst.id):  # the dead worker's pools go with it
+                    state.release(key)
+                state.senders = [s for s in state.senders if s != inst.id]
+                redone.add(state.rid)
             else:
                 self.start_over(state, inst, "worker_lost")
                 redone.add(state.rid)
