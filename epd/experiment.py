@@ -52,6 +52,7 @@ def run_experiment(cfg: RunConfig, out_dir: Path, resolved: dict, backend=None) 
             engine_warmup_s=result.warmup_s,
             **{f"engine_start_{k}_s": v for k, v in result.start_phases.items()},
             **result.batch_stats,
+            **result.server_split,
         )
         write_record(out_dir, resolved, result, summary)
         logger.log_run(summary, result)

@@ -22,6 +22,7 @@ class RunResult:
     warmup_s: Optional[float] = None  # the warm-up's part of it
     start_phases: dict[str, float] = field(default_factory=dict)  # the rest of it, as the driver saw it (workers' own phases: workers)
     batch_stats: dict = field(default_factory=dict)  # engine runs: per batch kind, how many and the workers' time in them
+    server_split: dict = field(default_factory=dict)  # online runs with a local server: TTFT/TPOT inside the engine and outside it
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:

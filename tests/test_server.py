@@ -300,6 +300,9 @@ def test_online_benchmark_writes_a_record(tmp_path):
         timed = [e for e in events if e["request_id"] == done["request_id"] and e["kind"] in ("first_token", "token")]
         assert len(timed) == done["data"]["num_output_tokens"] > 0
     assert summary["engine_startup_s"] > 0 and summary["engine_start_workers_built_s"] > 0
+    # the client's TTFT split by X-Request-Id into the engine's part and the rest (retries waited count outside)
+    assert summary["server_split_requests"] == 5 and 0 < summary["server_engine_ttft_p50"] <= summary["ttft_p90"]
+    assert summary["server_outside_ttft_p50"] > 0
     summary, events = run("refused", "workload.rate=200", "server.max_concurrent_requests=1")
     refused = [e for e in events if e["kind"] == "aborted"]
     assert refused and all("refused: HTTP 429" in e["data"]["reason"] for e in refused)

@@ -413,3 +413,52 @@ def test_continuous_usage_times_tokens_whose_text_is_empty(client, engine):
     assert len({c.usage.completion_tokens for c in steps}) >= 2  # tokens arrived over several chunks, not all at the end
     assert all((c.choices[0].delta.content or "") == "" for c in steps)
     _wait_drained(engine)
+
+
+def test_x_request_id_names_the_response_and_the_engine_requests(live, engine):
+    """A client's X-Request-Id (as vLLM takes it) becomes the response's id and the start of the engine's
+    request ids; two requests sent with one id are still two requests; a malformed id is a 400 naming it."""
+    body = dict(model="tiny-llava", messages=MSG, max_tokens=3, temperature=0, n=2, ignore_eos=True)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: _post(live, "/v1/chat/completions", body, headers={"X-Request-Id": "client-7.a:1"}), range(2))
+    assert a.status_code == b.status_code == 200
+    assert a.json()["id"] == b.json()["id"] == "chatcmpl-client-7.a:1"
+    assert a.json()["choices"][1]["message"]["content"] == b.json()["choices"][1]["message"]["content"]
+    _wait_drained(engine)
+    ids = [rid for rid in engine.core.pipeline.outputs if rid.startswith("chatcmpl-client-7.a:1-")]
+    assert len(ids) == 4 and len({rid.rsplit("-", 2)[0] for rid in ids}) == 2  # two requests of two choices
+    for bad in ("", "a b", "x" * 129, "a/b"):
+        r = _post(live, "/v1/chat/completions", body, headers={"X-Request-Id": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id", (bad, r.text)
+    _wait_drained(engine)
+
+
+def test_server_split_parts_the_client_times_into_engine_and_outside():
+    from epd.lifetime import Event
+    from epd.lifetime import LifetimeEvent as Ev
+    from epd.metrics import timelines
+    from epd.serve.loadgen import server_split
+
+    def tl(rid, issued, first, finished, n):
+        return [
+            Event(issued, rid, Ev.ISSUED, None, {}),
+            Event(first, rid, Ev.FIRST_TOKEN, None, {}),
+            Event(finished, rid, Ev.FINISHED, None, {"num_output_tokens": n}),
+        ]
+
+    client = timelines(tl("r-1", 0.0, 0.5, 1.4, 10) + tl("r-2", 1.0, 1.3, 2.2, 10) + tl("r-3", 2.0, 2.4, 2.5, 1))
+    # engine clock of its own; r-3 never reached the engine (its events were not kept), "x" is another client's
+    engine = timelines(tl("chatcmpl-r-1-0a1b2c3d-0-0", 10.1, 10.4, 11.2, 10) + tl("chatcmpl-r-2-99aa88bb-0-0", 11.05, 11.25, 12.1, 10))
+    engine.update(timelines(tl("chatcmpl-x-12345678-0-0", 0, 1, 2, 3)))
+    split = server_split(client, engine)
+    assert split["server_split_requests"] == 2
+    assert split["server_engine_ttft_p50"] == pytest.approx((0.3 + 0.2) / 2)
+    assert split["server_outside_ttft_p50"] == pytest.approx((0.2 + 0.1) / 2)
+    assert split["server_engine_tpot_p50"] == pytest.approx((0.8 / 9 + 0.85 / 9) / 2)
+    assert split["server_outside_tpot_p90"] == pytest.approx(np_percentile([0.1 / 9, 0.05 / 9], 90))
+
+
+def np_percentile(values, q):
+    import numpy as np
+
+    return float(np.percentile(values, q))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import replace
@@ -145,11 +146,12 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
                 raise BadRequest(
                     f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model", 404, "model_not_found"
                 )
+            client_id = client_request_id(request.headers.get("x-request-id"))
             sampling, stops = sampling_params(body, chat, cfg)
             rendered = await asyncio.to_thread(render_chat if chat else render_prompts, body, cfg, tokenizer)
             admit_bytes(state, payload_bytes(rendered), srv.max_inflight_bytes)
             prompts = rendered  # holds its bytes in the server's count from here on
-            runs = start_runs(llm, prompts, sampling, body, stops, tokenizer, metrics)
+            runs = start_runs(llm, prompts, sampling, body, stops, tokenizer, metrics, client_id)
             refusal = await first_refusal(runs)
             if refusal is not None:
                 raise refusal
@@ -336,9 +338,24 @@ def render_prompts(body: CompletionRequest, cfg: RunConfig, tokenizer) -> list[t
     return [(tokenizer.encode(p) if isinstance(p, str) else list(p), (), ()) for p in prompts]
 
 
-def start_runs(llm, prompts, sampling: SamplingParams, body, stops, tokenizer, metrics) -> list[ChoiceRun]:
-    """n choices per prompt, each its own engine request; seeds seed, seed+1, ... (random without a seed)."""
-    base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def client_request_id(value: Optional[str]) -> Optional[str]:
+    """The client's X-Request-Id (as vLLM takes it): the response's id becomes chatcmpl-<it>, and the engine's
+    request ids start with that, so a client's record can be matched with the engine's events."""
+    if value is None:
+        return None
+    if not REQUEST_ID.fullmatch(value):
+        raise BadRequest("X-Request-Id must be 1-128 characters of letters, digits and . _ : -", "X-Request-Id")
+    return value
+
+
+def start_runs(llm, prompts, sampling: SamplingParams, body, stops, tokenizer, metrics, client_id: Optional[str] = None) -> list[ChoiceRun]:
+    """n choices per prompt, each its own engine request; seeds seed, seed+1, ... (random without a seed).
+    Engine ids carry a random part even under a client's id: two requests with one id stay two requests."""
+    base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{client_id or uuid.uuid4().hex[:24]}"
+    unique = f"{base}-{uuid.uuid4().hex[:8]}" if client_id else base
     runs = []
     for p, (ids, images, videos) in enumerate(prompts):
         for i in range(body.n):
@@ -347,7 +364,7 @@ def start_runs(llm, prompts, sampling: SamplingParams, body, stops, tokenizer, m
             else:
                 seed = uuid.uuid4().int % MAX_SEED
             req = EngineRequest(
-                f"{base}-{p}-{i}", prompt_token_ids=tuple(ids), images=images, sampling=replace(sampling, seed=seed), videos=videos
+                f"{unique}-{p}-{i}", prompt_token_ids=tuple(ids), images=images, sampling=replace(sampling, seed=seed), videos=videos
             )
             runs.append(ChoiceRun(llm, req, stops, tokenizer, p * body.n + i, p, metrics, base))
     return runs

@@ -15,10 +15,13 @@ import threading
 import time
 from typing import Optional
 
+import numpy as np
+
 from epd.config import RunConfig
 from epd.images import load_image
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as Ev
+from epd.metrics import Timeline, timelines
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
 from epd.video import encode_video
@@ -122,11 +125,44 @@ class OnlineBackend:
                 return RunResult(events, outputs, workers, [])
             core = local.llm.core
             return RunResult(
-                events, outputs, workers, [], startup_s=local.startup_s, warmup_s=core.warmup_s, start_phases=core.start_phases()
+                events,
+                outputs,
+                workers,
+                [],
+                startup_s=local.startup_s,
+                warmup_s=core.warmup_s,
+                start_phases=core.start_phases(),
+                server_split=server_split(timelines(events), timelines(core.pipeline.events)),
             )
         finally:
             if local:
                 local.close()
+
+
+def server_split(client: dict[str, Timeline], engine: dict[str, Timeline]) -> dict[str, float]:
+    """Each request's TTFT and TPOT as the client saw them, split into the engine's part (from the request's
+    arrival in the engine to its first token / its tokens) and what lies outside the engine (HTTP, request
+    parsing and image decoding in the server, the stream back): p50 and p90 of each part, over the
+    requests both sides timed. Engine ids are chatcmpl-<client id>-<random>-<prompt>-<choice>."""
+    by_client: dict[str, Timeline] = {}
+    for eid, tl in engine.items():
+        rid = eid.removeprefix("chatcmpl-").rsplit("-", 3)[0]
+        if rid in client and tl.ttft is not None:
+            by_client.setdefault(rid, tl)  # n > 1: the first choice stands for the request
+    parts: dict[str, list[float]] = {"engine_ttft": [], "outside_ttft": [], "engine_tpot": [], "outside_tpot": []}
+    for rid, tl in by_client.items():
+        if client[rid].ttft is not None:
+            parts["engine_ttft"].append(tl.ttft)
+            parts["outside_ttft"].append(client[rid].ttft - tl.ttft)
+        if client[rid].tpot is not None and tl.tpot is not None:
+            parts["engine_tpot"].append(tl.tpot)
+            parts["outside_tpot"].append(client[rid].tpot - tl.tpot)
+    out: dict[str, float] = {"server_split_requests": len(parts["engine_ttft"])}
+    for name, values in parts.items():
+        if values:
+            out[f"server_{name}_p50"] = float(np.percentile(values, 50))
+            out[f"server_{name}_p90"] = float(np.percentile(values, 90))
+    return out
 
 
 def drive_elsewhere(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
@@ -164,7 +200,8 @@ async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[Even
             pieces, usage, finish, timed = [], None, None, 0
             try:
                 for attempt in range(cfg.server.client_retries + 1):
-                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid]) as resp:
+                    # X-Request-Id: the server's engine ids start with chatcmpl-<rid>, to match its events with ours
+                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid], headers={"X-Request-Id": rid}) as resp:
                         if resp.status_code in (429, 503) and attempt < cfg.server.client_retries:
                             await asyncio.sleep(float(resp.headers.get("retry-after", "1")))  # refused for now: try again
                             continue
