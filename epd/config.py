@@ -369,6 +369,9 @@ class BackendConfig:
     placement: str = "PACK"
     num_cpus: Optional[int] = None
     latency_model: str = "roofline"  # sim: roofline | profiled
+    # sim: the vision tower's cost (FLOPs and weights) times this: what-if studies of the encoder/LM cost
+    # ratio (`task=regime`). 1: the model as it is.
+    sim_encoder_scale: float = 1.0
     profile_path: Optional[str] = None
     timeout_s: float = 600.0
     # Before the engine reports ready, warm-up requests run through every instance (kernels compiled,
@@ -428,6 +431,19 @@ class SearchConfig:
     iterations: int = 7  # bisection steps on the rate
     processes: int = 2
     num_requests: int = 100
+
+
+@dataclass(frozen=True)
+class RegimeConfig:
+    """`task=regime`: where EPD beats PD and aggregated serving. For every encoder cost scale x images per
+    request x GPU memory, the simulated goodput of the best EPD split, the best PD split and aggregated
+    instances on `gpus` GPUs (each pool's KV blocks from the memory left after its weights)."""
+
+    gpus: int = 4
+    encoder_scales: list = field(default_factory=lambda: [0.25, 1.0, 4.0, 16.0])
+    images_per_request: list = field(default_factory=lambda: [1, 2, 4, 8])
+    memory_gb: list = field(default_factory=lambda: [40, 80, 141])
+    reserve_fraction: float = 0.1  # of each GPU's memory kept for activations, graphs and the allocator
 
 
 @dataclass(frozen=True)
@@ -502,7 +518,8 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    task: str = "serve"  # serve (run the workload) | profile | optimize | compare
+    task: str = "serve"  # serve (run the workload) | profile | optimize | compare | regime
     experiment: str = "default"
     seed: int = 0

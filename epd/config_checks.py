@@ -13,7 +13,7 @@ from typing import Any
 from epd.allocation.policies import POLICIES
 from epd.config import TRANSFER_BACKENDS, RunConfig
 
-TASKS = ("serve", "profile", "optimize", "compare")
+TASKS = ("serve", "profile", "optimize", "compare", "regime")
 ARRIVALS = ("poisson", "gamma", "constant", "trace", "offline")
 BACKENDS = ("ray", "local", "sim", "online")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -104,6 +104,7 @@ def check_run_config(cfg: RunConfig) -> None:
     c.at_least("backend.worker_deadline_factor", b.worker_deadline_factor, 1)
     c.choice("backend.placement", b.placement, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     c.optional_at_least("backend.num_cpus", b.num_cpus, 1)
+    c.at_least("backend.sim_encoder_scale", b.sim_encoder_scale, 0, strict=True)
     c.at_least("server.client_retries", cfg.server.client_retries, 0)
     c.at_least("server.drain_timeout_s", cfg.server.drain_timeout_s, 0)
     c.at_least("server.max_inflight_bytes", cfg.server.max_inflight_bytes, 1)
@@ -123,6 +124,14 @@ def check_run_config(cfg: RunConfig) -> None:
         c.at_least("compare.repeats", cfg.compare.repeats, 1)
         if not _num(cfg.compare.ci_level) or not 0 < cfg.compare.ci_level < 1:
             c.problems.append(f"compare.ci_level={cfg.compare.ci_level!r}: must be in (0, 1)")
+    if cfg.task == "regime":
+        r = cfg.regime
+        c.at_least("regime.gpus", r.gpus, 2)
+        c.within("regime.reserve_fraction", r.reserve_fraction, 0, 1)
+        for key in ("encoder_scales", "images_per_request", "memory_gb"):
+            values = getattr(r, key)
+            if not values or any(not _num(v) or v <= 0 for v in values):
+                c.problems.append(f"regime.{key}={list(values)}: must be a non-empty list of positive numbers")
     try:
         cfg.deployment.validate()
     except ValueError as exc:

@@ -70,6 +70,10 @@ def main(cfg: DictConfig) -> Optional[float]:
             from simulator.search import run_search
 
             return run_search(run_cfg, out_dir, resolved)
+        if run_cfg.task == "regime":
+            from simulator.regime import run_regime
+
+            return run_regime(run_cfg, out_dir, resolved)
         if run_cfg.task == "compare":
             from epd.compare import run_compare
 
@@ -77,7 +81,7 @@ def main(cfg: DictConfig) -> Optional[float]:
             print(f"  record     {out_dir}")
             return max((g for g in result["goodput"].values() if g is not None), default=None)
         if run_cfg.task != "serve":
-            raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize, compare)")
+            raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize, compare, regime)")
         summary = run_experiment(run_cfg, out_dir, resolved)
         print(format_summary(summary))
         print(f"  record     {out_dir}")

@@ -36,6 +36,8 @@ class SimBackend:
         self.sample_interval = sample_interval
         self.family = load_family(cfg.model)
         self.shape = ModelShape.of(self.family, cfg.model.dtype)
+        if cfg.backend.sim_encoder_scale != 1.0:
+            self.shape = self.shape.with_encoder_scale(cfg.backend.sim_encoder_scale)
         self.latency = make_latency_model(cfg, self.shape)
 
     def run(self, requests: list[Request]) -> RunResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from epd.models.family import DTYPE_BYTES, ModelFamily
 
@@ -40,6 +40,7 @@ class ModelShape:
     # quadratic in its patches, and left out of the per-tile FLOPs. (full-attention layers, windowed
     # layers, patches per window, patches per LM token, tower width); () for towers of fixed tiles.
     native_attention: tuple = ()
+    encoder_scale: float = 1.0  # what-if: the tower's FLOPs and weights times this (`backend.sim_encoder_scale`)
 
     def image_attention_flops(self, tokens: int) -> float:
         """Attention FLOPs of one image of `tokens` LM tokens in a native-resolution tower (0 otherwise)."""
@@ -47,7 +48,22 @@ class ModelShape:
             return 0.0
         full, windowed, window, per_token, width = self.native_attention
         p = tokens * per_token
-        return 4.0 * width * (full * p * p + windowed * p * min(p, window))
+        return self.encoder_scale * 4.0 * width * (full * p * p + windowed * p * min(p, window))
+
+    def with_encoder_scale(self, k: float) -> ModelShape:
+        """The same model with a vision tower k times as costly (FLOPs and weights; the tokens it makes unchanged)."""
+        return replace(
+            self,
+            vision_params=round(self.vision_params * k),
+            vision_flops_per_tile=self.vision_flops_per_tile * k,
+            encoder_scale=self.encoder_scale * k,
+        )
+
+    def encoder_to_lm_ratio(self, tokens_per_image: int) -> float:
+        """An image's tower FLOPs over the LM's prefill FLOPs for its tokens: where EPD's premise stands."""
+        tiles = max(1, round(tokens_per_image / self.tokens_per_tile))
+        tower = tiles * self.vision_flops_per_tile + self.image_attention_flops(tokens_per_image)
+        return tower / (tokens_per_image * self.lm_flops_per_token)
 
     @staticmethod
     def of(family: ModelFamily, dtype: str) -> ModelShape:

@@ -152,6 +152,19 @@ def test_out_of_range_values_are_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()  # no empty output directory left behind
 
 
+def test_regime_map_composes_and_refuses_a_grid_it_cannot_run(tmp_path):
+    """`+experiment=regime_map` is a real composition (task=regime, simulator); a one-GPU map or an empty
+    axis is refused by name before anything runs."""
+    proc = _epd_run(
+        ["+experiment=regime_map", "regime.gpus=1", "regime.memory_gb=[]", "backend.sim_encoder_scale=0", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    for key in ("regime.gpus=1: must be >= 2", "regime.memory_gb=[]: must be a non-empty list", "backend.sim_encoder_scale=0"):
+        assert key in proc.stderr, proc.stderr
+
+
 def test_a_misspelt_key_is_named_with_its_nearest_keys(tmp_path):
     proc = _epd_run(["workload.ratee=3", "deployment.encode.instanses=2", f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

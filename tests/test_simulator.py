@@ -245,3 +245,47 @@ def test_the_simulator_encodes_a_videos_segments_as_the_engine_does():
         return sum(e.time - begin[(e.request_id, e.data.get("image"))] for e in evs if e.kind == Ev.ENCODE_END)
 
     assert encode_time(run(16)[1]) > encode_time(events)
+
+
+def test_regime_map_scales_the_encoder_fits_kv_in_memory_and_names_the_winner(tmp_path):
+    """`task=regime` on the tiny model: the encoder/LM ratio axis scales with the encoder cost; a memory
+    smaller than the weights fits no deployment; KV blocks grow with memory; a costlier encoder lowers
+    every family's goodput and moves GPUs to E in the best E/P/D split; the files are written."""
+    from epd.config import HardwareConfig, RegimeConfig
+    from epd.models.runtime import load_family
+    from simulator.regime import pool_in_memory, run_regime
+    from simulator.shapes import ModelShape
+
+    shape = ModelShape.of(load_family(RunConfig().model), "float32")
+    heavy = shape.with_encoder_scale(8.0)
+    assert heavy.encoder_to_lm_ratio(64) == pytest.approx(8 * shape.encoder_to_lm_ratio(64))
+    assert heavy.vision_params == round(8 * shape.vision_params) and heavy.lm_params == shape.lm_params
+    pool = PoolConfig(mm_blocks=4, kv_block_size=16)
+    small, big = (pool_in_memory("prefill", pool, shape, m, 0.1) for m in (2e8, 4e8))
+    assert 0 < small.kv_blocks < big.kv_blocks and pool_in_memory("prefill", pool, shape, 1e3, 0.1) is None
+    assert pool_in_memory("encode", pool, shape, 2e8, 0.1) == pool  # no KV where a pool only encodes
+    cfg = RunConfig(
+        deployment=DeploymentConfig(
+            name="epd", encode=PoolConfig(max_images_per_batch=4), prefill=PoolConfig(), decode=PoolConfig(max_decode_seqs=16)
+        ),
+        workload=WorkloadConfig(num_requests=60, output_tokens=4, prompt_tokens=8, image_width=64, image_height=64),
+        slo=SLOConfig(ttft=0.4, tpot=0.05, attainment_target=0.9),
+        hardware=HardwareConfig(peak_flops=1e11, memory_bandwidth=1e11, compute_efficiency=1.0, memory_efficiency=1.0),
+        backend=BackendConfig(kind="sim"),
+        search=SearchConfig(include_irp=False, rate_low=0.5, rate_high=100.0, iterations=5, processes=1, num_requests=60),
+        regime=RegimeConfig(gpus=4, encoder_scales=[1.0, 800.0], images_per_request=[2], memory_gb=[1e-6, 1.0]),
+        task="regime",
+    )
+    run_regime(cfg, tmp_path, {})
+    points = json.loads((tmp_path / "regime.json").read_text())["points"]
+    fits = {p["encoder_scale"]: p for p in points if p["memory_gb"] == 1.0}
+    for p in points:
+        if p["memory_gb"] < 1:
+            assert p["winner"] is None and all(p[k] is None for k in ("epd", "pd", "aggregated"))
+    light, costly = fits[1.0], fits[800.0]
+    for k in ("epd", "pd", "aggregated"):
+        assert light[k]["goodput"] > costly[k]["goodput"] > 0, k
+    encoders = {s: int(p["epd"]["deployment"].split("E")[0]) for s, p in fits.items()}
+    assert encoders[800.0] >= 2 and encoders[800.0] >= encoders[1.0]
+    assert costly["winner"] is not None and light["winner"] is not None
+    assert "does not fit" in (tmp_path / "regime.md").read_text() and (tmp_path / "regime.png").stat().st_size > 0
