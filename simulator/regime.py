@@ -151,22 +151,29 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     scales = sorted({p["encoder_scale"] for p in points})
     images = sorted({p["images_per_request"] for p in points})
     fig, axes = plt.subplots(1, len(memories), figsize=(4.2 * len(memories), 3.8), squeeze=False)
-    for ax, mem in zip(axes[0], memories):
+    for i, (ax, mem) in enumerate(zip(axes[0], memories)):
         grid = np.full((len(scales), len(images)), np.nan)
         for p in points:
-            if p["memory_gb"] == mem and p["epd_over_best_baseline"]:
-                grid[scales.index(p["encoder_scale"]), images.index(p["images_per_request"])] = np.log2(p["epd_over_best_baseline"])
+            if p["memory_gb"] != mem:
+                continue
+            at = scales.index(p["encoder_scale"]), images.index(p["images_per_request"])
+            if p["epd_over_best_baseline"]:
+                grid[at] = np.log2(p["epd_over_best_baseline"])
+            elif p["winner"] == "epd":  # the baselines meet the SLO at no rate
+                grid[at] = 2.0
         im = ax.imshow(grid, origin="lower", cmap="RdBu", vmin=-2, vmax=2, aspect="auto")
         for p in (q for q in points if q["memory_gb"] == mem):
             y, x = scales.index(p["encoder_scale"]), images.index(p["images_per_request"])
             label = (p["winner"] or "-").replace("aggregated", "agg").upper().replace("AGG", "agg")
             ratio = p["epd_over_best_baseline"]
-            ax.text(x, y, f"{label}\n{ratio:.2f}" if ratio else label, ha="center", va="center", fontsize=8)
+            text = f"{label}\n{ratio:.2f}" if ratio else (f"{label}\nonly" if p["winner"] == "epd" else label)
+            ax.text(x, y, text, ha="center", va="center", fontsize=8)
         ratios = {p["encoder_scale"]: p["encoder_to_lm_ratio"] for p in points}
         ax.set_xticks(range(len(images)), [str(i) for i in images])
         ax.set_yticks(range(len(scales)), [f"{ratios[s]:.2g}" for s in scales])
         ax.set_xlabel("images per request")
-        ax.set_ylabel("encoder / LM FLOPs per image")
+        if i == 0:
+            ax.set_ylabel("encoder / LM FLOPs per image")
         ax.set_title(f"{mem:g} GB per GPU")
     fig.colorbar(im, ax=axes[0].tolist(), label="log2(EPD goodput / best of PD, aggregated)")
     fig.suptitle(title, fontsize=9)
