@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
 #   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
-#                                                      [overhead] [epd4] [online4]
+#                                                      [overhead] [epd4] [online4] [prefill] [e2e] [exact]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
-# decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device). The csrc extension is built first, with no
+# decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device; `prefill`, `e2e`, `exact`:
+# one-GPU checks on GPU 0 — the prefill step's kernels, the offline end-to-end roofline share, exactness against
+# transformers). The csrc extension is built first, with no
 # time limit: a build killed half-way costs the next one its wait. It is built under build/csrc,
 # which a warm device machine keeps between calls. Outputs stay few and small.
 set -u
@@ -35,7 +37,25 @@ QUICK=${QUICK-workload.num_requests=24 compare.repeats=1}
 
 for part in $PARTS; do
   case $part in
-    mg) timeout 150 python3 bench/multi_gpu.py --out "$OUT/mg" --parts p2p engine 2>&1 | grep -E "GBps|identical|error" | head -40 ;;
+    mg) timeout 300 python3 bench/multi_gpu.py --out "$OUT/mg" --parts engine_tiny p2p 2>&1 | grep -E "identical|error" | head -20 ;;  # engine_tiny alone: ~140 s
+    prefill)  # GPU 0: a loaded prefill step three ways (before / varlen / + Triton kernels), with and without 256 decode rows; attention paths
+      CUDA_VISIBLE_DEVICES=0 timeout 90 python3 bench/attention_check.py 2>&1 | tail -3
+      for d in 0 256; do
+        CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/prefill_step.py --prompts 27 --length 601 --chunk 256 --decodes $d --profile \
+          --out "$OUT/prefill_step_d$d.json" 2>&1 | grep -vi warn | grep -E "ms|category|vs before" | head -40
+      done
+      ;;
+    e2e)  # GPU 0: offline end to end against the roofline, both recorded cases (each ~2-3 min with process start and ~33 s to ready)
+      for c in "256 128" "512 256"; do
+        set -- $c
+        CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/gpu_bench.py --sections ceil,e2e --requests "$1" --out-tokens "$2" \
+          --out "$OUT/e2e_$1x$2.json" 2>&1 | grep -E "ceilings|engine e2e|inside|preempt|rror" | tail -5
+      done
+      ;;
+    exact)  # GPU 0: the kernels on CUDA, and the families' greedy tokens against transformers (float32) with them
+      CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_elementwise.py tests/test_device_fed_decode.py 2>&1 | tail -2
+      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/gpu_families.py --out "$OUT/qwen" --parts exact 2>&1 | grep -E "^\{|rror" | cut -c1-600
+      ;;
     internvl) experiment internvl_rates 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" $QUICK ;;
     pull) timeout 150 python3 bench/ipc_pull.py --out "$OUT/pull" 2>&1 | grep -vE "Warning|warn" | tail -24 ;;
     llava) experiment llava_rates 240 +experiment=paper_e2e_4gpu_llava $QUICK ;;
