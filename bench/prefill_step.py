@@ -16,7 +16,6 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,28 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.configs import model_config  # noqa: E402
+from bench.gpu_bench import ceilings  # noqa: E402
+from bench.mixed_step import timed  # noqa: E402
 from epd.kernels import varlen_prefill  # noqa: E402
 from epd.models.generate import lm_step  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
 from epd.models.step_graphs import StepGraphs  # noqa: E402
 from simulator.shapes import ModelShape  # noqa: E402
-
-
-def timed(fn, iters: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
-
-
-def matmul_ceiling() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / timed(lambda: a @ b, 20)
-
 
 PATHS = {
     "before": {"EPD_VARLEN": "0", "EPD_TRITON_ELEMENTWISE": "0"},
@@ -124,7 +108,7 @@ def main() -> None:
     def step():
         return lm_step(rt, kv, tokens, starts, tables, bs, graphs=graphs)
 
-    peak = matmul_ceiling()
+    peak = ceilings()["bf16_matmul_TFLOPs"] * 1e12  # the benchmarks' one ceiling, measured in this run
     flops = sum(n * shape.lm_flops_per_token + (start * n + 0.5 * n * n) * shape.attn_flops_coeff for n, start in seqs)
     result = {
         "card": torch.cuda.get_device_name(0),
@@ -142,7 +126,7 @@ def main() -> None:
         graphs = None
         torch.cuda.empty_cache()
         graphs = StepGraphs(rt.lm, kv, bs, sum(need) + 1, (max(8, total),))  # the one bucket this step uses, this path's kernels
-        t = timed(step)
+        t = timed(step, iters=10) / 1e3  # seconds
         logits[path] = step().float()
         result[path] = {"ms": t * 1e3, "TFLOPs": flops / t / 1e12, "share_of_matmul_ceiling": flops / t / peak}
         print(

@@ -155,7 +155,8 @@ def goodput(points, target: float = 0.9) -> Optional[float]:
     return float(points[-1][0])
 
 
-def _pct(values: list[float], q: float) -> Optional[float]:
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """The q-th percentile of `values` (None for none): what every summary key _p50, _p90... is."""
     return float(np.percentile(values, q)) if values else None
 
 
@@ -208,7 +209,7 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
     }
     for name, vals, qs in (("ttft", ttfts, (50, 90, 99)), ("tpot", tpots, (50, 90, 99)), ("e2e", e2es, (50, 90))):
         for q in qs:
-            summary[f"{name}_p{q}"] = _pct(vals, q)
+            summary[f"{name}_p{q}"] = percentile(vals, q)
     stages: dict[str, list[float]] = {}
     for tl in done:
         for k, v in stage_times(tl).items():
@@ -221,6 +222,6 @@ def summarize(events: Iterable[Event], ttft_slo: float, tpot_slo: float, deploym
     summary["role_switch_mean_s"] = _mean([e.data["duration"] for e in switches])
     summary["role_switch_reload_mean_s"] = _mean([e.data["reload"] for e in switches])
     for k, vals in transfer_bandwidth(events).items():  # transfers of >= 16 MiB
-        summary[f"{k}_transfer_GBps_p50"] = _pct(vals, 50) / 1e9 if vals else None
+        summary[f"{k}_transfer_GBps_p50"] = percentile(vals, 50) / 1e9 if vals else None
         summary[f"{k}_transfer_count_16MiB"] = len(vals)
     return summary

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Optional
 
 from epd.config import POOL_ROLES, DeploymentConfig, PoolConfig, Role, RunConfig
 from epd.models.runtime import load_family
-from epd.progress import progress
-from simulator.search import candidates, goodput_of
+from simulator.search import candidates, goodput_of, run_jobs
 from simulator.shapes import ModelShape
 
 FAMILIES = ("epd", "pd", "aggregated")
@@ -84,17 +82,7 @@ def regime_points(cfg: RunConfig) -> list[dict]:
                 for dep in candidates(point):
                     jobs.append((point, dep, deployment_in_memory(dep, shape, memory_gb * 1e9, r.reserve_fraction)))
                     keys.append((memory_gb, scale, images, shape.encoder_to_lm_ratio(tokens), dep.name))
-    results: list[dict] = []
-    with progress(len(jobs), "deployments", "dep") as bar:
-        if cfg.search.processes > 1:
-            with mp.get_context("spawn").Pool(cfg.search.processes) as pool:
-                for row in pool.imap(_goodput, jobs, chunksize=1):
-                    results.append(row)
-                    bar.update(1)
-        else:
-            for job in jobs:
-                results.append(_goodput(job))
-                bar.update(1)
+    results = run_jobs(_goodput, jobs, cfg.search.processes)
     points: dict[tuple, dict] = {}
     for (memory_gb, scale, images, ratio, kind), row in zip(keys, results):
         p = points.setdefault(

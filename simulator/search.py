@@ -111,21 +111,25 @@ def _job(args):
     return goodput_of(*args)
 
 
-def search(cfg: RunConfig) -> tuple[list[dict], float, int]:
-    cands = candidates(cfg)
-    t0 = time.time()
-    with progress(len(cands), "deployments", "dep") as bar:
-        if cfg.search.processes > 1:
-            with mp.get_context("spawn").Pool(cfg.search.processes) as pool:
-                rows = []
-                for row in pool.imap(_job, [(cfg, d) for d in cands], chunksize=1):
+def run_jobs(fn, jobs: list, processes: int) -> list:
+    """`fn(job)` for every job, in order: over `processes` spawned processes (fn must be importable), or here."""
+    rows = []
+    with progress(len(jobs), "deployments", "dep") as bar:
+        if processes > 1:
+            with mp.get_context("spawn").Pool(processes) as pool:
+                for row in pool.imap(fn, jobs, chunksize=1):
                     rows.append(row)
                     bar.update(1)
         else:
-            rows = []
-            for d in cands:
-                rows.append(goodput_of(cfg, d))
+            for job in jobs:
+                rows.append(fn(job))
                 bar.update(1)
+    return rows
+
+
+def search(cfg: RunConfig) -> tuple[list[dict], float, int]:
+    t0 = time.time()
+    rows = run_jobs(_job, [(cfg, d) for d in candidates(cfg)], cfg.search.processes)
     rows.sort(key=lambda r: -r["goodput"])
     return rows, time.time() - t0, sum(r["simulated_requests"] for r in rows)
 

@@ -85,7 +85,11 @@ def rope_qkv(
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = rotary(q.reshape(n, heads, head_dim), cos, sin)
     k = rotary(k.reshape(n, kv_heads, head_dim), cos, sin)
-    v = v.reshape(n, kv_heads, head_dim)
+    return place_qkv(q, k, v.reshape(n, kv_heads, head_dim), k_cache, v_cache, slots, out)
+
+
+def place_qkv(q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, out=None) -> tuple[torch.Tensor, ...]:
+    """Rotated q, k and v where they go: k and v to their cache slots, all three into `out` where given."""
     write_kv(k, v, k_cache, v_cache, slots)
     if out is None:
         return q, k, v

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from epd.config import TextModelConfig
-from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
-from epd.kernels.fused import rms_norm, rope_qkv, rotary, silu_mul
+from epd.kernels.attention import AttentionMetadata, paged_attention
+from epd.kernels.fused import place_qkv, rms_norm, rope_qkv, rotary, silu_mul
 
 
 def _keep_rows(linear: nn.Linear, rank: int, tp: int) -> None:
@@ -127,12 +127,7 @@ class Attention(nn.Module):
         q = apply_rotary(self.q_proj(x).reshape(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(n, self.num_kv_heads, self.head_dim)
-        write_kv(k, v, kv_cache[0], kv_cache[1], slots)
-        if out is None:
-            return q, k, v
-        for dst, src in zip(out, (q, k, v)):
-            dst.copy_(src)
-        return out
+        return place_qkv(q, k, v, kv_cache[0], kv_cache[1], slots, out)
 
     def attend(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)

@@ -15,13 +15,11 @@ import threading
 import time
 from typing import Optional
 
-import numpy as np
-
 from epd.config import RunConfig
 from epd.images import load_image
 from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as Ev
-from epd.metrics import Timeline, timelines
+from epd.metrics import Timeline, percentile, timelines
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
 from epd.video import encode_video
@@ -160,8 +158,7 @@ def server_split(client: dict[str, Timeline], engine: dict[str, Timeline]) -> di
     out: dict[str, float] = {"server_split_requests": len(parts["engine_ttft"])}
     for name, values in parts.items():
         if values:
-            out[f"server_{name}_p50"] = float(np.percentile(values, 50))
-            out[f"server_{name}_p90"] = float(np.percentile(values, 90))
+            out[f"server_{name}_p50"], out[f"server_{name}_p90"] = percentile(values, 50), percentile(values, 90)
     return out
 
 
