@@ -49,7 +49,7 @@ for part in $PARTS; do
       for c in "256 128" "512 256"; do
         set -- $c
         CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/gpu_bench.py --sections ceil,e2e --requests "$1" --out-tokens "$2" \
-          --out "$OUT/e2e_$1x$2.json" 2>&1 | grep -E "ceilings|engine e2e|inside|preempt|rror" | tail -5
+          --out "$OUT/e2e_$1x$2.json" 2>&1 | grep -E "ceilings|engine e2e|inside|waited|preempt|rror" | tail -6
       done
       ;;
     exact)  # GPU 0: the kernels on CUDA, and the families' greedy tokens against transformers (float32) with them

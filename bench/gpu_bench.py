@@ -292,6 +292,7 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
         for b in llm.core.batches:
             spans.setdefault(b.kind, []).append((b.begin, b.end))
         busy = {kind: _covered(v) for kind, v in spans.items()}  # launched decode steps overlap the next: counted once
+        host_wait = sum(b.host_wait for b in llm.core.batches)  # encode batches waiting for their images' host preparation
         counts = {kind: len(v) for kind, v in spans.items()}
         preempted = sum(1 for e in llm.core.pipeline.events if e.kind.value == "preempted")
     toks = sum(len(o.token_ids) for o in outs)
@@ -305,6 +306,7 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
     kv_read = n_req * sum(prompt + i for i in range(1, out_tokens)) * per_tok
     roof = flops / peak + (steps * weights + kv_read) / bw
     print("  time inside workers by batch kind:", {k: round(v, 2) for k, v in busy.items()}, f"of {elapsed:.2f} s;", counts)
+    print(f"  of which encode batches waited for host preparation: {host_wait:.2f} s")
     print(f"  sequences preempted: {preempted}")
     RESULTS.setdefault("e2e", []).append(
         {
@@ -317,6 +319,7 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
             "warmup_s": llm.core.warmup_s,
             "out_tokens": out_tokens,
             "busy_s": busy,
+            "encode_host_wait_s": host_wait,
             "requests": n_req,
             "output_tokens": toks,
             "seconds": elapsed,

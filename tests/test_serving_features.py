@@ -245,10 +245,12 @@ def test_the_simulator_runs_the_same_schedulers(dep):
     assert all(o.finish_reason == "length" for o in sim.outputs.values())
 
 
+@pytest.mark.parametrize("order", ["interleaved", "decodes_first", "decodes_last"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_mixed_step_split_into_decodes_and_chunks_attends_as_one(seed):
+def test_a_mixed_step_split_into_decodes_and_chunks_attends_as_one(seed, order):
     """The GPU path of a mixed step (decode rows apart from prefill chunks, fresh or after earlier
-    chunks) gives the reference attention over the whole step."""
+    chunks) gives the reference attention over the whole step; where the decodes are adjacent (the
+    engine puts them first) both parts are row ranges, not gathers."""
     import random
 
     import torch
@@ -257,13 +259,17 @@ def test_a_mixed_step_split_into_decodes_and_chunks_attends_as_one(seed):
 
     rnd = random.Random(seed)
     bs, heads, kv_heads, dim = 4, 4, 2, 8
-    qlens = [rnd.choice([1, 1, 1, 3, 7]) for _ in range(6)] + [5]
+    qlens = [rnd.choice([1, 1, 1, 3, 7]) for _ in range(6)] + [5, 1]
+    if order != "interleaved":
+        qlens.sort(key=lambda q: (q != 1) == (order == "decodes_first"))
     ctx = [q + rnd.choice([0, 2, 9]) if q > 1 else rnd.randint(1, 20) for q in qlens]
     free = list(range(64))
     rnd.shuffle(free)
     tables = [[free.pop() for _ in range(-(-c // bs))] for c in ctx]
     meta = AttentionMetadata.build(tables, qlens, ctx, bs, torch.device("cpu"))
     assert meta.split is not None
+    if order != "interleaved":
+        assert isinstance(meta.split.decode_rows, slice) and isinstance(meta.split.rest_rows, slice)
     torch.manual_seed(seed)
     kc, vc = torch.randn(64, bs, kv_heads, dim), torch.randn(64, bs, kv_heads, dim)
     n = sum(qlens)

@@ -34,6 +34,7 @@ class BatchRecord:
     submitted: float
     begin: float
     end: float
+    host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
 
 
 class EngineCore:
@@ -188,7 +189,7 @@ class EngineCore:
                 self.executor.refresh_transfers(iid)  # peers learn its new caches before it serves
             submitted = self._submitted.pop(id(batch), None)
             if not isinstance(result, BatchFailure) and submitted is not None:
-                self.batches.append(BatchRecord(iid, type(batch).__name__, submitted, *result.span))
+                self.batches.append(BatchRecord(iid, type(batch).__name__, submitted, *result.span, getattr(result, "host_wait", 0.0)))
             self.pipeline.complete(self.pipeline.instances[iid], batch, result)
             self._dispatch()  # at once: the worker that just finished may have nothing queued
         now = time.time()

@@ -283,7 +283,9 @@ class Worker:
         begin = time.time()
         ok, results, pixels = [], [], []
         todo = [it for it in batch.items if not it.cached]
-        for item, px in zip(todo, self._prepared_images(batch) if todo else []):
+        prepared = self._prepared_images(batch) if todo else []
+        host_wait = time.time() - begin
+        for item, px in zip(todo, prepared):
             if isinstance(px, str):
                 results.append(EncodedItem(item.request_id, item.image_index, error=px))
             else:
@@ -322,7 +324,7 @@ class Worker:
                     why = describe(exc, f"{self.worker_id} encode")
                     results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
         self._sync()
-        return EncodeResult((begin, time.time()), results)
+        return EncodeResult((begin, time.time()), results, host_wait)
 
     def _encode_images(self, pixels: list) -> list[torch.Tensor]:
         jpegs = [i for i, x in enumerate(pixels) if isinstance(x, bytes)]

@@ -76,11 +76,13 @@ class AttentionMetadata:
 @dataclass
 class MixedSplit:
     """A mixed step's decode rows (one query each: the paged decode kernel) and the rest (prefill
-    chunks), each with the token rows and metadata of its sequences."""
+    chunks), each with the token rows and metadata of its sequences. Rows are a slice where a part's
+    sequences are adjacent (the engine puts a mixed step's decodes first): views, not gathers, and the
+    parts' outputs are copied into place rather than scattered."""
 
-    decode_rows: torch.Tensor  # [n] flat token index of each decoding sequence's query
+    decode_rows: slice | torch.Tensor  # each decoding sequence's query row
     decode: AttentionMetadata
-    rest_rows: torch.Tensor
+    rest_rows: slice | torch.Tensor
     rest: AttentionMetadata
 
     @staticmethod
@@ -92,10 +94,12 @@ class MixedSplit:
         rest = [i for i, q in enumerate(query_lens) if q != 1]
 
         def part(seqs):
-            rows = [t for i in seqs for t in range(starts[i], starts[i + 1])]
             meta = AttentionMetadata.build(
                 [block_tables[i] for i in seqs], [query_lens[i] for i in seqs], [context_lens[i] for i in seqs], block_size, device
             )
+            if seqs == list(range(seqs[0], seqs[-1] + 1)):  # adjacent sequences: adjacent rows
+                return slice(starts[seqs[0]], starts[seqs[-1] + 1]), meta
+            rows = [t for i in seqs for t in range(starts[i], starts[i + 1])]
             return torch.tensor(rows, dtype=torch.long, device=device), meta
 
         (dr, dm), (rr, rm) = part(dec), part(rest)

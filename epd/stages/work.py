@@ -131,6 +131,7 @@ class EncodedItem:
 class EncodeResult:
     span: Span
     items: list[EncodedItem]
+    host_wait: float = 0.0  # seconds of the span spent waiting for its images' host preparation
 
 
 @dataclass
