@@ -50,7 +50,7 @@ class VisionTowerConfig:
 
 @dataclass(frozen=True)
 class TextModelConfig:
-    arch: str = "llama"  # llama | qwen2
+    arch: str = "llama"  # llama | qwen2 | qwen3_5_text (hybrid: gated DeltaNet linear-attention layers between full ones)
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2
@@ -63,6 +63,30 @@ class TextModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # qwen3_5_text only. head_dim 0: hidden_size / num_heads.
+    head_dim: int = 0
+    partial_rotary_factor: float = 1.0  # the share of each head's dims that is rotated
+    full_attention_interval: int = 4  # every Nth layer attends over the KV cache; the others are linear
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.arch == "qwen3_5_text"
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def full_attention_layers(self) -> tuple[int, ...]:
+        """The layers that keep KV in the paged cache (every layer but a hybrid's linear ones)."""
+        if not self.is_hybrid:
+            return tuple(range(self.num_layers))
+        return tuple(i for i in range(self.num_layers) if (i + 1) % self.full_attention_interval == 0)
 
 
 @dataclass(frozen=True)

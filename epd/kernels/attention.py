@@ -8,7 +8,7 @@ slots of its block table; its queries are the last `query_len` of those position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class AttentionMetadata:
     # (a host-to-device copy from pageable memory waits for the stream, which would stall every layer).
     _length_groups: Optional[list[tuple[int, int, Optional[torch.Tensor]]]] = None
     varlen: Optional[VarlenLayout] = None  # CUDA prefill steps: offsets (and context slots) for one flash varlen call
+    states: Optional[Any] = None  # a hybrid LM's step: its sequences' state slots (`epd.models.hybrid_lm.StepStates`)
 
     @property
     def num_seqs(self) -> int:

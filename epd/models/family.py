@@ -67,6 +67,7 @@ class ModelFamily(ABC):
             raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
         eos = t.eos_token_id if t.eos_token_id is not None else self.cfg.text.eos_token_id
         return TextModelConfig(
+            **hybrid_fields(t),
             arch=t.model_type,
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
@@ -85,7 +86,15 @@ class ModelFamily(ABC):
     def kv_bytes_per_token(self, dtype: Optional[str] = None) -> int:
         """K and V of one token in every layer, all heads (every tensor-parallel rank together)."""
         t = self.text_config()
-        return 2 * t.num_layers * t.num_kv_heads * (t.hidden_size // t.num_heads) * DTYPE_BYTES[dtype or self.cfg.dtype]
+        return 2 * len(t.full_attention_layers) * t.num_kv_heads * t.attn_head_dim * DTYPE_BYTES[dtype or self.cfg.dtype]
+
+    def state_bytes_per_sequence(self) -> int:
+        """A hybrid LM's per-sequence state (every linear layer's convolution window and recurrent state,
+        float32); 0 for LMs whose whole context is paged KV."""
+        t = self.text_config()
+        if not t.is_hybrid:
+            return 0
+        return 4 * (t.num_layers - len(t.full_attention_layers)) * linear_state_numel(t)
 
     def mm_bytes_per_token(self, dtype: Optional[str] = None) -> int:
         """One image token's embedding, as the LM takes it."""
@@ -120,7 +129,51 @@ class ModelFamily(ABC):
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
 
 
+def linear_state_numel(t: TextModelConfig) -> int:
+    """One linear-attention layer's state per sequence: the convolution's last inputs, then the recurrent state."""
+    conv_dim = 2 * t.linear_num_key_heads * t.linear_key_head_dim + t.linear_num_value_heads * t.linear_value_head_dim
+    return (t.linear_conv_kernel_dim - 1) * conv_dim + t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim
+
+
+def hybrid_fields(t: PretrainedConfig) -> dict:
+    """A hybrid (linear + full attention) text config's own fields, as TextModelConfig holds them; {} for others."""
+    if t.model_type != "qwen3_5_text":
+        return {}
+    types = list(t.layer_types)
+    full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+    interval = full[0] + 1 if full else len(types) + 1
+    if [i for i in range(len(types)) if (i + 1) % interval == 0] != full:
+        raise ValueError(f"layer_types {types}: only a full-attention layer every N layers is supported")
+    return dict(
+        head_dim=t.head_dim,
+        partial_rotary_factor=float((t.rope_parameters or {}).get("partial_rotary_factor", 1.0)),
+        full_attention_interval=interval,
+        linear_num_key_heads=t.linear_num_key_heads,
+        linear_num_value_heads=t.linear_num_value_heads,
+        linear_key_head_dim=t.linear_key_head_dim,
+        linear_value_head_dim=t.linear_value_head_dim,
+        linear_conv_kernel_dim=t.linear_conv_kernel_dim,
+    )
+
+
 def text_hf_kwargs(t: TextModelConfig) -> dict:
+    if t.is_hybrid:
+        rope = {"rope_type": "default", "rope_theta": t.rope_theta, "partial_rotary_factor": t.partial_rotary_factor}
+        return dict(
+            _base_text_hf_kwargs(t),
+            rope_parameters=rope,
+            head_dim=t.attn_head_dim,
+            layer_types=["full_attention" if i in t.full_attention_layers else "linear_attention" for i in range(t.num_layers)],
+            linear_num_key_heads=t.linear_num_key_heads,
+            linear_num_value_heads=t.linear_num_value_heads,
+            linear_key_head_dim=t.linear_key_head_dim,
+            linear_value_head_dim=t.linear_value_head_dim,
+            linear_conv_kernel_dim=t.linear_conv_kernel_dim,
+        )
+    return _base_text_hf_kwargs(t)
+
+
+def _base_text_hf_kwargs(t: TextModelConfig) -> dict:
     return dict(
         model_type=t.arch,
         hidden_size=t.hidden_size,

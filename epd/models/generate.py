@@ -29,6 +29,7 @@ def lm_step(
     graphs: Optional[StepGraphs] = None,
     rope: Optional[list[Optional[RopeLayout]]] = None,
     fed: Optional[Fed] = None,
+    states: Optional[tuple[torch.Tensor, list[int]]] = None,
 ) -> torch.Tensor:
     """One forward over new tokens of several sequences (prefill and/or decode) -> last-token logits.
 
@@ -36,7 +37,8 @@ def lm_step(
     mm_ends[i]: where its prompt ends (placeholder ids sampled after it are tokens, not images);
     graphs: piecewise CUDA graphs to run the layers through where the step's tokens fit them;
     rope[i]: sequence i's M-RoPE layout (None: its rotary positions are its cache positions);
-    fed: token rows taken from earlier steps' sampled ids still on the device (decode rows)."""
+    fed: token rows taken from earlier steps' sampled ids still on the device (decode rows);
+    states: a hybrid LM's state pool and each sequence's slot in it (a sequence starting at 0 starts from zeros)."""
     assert rt.lm is not None
     flat = [t for seq in tokens for t in seq]
     ids = torch.tensor(flat, dtype=torch.long, device=rt.device)
@@ -44,6 +46,12 @@ def lm_step(
     pos = torch.tensor([s + i for seq, s in zip(tokens, starts) for i in range(len(seq))], device=rt.device)
     qlens = [len(seq) for seq in tokens]
     meta = AttentionMetadata.build(tables, qlens, [s + q for s, q in zip(starts, qlens)], block_size, rt.device)
+    if getattr(rt.lm, "has_state", False):
+        if states is None:
+            raise ValueError(f"the {rt.text_cfg.arch} LM keeps per-sequence state: lm_step needs states=(pool, slots)")
+        from epd.models.hybrid_lm import StepStates
+
+        meta.states = StepStates(states[0], list(states[1]), [s == 0 for s in starts])
     mm_embeds = mm_mask = None
     if mm is not None and any(m is not None and m.shape[0] for m in mm):
         mm_embeds = torch.cat([m for m in mm if m is not None and m.shape[0]]).to(rt.device)
@@ -54,7 +62,7 @@ def lm_step(
     rope_pos = pos
     if rope is not None and rt.lm.rotary.mrope_section is not None and any(r is not None for r in rope):
         rope_pos = rope_positions(rope, tokens, starts).to(rt.device, non_blocking=True)
-    if graphs is not None and graphs.fits(len(flat)):
+    if graphs is not None and meta.states is None and graphs.fits(len(flat)):
         return rt.lm.logits(graphs.run(rt.lm.embed(ids, mm_embeds, mm_mask), rope_pos, meta), meta)
     return rt.lm(ids, rope_pos, kv, meta, mm_embeds, mm_mask)
 
@@ -80,7 +88,10 @@ def generate(
         tables.append(pool[i : i + n])
         i += n
     rope = rope or [None] * len(prompts)
-    logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds, rope=rope)
+    pool_state = rt.allocate_state_pool(len(prompts) + 1)
+    slots = list(range(1, len(prompts) + 1))  # not slot 0: a sequence's slot need not be its index
+    states = (pool_state, slots) if pool_state is not None else None
+    logits = lm_step(rt, kv, prompts, [0] * len(prompts), tables, block_size, mm_embeds, rope=rope, states=states)
     history = dict(prompts=prompts, eos_token_id=eos)
     outs = [[t] for t in sample(logits, params, [0] * len(prompts), outputs=[[] for _ in prompts], **history)]
     live = [i for i in range(len(prompts)) if not _done(outs[i], params[i], eos)]
@@ -93,6 +104,7 @@ def generate(
             [tables[i] for i in live],
             block_size,
             rope=[rope[i] for i in live],
+            states=(pool_state, [slots[i] for i in live]) if states else None,
         )
         steps = [len(outs[i]) for i in live]
         toks = sample(

@@ -41,6 +41,18 @@ def _reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def embed_with_images(
+    embed_tokens: nn.Embedding, input_ids: torch.Tensor, mm_embeds: Optional[torch.Tensor], mm_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Token embeddings with image placeholder positions replaced by the encoder's embeddings, in order."""
+    x = embed_tokens(input_ids)
+    if mm_embeds is not None and mm_mask is not None and mm_embeds.shape[0]:
+        if int(mm_mask.sum()) != mm_embeds.shape[0]:
+            raise ValueError(f"{int(mm_mask.sum())} image placeholders but {mm_embeds.shape[0]} image embeddings")
+        x = x.masked_scatter(mm_mask[:, None], mm_embeds.to(x.dtype))
+    return x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -229,13 +241,7 @@ class DecoderLM(nn.Module):
         return self.cfg.hidden_size // self.cfg.num_heads
 
     def embed(self, input_ids: torch.Tensor, mm_embeds: Optional[torch.Tensor], mm_mask: Optional[torch.Tensor]):
-        """Token embeddings with image placeholder positions replaced by the encoder's embeddings, in order."""
-        x = self.model.embed_tokens(input_ids)
-        if mm_embeds is not None and mm_mask is not None and mm_embeds.shape[0]:
-            if int(mm_mask.sum()) != mm_embeds.shape[0]:
-                raise ValueError(f"{int(mm_mask.sum())} image placeholders but {mm_embeds.shape[0]} image embeddings")
-            x = x.masked_scatter(mm_mask[:, None], mm_embeds.to(x.dtype))
-        return x
+        return embed_with_images(self.model.embed_tokens, input_ids, mm_embeds, mm_mask)
 
     def forward(
         self,

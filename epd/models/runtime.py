@@ -49,8 +49,8 @@ def load_family(cfg: ModelConfig) -> ModelFamily:
         raise ValueError(f"model.image_resize must be host or device, got {cfg.image_resize!r}")
     family = family_cls(cfg, hf)
     arch = family.text_config().arch
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"language model type {arch!r} is not supported (llama, qwen2)")
+    if arch not in ("llama", "qwen2", "qwen3_5_text"):
+        raise ValueError(f"language model type {arch!r} is not supported (llama, qwen2, qwen3_5_text)")
     return family
 
 
@@ -81,6 +81,10 @@ class ModelRuntime:
             self.lm = self._build(self._make_lm, "lm")
 
     def _make_lm(self) -> DecoderLM:
+        if self.text_cfg.is_hybrid:
+            from epd.models.hybrid_lm import HybridLM
+
+            return HybridLM(self.text_cfg)
         return DecoderLM(self.text_cfg, self.family.mrope_section)
 
     def _build(self, make, part: str):
@@ -139,8 +143,16 @@ class ModelRuntime:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         t = self.text_cfg
-        shape = (t.num_layers, 2, num_blocks, block_size, t.num_kv_heads // self.tp, t.hidden_size // t.num_heads)
+        shape = (len(t.full_attention_layers), 2, num_blocks, block_size, t.num_kv_heads // self.tp, t.attn_head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def allocate_state_pool(self, slots: int) -> Optional[torch.Tensor]:
+        """A hybrid LM's per-sequence states, [slots, 1, numel] float32 (one row a sequence, laid out as the
+        MM cache is, so transfers move a slot as they move an MM block); None for other LMs."""
+        numel = self.family.state_bytes_per_sequence() // 4
+        if not numel:
+            return None
+        return torch.zeros((slots, 1, numel), dtype=torch.float32, device=self.device)
 
     def allocate_mm_cache(self, num_blocks: int, block_tokens: int) -> torch.Tensor:
         return torch.zeros((num_blocks, block_tokens, self.hidden_size), dtype=self.dtype, device=self.device)

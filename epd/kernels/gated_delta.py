@@ -1,0 +1,62 @@
+"""The gated delta rule of linear-attention layers (Gated DeltaNet), in torch.
+
+Per value head the layer keeps a state S [key_dim, value_dim]. Each token decays it by exp(g), corrects
+what it would predict for the token's key towards the token's value by a share beta, and reads it with
+the query:
+
+    S <- exp(g) S;   S <- S + beta k (v - k^T S)^T;   o = q^T S
+
+`recurrent_step` applies one token to a batch of sequences (decode); `chunked` applies a whole prompt or
+chunk to one sequence, a block of `chunk` tokens at a time: within a block the corrections form a
+unit-lower-triangular system solved in one go, between blocks only S is carried.
+Inputs are float32: q and k already L2-normalised and q scaled by key_dim^-0.5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def recurrent_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv] -> (o [B, H, Dv], new state)."""
+    state = state * g.exp()[..., None, None]
+    predicted = (state * k[..., None]).sum(-2)
+    correction = (v - predicted) * beta[..., None]
+    state = state + k[..., None] * correction[..., None, :]
+    return (state * q[..., None]).sum(-2), state
+
+
+def chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: q, k [H, L, Dk]; v [H, L, Dv]; g, beta [H, L]; state [H, Dk, Dv] -> (o [H, L, Dv], new state)."""
+    heads, length, dv = v.shape
+    pad = (-length) % chunk
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    blocks = (length + pad) // chunk
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    q, k, k_beta, v_beta = (t.reshape(heads, blocks, chunk, -1) for t in (q, k, k_beta, v_beta))
+    decay = g.reshape(heads, blocks, chunk).cumsum(-1)  # log of the decay from the block's start to each token
+    later = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    between = (decay[..., :, None] - decay[..., None, :]).masked_fill(later, float("-inf")).exp()  # token j -> token i, i >= j
+    system = (k_beta @ k.transpose(-1, -2)) * between
+    corrections = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    key_reads = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    within = (q @ k.transpose(-1, -2)) * between
+    q_read = q * decay.exp()[..., None]
+    k_write = k * (decay[..., -1:] - decay).exp()[..., None]
+    block_decay = decay[..., -1].exp()[..., None, None]
+    out = torch.empty_like(v_beta)
+    for b in range(blocks):
+        fresh = corrections[:, b] - key_reads[:, b] @ state
+        out[:, b] = q_read[:, b] @ state + within[:, b] @ fresh
+        state = state * block_decay[:, b] + k_write[:, b].transpose(-1, -2) @ fresh
+    return out.reshape(heads, -1, dv)[:, :length], state
+
+
+def l2_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)

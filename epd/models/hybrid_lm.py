@@ -1,0 +1,261 @@
+"""Qwen3.5's hybrid language model (MiniCPM-V 4.6's LM): Gated DeltaNet linear-attention layers, with every
+`full_attention_interval`-th layer a gated full attention over the paged KV cache.
+
+A linear layer keeps no KV: per sequence it carries a fixed-size state (its short convolution's last
+inputs and the delta rule's recurrent matrix per value head) in a slot of the worker's state pool, [slots,
+1, numel] float32, one row a sequence holding every linear layer's state. The step says which slot each
+sequence uses and whether it starts from zeros (its first chunk) or continues (a later chunk, a decode
+step). Full-attention layers are Qwen3.5's: a sigmoid output gate from the query projection, RMSNorm on
+each query and key head, rotary on the first `partial_rotary_factor` of each head's dims. The norms keep
+their weights as offsets from 1. Parameter names follow transformers' Qwen3_5TextModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epd.config import TextModelConfig
+from epd.kernels import gated_delta
+from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from epd.kernels.fused import rotary
+from epd.models.family import linear_state_numel
+from epd.models.lm import MLP, RotaryEmbedding, embed_with_images
+
+
+@dataclass
+class StepStates:
+    """Where a step's sequences keep their linear layers' state."""
+
+    pool: torch.Tensor  # [slots, 1, layers * numel] float32
+    slots: list[int]  # per sequence of the step
+    fresh: list[bool]  # per sequence: starts from a zero state (its first tokens)
+
+    def __post_init__(self) -> None:
+        self.slots_t = torch.tensor(self.slots, dtype=torch.long, device=self.pool.device)
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose weight is stored as its offset from 1 (scale = 1 + weight), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of the linear layer's output per head, then gated by SiLU(z)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return ((self.weight * xf.to(dtype)) * F.silu(z.float())).to(dtype)
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: TextModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim
+        self.rotary_dim = int(self.head_dim * cfg.partial_rotary_factor)
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim * 2, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dim
+        return torch.cat([rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1) if r < self.head_dim else rotary(x, cos, sin)
+
+    def forward(self, x, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, gate = self.q_proj(x).view(n, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self._rotate(self.q_norm(q), cos, sin)
+        k = self._rotate(self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1)))
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: TextModelConfig, index: int):
+        super().__init__()
+        self.index = index  # among the linear layers: its part of a state-pool row
+        self.k_heads, self.v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.k_heads * self.dk, self.v_heads * self.dv
+        self.kernel = cfg.linear_conv_kernel_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.numel = linear_state_numel(cfg)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, padding=self.kernel - 1, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.v_heads))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        self.in_proj_qkv = nn.Linear(cfg.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(cfg.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
+        self.in_proj_a = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
+
+    def _states(self, pool: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (conv window [n, kernel-1, conv_dim], recurrent [n, H, Dk, Dv]) of `slots`; zeros where fresh."""
+        row = pool.view(pool.shape[0], -1)[slots, self.index * self.numel : (self.index + 1) * self.numel]
+        if any(fresh):
+            row = row.masked_fill(torch.tensor(fresh, device=row.device)[:, None], 0.0)
+        split = (self.kernel - 1) * self.conv_dim
+        return row[:, :split].view(-1, self.kernel - 1, self.conv_dim), row[:, split:].view(-1, self.v_heads, self.dk, self.dv)
+
+    def _store(self, pool: torch.Tensor, slots: torch.Tensor, window: torch.Tensor, recurrent: torch.Tensor) -> None:
+        rows = torch.cat([window.reshape(window.shape[0], -1), recurrent.reshape(recurrent.shape[0], -1)], dim=1)
+        pool.view(pool.shape[0], -1)[slots, self.index * self.numel : (self.index + 1) * self.numel] = rows.float()
+
+    def _convolved(self, window: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """window [n, kernel-1, C] (earlier inputs), x [n, L, C] -> (SiLU(causal depthwise conv) [n, L, C], new window)."""
+        full = torch.cat([window.to(x.dtype), x], dim=1)
+        w = self.conv1d.weight
+        out = F.conv1d(full.transpose(1, 2).to(w.dtype), w, groups=self.conv_dim).transpose(1, 2)
+        return F.silu(out).to(x.dtype), full[:, -(self.kernel - 1) :]
+
+    def _heads(self, mixed: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
+        """[..., C] -> q, k [..., H, Dk] (normalised, q scaled, key heads repeated per value head), v, g, beta (float32)."""
+        q, k, v = mixed.float().split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        rep = self.v_heads // self.k_heads
+        q = gated_delta.l2_normalized(q.unflatten(-1, (self.k_heads, self.dk))).repeat_interleave(rep, dim=-2) * self.dk**-0.5
+        k = gated_delta.l2_normalized(k.unflatten(-1, (self.k_heads, self.dk))).repeat_interleave(rep, dim=-2)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        return q, k, v.unflatten(-1, (self.v_heads, self.dv)), g, b.float().sigmoid()
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        st: StepStates = meta.states
+        n = x.shape[0]
+        mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
+        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        core = torch.empty(n, self.v_heads, self.dv, dtype=x.dtype, device=x.device)
+        starts = [0]
+        for length in meta.query_lens:
+            starts.append(starts[-1] + length)
+        singles = [i for i, length in enumerate(meta.query_lens) if length == 1]
+        if singles:  # decode steps (and one-token chunks): one batched update
+            rows = torch.tensor([starts[i] for i in singles], device=x.device)
+            slots = st.slots_t[singles] if len(singles) < len(st.slots) else st.slots_t
+            window, rec = self._states(st.pool, slots, [st.fresh[i] for i in singles])
+            conv, window = self._convolved(window, mixed[rows][:, None])
+            q, k, v, g, beta = self._heads(conv[:, 0], b[rows], a[rows])
+            o, rec = gated_delta.recurrent_step(q, k, v.float(), g, beta, rec)
+            core[rows] = o.to(x.dtype)
+            self._store(st.pool, slots, window, rec)
+        for i, length in enumerate(meta.query_lens):
+            if length == 1:
+                continue
+            lo, hi = starts[i], starts[i + 1]
+            slot = st.slots_t[i : i + 1]
+            window, rec = self._states(st.pool, slot, [st.fresh[i]])
+            conv, window = self._convolved(window, mixed[None, lo:hi])
+            q, k, v, g, beta = self._heads(conv[0], b[lo:hi], a[lo:hi])
+            o, rec1 = gated_delta.chunked(q.transpose(0, 1), k.transpose(0, 1), v.float().transpose(0, 1), g.T, beta.T, rec[0])
+            core[lo:hi] = o.transpose(0, 1).to(x.dtype)
+            self._store(st.pool, slot, window, rec1[None])
+        out = self.norm(core, z.view(n, self.v_heads, self.dv))
+        return self.out_proj(out.reshape(n, -1))
+
+
+class HybridLayer(nn.Module):
+    def __init__(self, cfg: TextModelConfig, layer: int, linear_index: Optional[int], kv_index: Optional[int]):
+        super().__init__()
+        self.kv_index = kv_index
+        if linear_index is not None:
+            self.linear_attn = GatedDeltaNet(cfg, linear_index)
+        else:
+            self.self_attn = GatedAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_caches, meta):
+        h = self.input_layernorm(x)
+        if self.kv_index is None:
+            h = self.linear_attn(h, meta)
+        else:
+            h = self.self_attn(h, cos, sin, kv_caches[self.kv_index], meta)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridBody(nn.Module):
+    def __init__(self, cfg: TextModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        full = cfg.full_attention_layers
+        layers, linear = [], 0
+        for i in range(cfg.num_layers):
+            if i in full:
+                layers.append(HybridLayer(cfg, i, None, full.index(i)))
+            else:
+                layers.append(HybridLayer(cfg, i, linear, None))
+                linear += 1
+        self.layers = nn.ModuleList(layers)
+        self.norm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class HybridLM(nn.Module):
+    """The paged LM's interface (embed, forward, logits) for a hybrid model; every step needs `meta.states`."""
+
+    has_state = True
+
+    def __init__(self, cfg: TextModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = HybridBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(int(cfg.attn_head_dim * cfg.partial_rotary_factor), cfg.rope_theta)
+        self.tp = 1
+        self.fused = False
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        if tp > 1:
+            raise ValueError(f"tensor parallelism (tp={tp}) is not supported for the hybrid LM {self.cfg.arch!r}")
+
+    def fuse(self) -> None:
+        self.fused = True  # its projections stay apart (the gated query and the linear layers' four inputs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.attn_head_dim
+
+    def embed(self, input_ids, mm_embeds, mm_mask):
+        return embed_with_images(self.model.embed_tokens, input_ids, mm_embeds, mm_mask)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, mm_embeds=None, mm_mask=None) -> torch.Tensor:
+        if meta.states is None:
+            raise ValueError("a hybrid LM step needs its sequences' state slots (meta.states)")
+        x = self.embed(input_ids, mm_embeds, mm_mask)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv_caches, meta)
+        return self.logits(x, meta)
+
+    def logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.logits_indices is not None:
+            hidden = hidden[meta.logits_indices]
+        return self.lm_head(self.model.norm(hidden))
