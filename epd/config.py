@@ -151,6 +151,13 @@ class PoolConfig:
     # Encoded images kept by content hash in the MM pool of an instance that encodes, evicted least
     # recently used when blocks are needed: None lets every free MM block hold them, 0 turns it off.
     encoder_cache_blocks: Optional[int] = None
+    # Hybrid LMs (linear-attention layers): sequences a prefill or decode instance keeps state for at once,
+    # each a slot of the worker's state pool; 0: twice max_decode_seqs.
+    state_slots: int = 0
+
+    @property
+    def state_slot_count(self) -> int:
+        return self.state_slots or 2 * self.max_decode_seqs
 
 
 TRANSFER_BACKENDS = ("object_store", "ipc", "nccl", "local")

@@ -60,6 +60,7 @@ class _Seq:
     output_ids: Optional[list[int]] = None
     rope: Any = None  # M-RoPE layout (Qwen2-VL families): rotary positions differ from cache positions
     pending: Optional[tuple[PendingTokens, int]] = None  # last_token is this row of a launched step, not on the host yet
+    state_slot: Optional[int] = None  # a hybrid LM: its row of the worker's state pool
 
 
 class _Landing:
@@ -149,8 +150,9 @@ class Worker:
         """Caches (and decode graphs) for `roles`; the model parts are already in place."""
         self.roles, self.pool = roles, pool
         self.graphs = self.step_graphs = None
-        self.kv = None
+        self.kv = self.state = None
         if self.rt.lm is not None:
+            self.state = self.rt.allocate_state_pool(pool.state_slot_count)
             if self.endpoint.tp > 1 and self.rt.tp == 1:
                 self.rt.shard_lm(self.endpoint.rank, self.endpoint.tp, self.comm.tp_group)
             # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
@@ -158,26 +160,28 @@ class Worker:
             if self.rt.device.type == "cuda":
                 self.rt.lm.fuse()
                 # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
-                if self.model_cfg.cuda_graphs and Role.DECODE in roles and self.endpoint.tp == 1:
+                graphed = self.model_cfg.cuda_graphs and self.state is None  # a hybrid LM's linear layers run eagerly
+                if graphed and Role.DECODE in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
                     self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
                 step_tokens = pool.max_prefill_tokens + (pool.max_decode_seqs if Role.DECODE in roles else 0)
                 top = min(step_tokens, self.model_cfg.step_graph_tokens)
-                if self.model_cfg.cuda_graphs and top > 0 and Role.PREFILL in roles and self.endpoint.tp == 1:
+                if graphed and top > 0 and Role.PREFILL in roles and self.endpoint.tp == 1:
                     from epd.models.step_graphs import StepGraphs, bucket_sizes
 
                     self.step_graphs = StepGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, bucket_sizes(top))
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
-        self.transfer.bind(self.endpoint, {k: v for k, v in (("mm", self.mm), ("kv", self.kv)) if v is not None})
+        caches = (("mm", self.mm), ("kv", self.kv), ("state", self.state))
+        self.transfer.bind(self.endpoint, {k: v for k, v in caches if v is not None})
 
     def _switch(self, batch: SwitchBatch) -> SwitchResult:
         """Leave this stage for another: the driver sends this only once nothing here is queued or held."""
         begin = time.time()
         self.seqs.clear()
         self.transfer.close()
-        self.kv = self.mm = self.graphs = self.step_graphs = None  # the allocator reuses their memory for what comes next
+        self.kv = self.mm = self.state = self.graphs = self.step_graphs = None  # the allocator reuses their memory for what comes next
         loaded = self.rt.set_parts(_parts(batch.roles))
         self._configure(batch.roles, batch.pool)
         self._sync()
@@ -406,6 +410,8 @@ class Worker:
             try:
                 if it.send_kv:
                     done.kv_handle = self.transfer.send("kv", it.kv_blocks, total)
+                    if self.state is not None:  # the linear layers' state goes with the KV
+                        done.kv_handle.state = self.transfer.send("state", [it.state_slot], 1)
             except Exception as exc:
                 done.error = describe(exc, f"{self.worker_id} prefill")
                 continue
@@ -422,6 +428,7 @@ class Worker:
                     it.prompt if history else None,
                     outputs if history else None,
                     it.rope,
+                    state_slot=it.state_slot,
                 )
         return out
 
@@ -458,6 +465,7 @@ class Worker:
             [0] * len(seqs) + [it.prompt_end if it.prompt_end is not None else it.end for it in chunks],
             graphs=self.step_graphs,
             rope=[s.rope for s in seqs] + [it.rope for it in chunks],
+            states=self._states([s.state_slot for s in seqs] + [it.state_slot for it in chunks]),
         )
         finals = [it for it in chunks if it.final]
         rows = list(range(len(seqs))) + [len(seqs) + j for j, it in enumerate(chunks) if it.final]
@@ -484,6 +492,8 @@ class Worker:
             if new.kv_handle is not None:
                 try:
                     self.transfer.recv(new.kv_handle, new.kv_blocks)
+                    if new.kv_handle.state is not None:
+                        self.transfer.recv(new.kv_handle.state, [new.state_slot])
                     self._sync()
                 except Exception as exc:
                     errors[new.request_id] = describe(exc, f"{self.worker_id} KV pull")
@@ -500,6 +510,7 @@ class Worker:
                 new.prompt_ids,
                 list(outputs) if history else None,
                 new.rope,
+                state_slot=new.state_slot,
             )
         for rid, blocks in batch.grow.items():
             if rid in self.seqs:
@@ -652,7 +663,16 @@ class Worker:
             self.pool.kv_block_size,
             rope=[s.rope for s in seqs],
             fed=fed,
+            states=self._states([s.state_slot for s in seqs]),
         )
+
+    def _states(self, slots: list[Optional[int]]) -> Optional[tuple[torch.Tensor, list[int]]]:
+        """A hybrid LM's state pool and the step's slots in it (None for other LMs)."""
+        if self.state is None:
+            return None
+        if None in slots:
+            raise RuntimeError(f"{self.worker_id}: a sequence of this step has no state slot")
+        return self.state, slots
 
     def _decode_sampling_inputs(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple:
         return (

@@ -10,7 +10,7 @@ from epd.config import PoolConfig, Role
 from epd.stages.blocks import BlockPool, KVBlockManager, MMBlockManager
 from epd.stages.encoder_cache import EncoderCache
 from epd.stages.prefix_cache import PrefixCache
-from epd.stages.state import RequestState
+from epd.stages.state import Hold, RequestState
 
 
 @dataclass
@@ -39,9 +39,12 @@ def _usage(pool: Optional[BlockPool], cache) -> float:
 
 
 class Instance:
-    def __init__(self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig, prefix_caching: bool = False):
+    def __init__(
+        self, instance_id: str, pool: str, roles: tuple[str, ...], cfg: PoolConfig, prefix_caching: bool = False, keeps_state: bool = False
+    ):
         self.id = instance_id
-        self.prefix_caching = prefix_caching
+        self.prefix_caching = prefix_caching and not keeps_state  # a cached prefix's KV cannot restore a linear layer's state
+        self.keeps_state = keeps_state
         self.configure(pool, roles, cfg)
         self.encode_queue: deque[EncodeWork] = deque()
         self.prefill_queue: deque[RequestState] = deque()
@@ -60,6 +63,8 @@ class Instance:
         self.pool, self.roles, self.cfg = pool, roles, cfg
         holds_lm = Role.PREFILL in roles or Role.DECODE in roles
         self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
+        # A hybrid LM's per-sequence state: one slot a sequence, held beside its KV
+        self.state = BlockPool("state", self.id, cfg.state_slot_count, 1) if holds_lm and self.keeps_state else None
         self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
         self.prefix_cache = PrefixCache(self.kv) if self.prefix_caching and Role.PREFILL in roles else None
         cap = cfg.mm_blocks if cfg.encoder_cache_blocks is None else cfg.encoder_cache_blocks
@@ -77,6 +82,18 @@ class Instance:
         """KV blocks, evicting cached prefixes nobody uses when the pool is short."""
         return _allocate(self.kv, self.prefix_cache, n)
 
+    def hold_kv(self, state: RequestState, blocks: list[int]) -> bool:
+        """`state` holds `blocks` of this instance's KV, and a state slot where the LM keeps one; False (the
+        blocks given back) when every slot is taken."""
+        if self.state is not None:
+            slot = self.state.allocate(1)
+            if slot is None:
+                self.kv_owner.free(blocks)
+                return False
+            state.hold(Hold.state_slot(self.id), self.state, slot)
+        state.hold(Hold.kv(self.id), self.kv_owner, blocks)
+        return True
+
     def can_allocate_mm(self, n: int) -> bool:
         return _can_allocate(self.mm, self.encoder_cache, n)
 
@@ -93,7 +110,7 @@ class Instance:
         queues = self.encode_queue or self.prefill_queue or self.decode_queue or self.running
         if not queues:  # cached images and prefixes are kept only while the instance serves
             self._clear_caches()
-        pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm))
+        pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm, self.state))
         return not self.busy and not queues and self.outgoing == 0 and pools_free
 
     def _clear_caches(self) -> None:
@@ -122,7 +139,7 @@ class Instance:
 
     def assert_drained(self) -> None:
         self._clear_caches()  # what nobody references is cache, not a leak
-        for pool in (self.kv, self.mm):
+        for pool in (self.kv, self.mm, self.state):
             if pool is not None:
                 pool.assert_all_free()
         leftovers = [s.rid for s in self.running] + [s.rid for s in self.prefill_queue if not s.done]

@@ -77,7 +77,7 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         for pool_name, pool in deployment.pools().items():
             roles = POOL_ROLES[pool_name]
             for k in range(pool.instances):
-                inst = Instance(f"{pool_name}-{k}", pool_name, roles, pool, deployment.prefix_caching)
+                inst = Instance(f"{pool_name}-{k}", pool_name, roles, pool, deployment.prefix_caching, self.text.is_hybrid)
                 self.instances[inst.id] = inst
                 for r in roles:
                     self.by_role[r].append(inst)

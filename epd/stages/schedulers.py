@@ -116,6 +116,7 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
                 generated=list(state.output) if final else [],
                 attempt=state.attempt,
                 rope=state.rope,
+                state_slot=state.state_slot(inst.id),
             )
         )
         for i in range(len(images)):  # pulled with this chunk: later chunks read the local copy
@@ -147,7 +148,8 @@ def _admit_prefill(inst: Instance, state: RequestState, seq: list[int], policy: 
         if hit:
             cache.free(hit)
         return False
-    state.hold(Hold.kv(inst.id), inst.kv_owner, hit + inst.allocate_kv(kv_need - len(hit)))
+    if not inst.hold_kv(state, hit + inst.allocate_kv(kv_need - len(hit))):
+        return False
     for i in pulled:
         blocks = inst.allocate_mm(inst.mm.blocks_for(state.image_tokens[i]))
         state.hold(Hold.mm(inst.id, i), inst.mm, blocks)
@@ -170,12 +172,13 @@ def select_decode(inst: Instance, on_pull: OnPull, policy: Policy, on_preempt: O
             sp = state.req.sampling
             tokens = state.prompt_len + sp.max_tokens if policy.reserve else state.kv_len
             blocks = inst.allocate_kv(inst.kv.blocks_for(tokens))
-            if blocks is None:
+            if blocks is None or not inst.hold_kv(state, blocks):
                 break
-            state.hold(Hold.kv(inst.id), inst.kv_owner, blocks)
             prompt = state.prompt_ids if sp.needs_history else None
             history = list(state.output) if len(state.output) > 1 else None
-            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.kv_len, state.output[-1], sp, prompt, history, state.rope))
+            slot = state.state_slot(inst.id)
+            last = state.output[-1]
+            new.append(NewDecodeSeq(state.rid, state.kv_handle, blocks, state.kv_len, last, sp, prompt, history, state.rope, slot))
             state.kv_handle = None
             on_pull(state)
         inst.decode_queue.popleft()

@@ -12,14 +12,20 @@ from epd.stages.work import MMSource
 
 @dataclass(frozen=True)
 class Hold:
-    """Blocks a request holds on one instance: its KV (`image` None) or one image's MM embeddings."""
+    """Blocks a request holds on one instance: its KV (`image` None), one image's MM embeddings, or (a
+    hybrid LM) its state slot, which lives and goes with its KV there."""
 
     instance: str
     image: Optional[int] = None
+    state: bool = False
 
     @staticmethod
     def kv(instance: str) -> Hold:
         return Hold(instance)
+
+    @staticmethod
+    def state_slot(instance: str) -> Hold:
+        return Hold(instance, None, True)
 
     @staticmethod
     def mm(instance: str, image: int) -> Hold:
@@ -98,6 +104,12 @@ class RequestState:
         if key in self.holds:
             pool, blocks = self.holds.pop(key)
             pool.free(blocks)
+        if key.image is None and not key.state:  # the sequence's state slot there goes with its KV
+            self.release(Hold.state_slot(key.instance))
+
+    def state_slot(self, instance: str) -> Optional[int]:
+        held = self.holds.get(Hold.state_slot(instance))
+        return held[1][0] if held else None
 
     def release_all(self) -> None:
         for key in list(self.holds):

@@ -59,6 +59,7 @@ class PrefillItem:
     generated: list[int] = field(default_factory=list)  # tokens sampled before a preemption (the sequence's tail)
     attempt: int = 0  # the request's attempt it was scheduled for (a result for an earlier one is dropped)
     rope: Any = None  # the sequence's M-RoPE layout (`epd.models.mrope.RopeLayout`), for families that use one
+    state_slot: Optional[int] = None  # a hybrid LM: the slot of the worker's state pool it carries its state in
 
     @property
     def end(self) -> int:
@@ -86,6 +87,7 @@ class NewDecodeSeq:
     prompt_ids: Optional[list[int]] = None  # sent only when sampling needs the tokens so far (penalties)
     output_ids: Optional[list[int]] = None  # the tokens sampled so far, when more than one (a recomputed sequence)
     rope: Any = None  # the sequence's M-RoPE layout, for families that use one
+    state_slot: Optional[int] = None  # a hybrid LM: where its state goes in this worker's pool
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The transfer interface between a sending and a receiving worker.
 
 A backend is bound to its worker's caches ("mm": [blocks, block_tokens, hidden], "kv":
-[layers, 2, blocks, block_size, kv_heads, head_dim]). The sender turns blocks into a
+[layers, 2, blocks, block_size, kv_heads, head_dim], and for a hybrid LM "state": [slots, 1, numel], rows
+like "mm"). The sender turns blocks into a
 `TransferHandle`, the driver passes the handle to the receiver, and the receiver pulls the data
 into its own blocks.
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from epd.registry import Registry
 
-BLOCK_DIM = {"mm": 0, "kv": 2}  # where the block index sits in each cache's layout
+BLOCK_DIM = {"mm": 0, "kv": 2, "state": 0}  # where the block index sits in each cache's layout (a state slot: one row)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TransferHandle:
     blocks: list[int]  # the sender's blocks
     rows: int  # tokens in them
     payload: Any = None  # backend data (e.g. an object ref); None when the receiver pulls from the sender's blocks
+    state: Optional[TransferHandle] = None  # with a hybrid LM's KV: the sequence's state slot, pulled after it
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class NCCLTransfer(TransferBackend):
 
     def _shape(self, cache: str, rows: int) -> tuple[int, ...]:
         c = self.caches[cache]
-        return (rows, c.shape[-1]) if cache == "mm" else (c.shape[0], 2, rows, *c.shape[4:])
+        return (c.shape[0], 2, rows, *c.shape[4:]) if cache == "kv" else (rows, c.shape[-1])
 
     def push(self, handles: list[TransferHandle], receiver: str) -> None:
         """Send each handle's rows to every rank of `receiver` that pulls from this rank."""
@@ -77,9 +77,9 @@ class NCCLTransfer(TransferBackend):
         targets = [g for r, g in enumerate(self.ranks[receiver]) if r % my_tp == self.endpoint.rank]
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with ctx:
-            for h in handles:
+            for h in [part for handle in handles for part in (handle, handle.state) if part is not None]:  # a state after its KV, as pulled
                 src = self.caches[h.cache]
-                data = (read_rows(src, h.blocks, h.rows) if h.cache == "mm" else gather_kv(src, h.blocks, h.rows)).contiguous()
+                data = (gather_kv(src, h.blocks, h.rows) if h.cache == "kv" else read_rows(src, h.blocks, h.rows)).contiguous()
                 for dst in targets:
                     self._group(me, dst).send([data], 1, 0).wait()
             if self.stream is not None:
@@ -91,7 +91,7 @@ class NCCLTransfer(TransferBackend):
         dst_cache = self.caches[handle.cache]
         buf = torch.empty(self._shape(handle.cache, handle.rows), dtype=dst_cache.dtype, device=dst_cache.device)
         self._group(src, self.endpoint.global_rank).recv([buf], 0, 0).wait()
-        if handle.cache == "mm":
-            write_rows(dst_cache, blocks, buf)
-        else:
+        if handle.cache == "kv":
             scatter_kv(dst_cache, blocks, buf)
+        else:
+            write_rows(dst_cache, blocks, buf)

@@ -17,14 +17,14 @@ class ObjectStoreTransfer(TransferBackend):
 
     def send(self, cache: str, blocks: list[int], rows: int) -> TransferHandle:
         src = self.caches[cache]
-        data = read_rows(src, blocks, rows) if cache == "mm" else gather_kv(src, blocks, rows)
+        data = gather_kv(src, blocks, rows) if cache == "kv" else read_rows(src, blocks, rows)
         # A list keeps Ray from resolving the ref when the driver passes the handle on.
         return TransferHandle(self.endpoint.instance, cache, list(blocks), rows, [ray.put(data.detach().cpu())])
 
     def recv(self, handle: TransferHandle, blocks: list[int]) -> None:
         dst = self.caches[handle.cache]
         data = ray.get(handle.payload[0]).to(dst.device)
-        if handle.cache == "mm":
-            write_rows(dst, blocks, data)
-        else:
+        if handle.cache == "kv":
             scatter_kv(dst, blocks, data)
+        else:
+            write_rows(dst, blocks, data)

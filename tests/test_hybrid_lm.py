@@ -1,0 +1,164 @@
+"""MiniCPM-V 4.6's hybrid LM (Qwen3.5: Gated DeltaNet linear-attention layers between gated full-attention
+ones): the gated delta rule's chunked form against its token-by-token form, greedy tokens against
+transformers, then every deployment of the engine against the runtime, with state slots moved between
+workers, carried across prefill chunks, and started over on preemption."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import MiniCPMV4_6ForConditionalGeneration
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+from epd.config import DeploymentConfig, ModelConfig, PoolConfig, TextModelConfig, VisionTowerConfig
+from epd.kernels import gated_delta
+from epd.models.generate import generate
+from epd.models.runtime import ModelRuntime, load_family
+from epd.request import ImageInput, Request, SamplingParams
+from tests.helpers import AGG, EPD, PD, reference, run
+
+SHAPE = dict(image_token_id=3, max_tiles=9, scale_resolution=112, vision_merger_layer=1)
+
+
+def tiny(**text) -> ModelConfig:
+    vision = VisionTowerConfig(
+        hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=112, hidden_act="gelu_pytorch_tanh"
+    )
+    t = dict(
+        arch="qwen3_5_text",
+        rope_theta=1e6,
+        max_position_embeddings=8192,
+        num_layers=4,
+        head_dim=32,
+        partial_rotary_factor=0.5,
+        full_attention_interval=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    )
+    return ModelConfig(name="tiny-minicpmv4.6", family="minicpmv4_6", vision=vision, text=TextModelConfig(**{**t, **text}), **SHAPE)
+
+
+@pytest.mark.parametrize("length", [1, 5, 63, 64, 65, 150])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_chunked_rule_equals_the_token_by_token_one(length, seed):
+    g = torch.Generator().manual_seed(seed)
+    heads, dk, dv = 3, 8, 5
+    q = gated_delta.l2_normalized(torch.randn(heads, length, dk, generator=g)) * dk**-0.5
+    k = gated_delta.l2_normalized(torch.randn(heads, length, dk, generator=g))
+    v = torch.randn(heads, length, dv, generator=g)
+    gate = -torch.rand(heads, length, generator=g)
+    beta = torch.rand(heads, length, generator=g)
+    state = torch.randn(heads, dk, dv, generator=g)
+    out, final = gated_delta.chunked(q, k, v, gate, beta, state, chunk=16)
+    s = state[None]
+    for t in range(length):
+        o, s = gated_delta.recurrent_step(q[None, :, t], k[None, :, t], v[None, :, t], gate[None, :, t], beta[None, :, t], s)
+        torch.testing.assert_close(out[:, t], o[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, s[0], atol=1e-5, rtol=1e-5)
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=[dict(), dict(full_attention_interval=4, num_layers=4, linear_num_value_heads=2)])
+def checkpoint(request, tmp_path_factory):
+    """transformers' model with non-trivial norms, decays and step sizes, saved; ours loaded from it."""
+    torch.manual_seed(0)
+    hf = MiniCPMV4_6ForConditionalGeneration(load_family(tiny(**request.param)).hf).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(0, 0.3 if "A_log" in name or "dt_bias" in name else 0.1)
+    path = tmp_path_factory.mktemp("minicpmv46")
+    hf.save_pretrained(path)
+    return hf, ModelRuntime(ModelConfig(load_format="hf", path=str(path), **SHAPE), {"vision", "lm"})
+
+
+def test_greedy_tokens_equal_transformers(checkpoint):
+    """Prompts on both sides of the chunked rule's 64-token blocks; 32 tokens each."""
+    hf, ours = checkpoint
+    assert type(ours.lm).__name__ == "HybridLM"
+    fam = ours.family
+    images = [_image(640, 480, 0), _image(300, 200, 1)]
+    proc = MiniCPMV4_6ImageProcessorPil(scale_resolution=112, max_slice_nums=9)
+    cases = [[0], [1, 0], [], []]
+    texts = [[20, 21, 22], list(range(40, 61)), list(range(30, 33)), list(range(30, 130))]
+    prompts = [fam.build_prompt(t, [images[i].size for i in case]) for t, case in zip(texts, cases)]
+    mm = [torch.cat(ours.encode([fam.preprocess(images[i]) for i in case])) if case else None for case in cases]
+    got = generate(ours, prompts, mm, [SamplingParams(max_tokens=32, ignore_eos=True)] * len(cases), block_size=5)
+    for case, prompt, out in zip(cases, prompts, got):
+        kw = {}
+        if case:
+            px = proc(images=[images[i] for i in case], return_tensors="pt")
+            kw = dict(pixel_values=px["pixel_values"], target_sizes=px["target_sizes"])
+        hf.generation_config.eos_token_id = None  # as ignore_eos: EOS may be the argmax, not suppressed or stopped at
+        with torch.no_grad():
+            ref = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0, **kw)
+        assert out == ref[0, len(prompt) :].tolist()
+        assert len(set(out)) > 1
+
+
+def test_a_step_without_state_slots_is_refused():
+    from epd.models.generate import lm_step
+
+    rt = ModelRuntime(tiny(), {"lm"})
+    kv = rt.allocate_kv_cache(4, 4)
+    with pytest.raises(ValueError, match="states"):
+        lm_step(rt, kv, [[5, 6]], [0], [[0]], 4)
+
+
+def _requests(n: int = 6) -> list[Request]:
+    sizes = [(120, 90), (300, 200), (640, 480)]
+    return [
+        Request(
+            f"h{i}",
+            prompt_token_ids=tuple(range(30 + i, 36 + 5 * i)),
+            images=tuple(ImageInput(width=sizes[(i + k) % 3][0], height=sizes[(i + k) % 3][1], seed=3 * i + k) for k in range(i % 3)),
+            sampling=SamplingParams(max_tokens=6 + i, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
+def test_engine_deployments_equal_the_runtime(ray_cluster):
+    """States pulled from prefill by decode (local and Ray executors; object store, nccl and in-process
+    transfers), carried across prefill chunks, and recomputed from zero after a preemption; never more
+    sequences at once than an instance has slots."""
+    model = dataclasses.replace(tiny(), seed=1)
+    reqs = _requests()
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
+    irp = DeploymentConfig(**{**EPD.__dict__, "irp": True, "encode": PoolConfig(instances=3, mm_blocks=64)})
+    chunked = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=64, max_prefill_tokens=7))
+    few_slots = DeploymentConfig(
+        name="pd", encode_prefill=PoolConfig(kv_blocks=64, state_slots=1), decode=PoolConfig(kv_blocks=64, state_slots=2)
+    )
+    nccl = dataclasses.replace(PD, transfer="nccl")  # the sender pushes the state after the KV (gloo on CPU)
+    runs = [(EPD, "ray"), (nccl, "ray"), (PD, "local"), (AGG, "local"), (irp, "local"), (chunked, "local"), (few_slots, "local")]
+    for deployment, executor in runs:
+        outs, _, _ = run(deployment, reqs, executor, model=model)
+        assert {k: v.token_ids for k, v in outs.items()} == expected, (deployment.name, executor)
+    # Sequences outgrowing a small KV pool: the newest are preempted and recomputed, their state from zero.
+    texts = [
+        Request(f"t{i}", prompt_token_ids=tuple(range(40 + i, 50 + i)), sampling=SamplingParams(max_tokens=30, ignore_eos=True))
+        for i in range(5)
+    ]
+    tight = DeploymentConfig(
+        name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=14, kv_block_size=4), kv_allocation="on_demand"
+    )
+    outs, _, events = run(tight, texts, "local", model=model)
+    assert {k: v.token_ids for k, v in outs.items()} == dict(zip([r.request_id for r in texts], reference(texts, model)))
+    assert any(e.kind.value == "preempted" for e in events), "the small pool was meant to preempt"
+
+
+def test_prefix_caching_stays_off_for_a_hybrid_lm():
+    from epd.stages.instance import Instance
+
+    inst = Instance("p-0", "prefill", ("prefill",), PoolConfig(), prefix_caching=True, keeps_state=True)
+    assert inst.prefix_cache is None and inst.state is not None and inst.state.num_blocks == 2 * PoolConfig().max_decode_seqs
