@@ -1,6 +1,6 @@
 """The Qwen2-VL and MiniCPM-V families on one GPU: exactness of the GPU engine (CUDA graphs, M-RoPE) and the real shapes.
 
-    python bench/gpu_families.py --out DIR [--parts exact shapes] [--models qwen2-vl-7b qwen2.5-vl-7b]
+    python bench/gpu_families.py --out DIR [--parts exact shapes] [--models qwen2-vl-7b minicpm-v-4.6] [--exact-models tiny-minicpmv4.6]
 
 exact: the tiny configs in float32 on the GPU, in-process engine (decode and step graphs captured), EPD and
   aggregated with chunked prefill, against transformers' `generate` on the same GPU from the same weights
@@ -136,8 +136,9 @@ def exact(name: str) -> dict:
         kw = _hf_inputs(fam, images, ids) if images else {}
         if r.videos:
             _hf_video_inputs(fam, list(r.videos), ids, kw)
+        hf.generation_config.eos_token_id = None  # as ignore_eos: EOS may be the argmax, neither suppressed nor stopped at
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kw)
+            out = hf.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=0, **kw)
         ref[r.request_id] = out[0, len(prompt) :].tolist()
     del hf
     torch.cuda.empty_cache()
@@ -201,12 +202,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", nargs="+", default=["exact", "shapes"])
-    ap.add_argument("--models", nargs="+", default=["qwen2-vl-7b", "qwen2.5-vl-7b", "minicpm-v-2.6"])
+    ap.add_argument("--models", nargs="+", default=["qwen2-vl-7b", "qwen2.5-vl-7b", "minicpm-v-2.6", "minicpm-v-4.6"])
+    ap.add_argument("--exact-models", nargs="+", default=["tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-minicpmv", "tiny-minicpmv4.6"])
     args = ap.parse_args()
     card = torch.cuda.get_device_name(0)
     out = {"card": card, "exact": [], "shapes": []}
     if "exact" in args.parts:
-        out["exact"] = [exact(n) for n in ("tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-minicpmv")]
+        out["exact"] = [exact(n) for n in args.exact_models]
     if "shapes" in args.parts:
         out["shapes"] = [shapes(n, card) for n in args.models]
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
     grid = cfg.profile
     decode_blocks = max(grid.decode_batches) * -(-(max(grid.decode_contexts) + 8) // 16)
     prefill_blocks = max(grid.prefill_batch) * -(-max(grid.prefill_lens) // 16)
-    pool = PoolConfig(kv_blocks=max(decode_blocks, prefill_blocks) + 8, mm_blocks=4096, mm_block_tokens=64)
+    slots = max(max(grid.decode_batches), max(grid.prefill_batch))  # a hybrid LM's state slots: one a sequence
+    pool = PoolConfig(kv_blocks=max(decode_blocks, prefill_blocks) + 8, mm_blocks=4096, mm_block_tokens=64, state_slots=slots)
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -61,6 +62,7 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
                         SamplingParams(),
                         False,  # compute only, as for encode
                         False,
+                        state_slot=i,
                     )
                     for i in range(b)
                 ]
@@ -70,7 +72,10 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
             for b in grid.decode_batches:
                 per = -(-(ctx + 8) // 16)
                 ids = [f"d{i}" for i in range(b)]
-                new = [NewDecodeSeq(r, None, list(range(i * per, (i + 1) * per)), ctx, 7, SamplingParams()) for i, r in enumerate(ids)]
+                new = [
+                    NewDecodeSeq(r, None, list(range(i * per, (i + 1) * per)), ctx, 7, SamplingParams(), state_slot=i)
+                    for i, r in enumerate(ids)
+                ]
                 w.execute(DecodeBatch(ids, new))
 
                 def step(ids=ids, ctx=ctx):

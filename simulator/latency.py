@@ -110,11 +110,12 @@ class RooflineModel(LatencyModel):
     def prefill(self, s: PrefillShape) -> float:
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops
         nbytes = self.m.lm_params * self.m.dtype_bytes + (s.tokens + sum(s.starts)) * self.m.kv_bytes_per_token
+        nbytes += 2 * len(s.lens) * self.m.state_bytes_per_seq  # a hybrid LM's state, read and written per sequence
         return self._time(flops, nbytes)
 
     def decode(self, s: DecodeShape) -> float:
         flops = s.batch * (self.m.lm_flops_per_token + self.m.head_flops) + s.context * self.m.attn_flops_coeff
-        nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token
+        nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token + 2 * s.batch * self.m.state_bytes_per_seq
         return self._time(flops, nbytes)
 
     def transfer(self, nbytes: float) -> float:

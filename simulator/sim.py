@@ -219,7 +219,7 @@ class Simulation:
         spans = {}
         for new in batch.new:
             d = (
-                self.lat.transfer(new.context_len * self.shape.kv_bytes_per_token) * (1 - self.send_share)
+                self.lat.transfer(new.context_len * self.shape.kv_bytes_per_token + self.shape.state_bytes_per_seq) * (1 - self.send_share)
                 if new.kv_handle is not None
                 else 0.0
             )
@@ -244,7 +244,9 @@ class Simulation:
         lens = tuple(len(it.prompt_ids) for it in batch.items) + (1,) * len(decode_contexts)
         starts = tuple(it.start for it in batch.items) + tuple(decode_contexts)
         sends = sum(
-            self.lat.transfer(it.end * self.shape.kv_bytes_per_token) * self.send_share for it in batch.items if it.send_kv and it.final
+            self.lat.transfer(it.end * self.shape.kv_bytes_per_token + self.shape.state_bytes_per_seq) * self.send_share
+            for it in batch.items
+            if it.send_kv and it.final
         )
         return self.lat.prefill(PrefillShape(lens, starts)) + sends
 
