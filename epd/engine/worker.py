@@ -217,6 +217,7 @@ class Worker:
             "lm_weight_bytes": weights["lm"],
             "kv_cache_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
             "mm_cache_bytes": 0 if self.mm is None else self.mm.numel() * self.mm.element_size(),
+            "state_cache_bytes": 0 if self.state is None else self.state.numel() * self.state.element_size(),
             "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
         }
 

@@ -51,7 +51,7 @@ def lm_step(
             raise ValueError(f"the {rt.text_cfg.arch} LM keeps per-sequence state: lm_step needs states=(pool, slots)")
         from epd.models.hybrid_lm import StepStates
 
-        meta.states = StepStates(states[0], list(states[1]), [s == 0 for s in starts])
+        meta.states = StepStates(states[0], list(states[1]), [s == 0 for s in starts], qlens)
     mm_embeds = mm_mask = None
     if mm is not None and any(m is not None and m.shape[0] for m in mm):
         mm_embeds = torch.cat([m for m in mm if m is not None and m.shape[0]]).to(rt.device)

@@ -29,14 +29,35 @@ from epd.models.lm import MLP, RotaryEmbedding, embed_with_images
 
 @dataclass
 class StepStates:
-    """Where a step's sequences keep their linear layers' state."""
+    """Where a step's sequences keep their linear layers' state, and the step's layout as the linear layers
+    read it: made once per step (every layer reads it; no host-to-device copy per layer)."""
 
     pool: torch.Tensor  # [slots, 1, layers * numel] float32
     slots: list[int]  # per sequence of the step
     fresh: list[bool]  # per sequence: starts from a zero state (its first tokens)
+    query_lens: list[int]
 
     def __post_init__(self) -> None:
-        self.slots_t = torch.tensor(self.slots, dtype=torch.long, device=self.pool.device)
+        dev = self.pool.device
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        singles = [i for i, n in enumerate(self.query_lens) if n == 1]
+        # one-token sequences (decode steps): one batched update; the others one at a time
+        self.single_rows = torch.tensor([starts[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
+        self.single_slots = torch.tensor([self.slots[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
+        self.single_fresh = _mask([self.fresh[i] for i in singles], dev)
+        self.runs = [
+            (starts[i], starts[i + 1], torch.tensor([self.slots[i]], dtype=torch.long).to(dev, non_blocking=True), self.fresh[i])
+            for i, n in enumerate(self.query_lens)
+            if n != 1
+        ]
+        self.has_singles = bool(singles)
+
+
+def _mask(flags: list[bool], dev: torch.device) -> Optional[torch.Tensor]:
+    """A [n, 1] mask of the rows to zero; None when there are none."""
+    return torch.tensor(flags, dtype=torch.bool).to(dev, non_blocking=True)[:, None] if any(flags) else None
 
 
 class OffsetRMSNorm(nn.Module):
@@ -116,11 +137,14 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_b = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
         self.in_proj_a = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
 
-    def _states(self, pool: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's (conv window [n, kernel-1, conv_dim], recurrent [n, H, Dk, Dv]) of `slots`; zeros where fresh."""
+    def _states(self, pool: torch.Tensor, slots: torch.Tensor, fresh) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (conv window [n, kernel-1, conv_dim], recurrent [n, H, Dk, Dv]) of `slots`; zeros where
+        `fresh` (a [n, 1] mask, or a bool for one sequence)."""
         row = pool.view(pool.shape[0], -1)[slots, self.index * self.numel : (self.index + 1) * self.numel]
-        if any(fresh):
-            row = row.masked_fill(torch.tensor(fresh, device=row.device)[:, None], 0.0)
+        if fresh is True:
+            row = torch.zeros_like(row)
+        elif fresh is not None and fresh is not False:
+            row = row.masked_fill(fresh, 0.0)
         split = (self.kernel - 1) * self.conv_dim
         return row[:, :split].view(-1, self.kernel - 1, self.conv_dim), row[:, split:].view(-1, self.v_heads, self.dk, self.dv)
 
@@ -150,25 +174,16 @@ class GatedDeltaNet(nn.Module):
         mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
         b, a = self.in_proj_b(x), self.in_proj_a(x)
         core = torch.empty(n, self.v_heads, self.dv, dtype=x.dtype, device=x.device)
-        starts = [0]
-        for length in meta.query_lens:
-            starts.append(starts[-1] + length)
-        singles = [i for i, length in enumerate(meta.query_lens) if length == 1]
-        if singles:  # decode steps (and one-token chunks): one batched update
-            rows = torch.tensor([starts[i] for i in singles], device=x.device)
-            slots = st.slots_t[singles] if len(singles) < len(st.slots) else st.slots_t
-            window, rec = self._states(st.pool, slots, [st.fresh[i] for i in singles])
+        if st.has_singles:  # decode steps (and one-token chunks): one batched update
+            rows, slots = st.single_rows, st.single_slots
+            window, rec = self._states(st.pool, slots, st.single_fresh)
             conv, window = self._convolved(window, mixed[rows][:, None])
             q, k, v, g, beta = self._heads(conv[:, 0], b[rows], a[rows])
             o, rec = gated_delta.recurrent_step(q, k, v.float(), g, beta, rec)
             core[rows] = o.to(x.dtype)
             self._store(st.pool, slots, window, rec)
-        for i, length in enumerate(meta.query_lens):
-            if length == 1:
-                continue
-            lo, hi = starts[i], starts[i + 1]
-            slot = st.slots_t[i : i + 1]
-            window, rec = self._states(st.pool, slot, [st.fresh[i]])
+        for lo, hi, slot, fresh in st.runs:
+            window, rec = self._states(st.pool, slot, fresh)
             conv, window = self._convolved(window, mixed[None, lo:hi])
             q, k, v, g, beta = self._heads(conv[0], b[lo:hi], a[lo:hi])
             o, rec1 = gated_delta.chunked(q.transpose(0, 1), k.transpose(0, 1), v.float().transpose(0, 1), g.T, beta.T, rec[0])
