@@ -61,6 +61,13 @@ def test_the_chunked_rule_equals_the_token_by_token_one(length, seed):
     torch.testing.assert_close(final, s[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 64, 100])
+def test_the_unit_lower_inverse_inverts(n):
+    lower = torch.randn(3, n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).tril(-1) * 0.3
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(gated_delta.unit_lower_inverse(lower) @ (eye + lower), eye.expand(3, n, n), atol=1e-9, rtol=0)
+
+
 def _image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 

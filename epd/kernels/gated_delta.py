@@ -8,7 +8,7 @@ the query:
 
 `recurrent_step` applies one token to a batch of sequences (decode); `chunked` applies a whole prompt or
 chunk to one sequence, a block of `chunk` tokens at a time: within a block the corrections form a
-unit-lower-triangular system solved in one go, between blocks only S is carried.
+unit-lower-triangular system, solved for every block at once by its inverse; between blocks only S is carried.
 Inputs are float32: q and k already L2-normalised and q scaled by key_dim^-0.5.
 """
 
@@ -43,9 +43,9 @@ def chunked(
     decay = g.reshape(heads, blocks, chunk).cumsum(-1)  # log of the decay from the block's start to each token
     later = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     between = (decay[..., :, None] - decay[..., None, :]).masked_fill(later, float("-inf")).exp()  # token j -> token i, i >= j
-    system = (k_beta @ k.transpose(-1, -2)) * between
-    corrections = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    key_reads = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    inverse = unit_lower_inverse(((k_beta @ k.transpose(-1, -2)) * between).tril(-1))
+    corrections = inverse @ v_beta
+    key_reads = inverse @ (k_beta * decay.exp()[..., None])
     within = (q @ k.transpose(-1, -2)) * between
     q_read = q * decay.exp()[..., None]
     k_write = k * (decay[..., -1:] - decay).exp()[..., None]
@@ -56,6 +56,22 @@ def chunked(
         out[:, b] = q_read[:, b] @ state + within[:, b] @ fresh
         state = state * block_decay[:, b] + k_write[:, b].transpose(-1, -2) @ fresh
     return out.reshape(heads, -1, dv)[:, :length], state
+
+
+def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """(I + L)^-1 for strictly lower-triangular L [..., n, n]: L is nilpotent, so the inverse is the sum of
+    (-L)^k, k < n, which is the product of (I + (-L)^(2^j)) -- log2(n) batched matmuls (a triangular solve per
+    block is a launch-bound loop on GPUs)."""
+    n = lower.shape[-1]
+    eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+    power = -lower
+    inverse = eye + power
+    span = 2
+    while span < n:
+        power = power @ power
+        inverse = inverse @ (eye + power)
+        span *= 2
+    return inverse
 
 
 def l2_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
