@@ -68,6 +68,34 @@ def test_the_unit_lower_inverse_inverts(n):
     torch.testing.assert_close(gated_delta.unit_lower_inverse(lower) @ (eye + lower), eye.expand(3, n, n), atol=1e-9, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: needs a GPU")
+@pytest.mark.parametrize("dims", [(4, 16, 16), (32, 128, 128), (6, 64, 32)])
+def test_the_triton_decode_update_equals_torch(dims):
+    """In place in the pool (other slots and the conv windows untouched), fresh sequences from zeros."""
+    from epd.kernels import triton_gated_delta
+
+    heads, dk, dv = dims
+    g = torch.Generator(device="cuda").manual_seed(heads)
+    n, slots_total, offset = 5, 9, 7
+    pool = torch.randn(slots_total, offset + heads * dk * dv + 3, device="cuda", generator=g)
+    before = pool.clone()
+    slots = torch.tensor([4, 0, 8, 2, 5], device="cuda")
+    fresh = torch.tensor([0, 1, 0, 0, 1], dtype=torch.int32, device="cuda")
+    q = gated_delta.l2_normalized(torch.randn(n, heads, dk, device="cuda", generator=g)) * dk**-0.5
+    k = gated_delta.l2_normalized(torch.randn(n, heads, dk, device="cuda", generator=g))
+    v = torch.randn(n, heads, dv, device="cuda", generator=g)
+    gate, beta = -torch.rand(n, heads, device="cuda", generator=g), torch.rand(n, heads, device="cuda", generator=g)
+    state = before[slots, offset : offset + heads * dk * dv].view(n, heads, dk, dv).masked_fill(fresh.bool()[:, None, None, None], 0.0)
+    want_o, want_state = gated_delta.recurrent_step(q, k, v, gate, beta, state)
+    got_o = triton_gated_delta.step_in_pool(q, k, v, gate, beta, pool, slots, fresh, offset)
+    torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool[slots, offset : offset + heads * dk * dv].view(n, heads, dk, dv), want_state, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(slots_total, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert torch.equal(pool[untouched], before[untouched])
+    assert torch.equal(pool[:, :offset], before[:, :offset]) and torch.equal(pool[:, -3:], before[:, -3:])
+
+
 def _image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 

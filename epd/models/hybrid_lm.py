@@ -12,6 +12,7 @@ their weights as offsets from 1. Parameter names follow transformers' Qwen3_5Tex
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,12 +48,24 @@ class StepStates:
         self.single_rows = torch.tensor([starts[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
         self.single_slots = torch.tensor([self.slots[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
         self.single_fresh = _mask([self.fresh[i] for i in singles], dev)
+        self.single_fresh_flags = torch.tensor([int(self.fresh[i]) for i in singles], dtype=torch.int32).to(dev, non_blocking=True)
         self.runs = [
             (starts[i], starts[i + 1], torch.tensor([self.slots[i]], dtype=torch.long).to(dev, non_blocking=True), self.fresh[i])
             for i, n in enumerate(self.query_lens)
             if n != 1
         ]
         self.has_singles = bool(singles)
+
+
+def _triton_delta(x: torch.Tensor, dk: int, dv: int):
+    """The Triton decode update where it applies (CUDA, power-of-two head dims), else None."""
+    if not x.is_cuda or os.environ.get("EPD_TRITON_DELTA", "1") == "0" or dk & (dk - 1) or dv & (dv - 1):
+        return None
+    try:
+        from epd.kernels import triton_gated_delta
+    except ImportError:
+        return None
+    return triton_gated_delta
 
 
 def _mask(flags: list[bool], dev: torch.device) -> Optional[torch.Tensor]:
@@ -148,6 +161,14 @@ class GatedDeltaNet(nn.Module):
         split = (self.kernel - 1) * self.conv_dim
         return row[:, :split].view(-1, self.kernel - 1, self.conv_dim), row[:, split:].view(-1, self.v_heads, self.dk, self.dv)
 
+    def _windows(self, pool: torch.Tensor, slots: torch.Tensor, fresh) -> torch.Tensor:
+        """This layer's convolution windows of `slots` alone, [n, kernel-1, conv_dim]; zeros where `fresh`."""
+        split = (self.kernel - 1) * self.conv_dim
+        row = pool.view(pool.shape[0], -1)[slots, self.index * self.numel : self.index * self.numel + split]
+        if fresh is not None:
+            row = row.masked_fill(fresh, 0.0)
+        return row.view(-1, self.kernel - 1, self.conv_dim)
+
     def _store(self, pool: torch.Tensor, slots: torch.Tensor, window: torch.Tensor, recurrent: torch.Tensor) -> None:
         rows = torch.cat([window.reshape(window.shape[0], -1), recurrent.reshape(recurrent.shape[0], -1)], dim=1)
         pool.view(pool.shape[0], -1)[slots, self.index * self.numel : (self.index + 1) * self.numel] = rows.float()
@@ -176,12 +197,22 @@ class GatedDeltaNet(nn.Module):
         core = torch.empty(n, self.v_heads, self.dv, dtype=x.dtype, device=x.device)
         if st.has_singles:  # decode steps (and one-token chunks): one batched update
             rows, slots = st.single_rows, st.single_slots
-            window, rec = self._states(st.pool, slots, st.single_fresh)
-            conv, window = self._convolved(window, mixed[rows][:, None])
-            q, k, v, g, beta = self._heads(conv[:, 0], b[rows], a[rows])
-            o, rec = gated_delta.recurrent_step(q, k, v.float(), g, beta, rec)
+            kernel = _triton_delta(x, self.dk, self.dv)
+            if kernel is not None:  # the recurrent state updated in place in the pool, one pass
+                window = self._windows(st.pool, slots, st.single_fresh)
+                conv, window = self._convolved(window, mixed[rows][:, None])
+                q, k, v, g, beta = self._heads(conv[:, 0], b[rows], a[rows])
+                split = (self.kernel - 1) * self.conv_dim
+                flat = st.pool.view(st.pool.shape[0], -1)
+                o = kernel.step_in_pool(q, k, v.float(), g, beta, flat, slots, st.single_fresh_flags, self.index * self.numel + split)
+                flat[slots, self.index * self.numel : self.index * self.numel + split] = window.reshape(window.shape[0], -1).float()
+            else:
+                window, rec = self._states(st.pool, slots, st.single_fresh)
+                conv, window = self._convolved(window, mixed[rows][:, None])
+                q, k, v, g, beta = self._heads(conv[:, 0], b[rows], a[rows])
+                o, rec = gated_delta.recurrent_step(q, k, v.float(), g, beta, rec)
+                self._store(st.pool, slots, window, rec)
             core[rows] = o.to(x.dtype)
-            self._store(st.pool, slots, window, rec)
         for lo, hi, slot, fresh in st.runs:
             window, rec = self._states(st.pool, slot, fresh)
             conv, window = self._convolved(window, mixed[None, lo:hi])
