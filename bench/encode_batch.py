@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--model", default="llava-1.5-7b")
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--sizes", default="", help="then batches of these sizes, each twice (a new size's first batch: any per-shape set-up)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -42,8 +43,8 @@ def main() -> None:
     n_tok = fam.num_image_tokens(336, 336)
     per = -(-n_tok // pool.mm_block_tokens)
 
-    def batch(k: int) -> EncodeBatch:
-        images = [ImageInput(width=336, height=336, seed=k * 1000 + i) for i in range(a.images)]
+    def batch(k: int, size: int = a.images) -> EncodeBatch:
+        images = [ImageInput(width=336, height=336, seed=k * 1000 + i) for i in range(size)]
         items = [EncodeItem(f"b{k}-{i}", 0, im, n_tok, list(range(i * per, (i + 1) * per)), False) for i, im in enumerate(images)]
         return EncodeBatch(items)
 
@@ -70,6 +71,14 @@ def main() -> None:
         f"host wait {[round(s * 1e3, 1) for s in waits]}; the tower alone on the same pixels {tower:.1f} ms; "
         f"median span after the first {statistics.median(spans[1:]) * 1e3:.1f} ms"
     )
+    sized = []
+    for j, size in enumerate(int(x) for x in a.sizes.split(",") if x):
+        for rep in range(2):
+            res = w.execute(batch(100 + 2 * j + rep, size))
+            sized.append({"images": size, "repeat": rep, "span_ms": (res.span[1] - res.span[0]) * 1e3, "host_wait_ms": res.host_wait * 1e3})
+    if sized:
+        row["by_size"] = sized
+        print("  by batch size (first, second):", [(r["images"], round(r["span_ms"], 1)) for r in sized])
     if a.profile:
         k = [a.batches]
 

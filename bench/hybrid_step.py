@@ -1,6 +1,6 @@
 """A hybrid LM's steps on one GPU (MiniCPM-V 4.6's Qwen3.5 shape, dummy bf16 weights): decode at several
 batch sizes against the bytes it must move, and prefill steps against the matmul ceiling, with the decode
-update in torch and in the Triton kernel (`EPD_TRITON_DELTA`); --profile prints where the device time goes.
+update in torch and in the Triton kernel (`EPD_TRITON_DELTA=1`); --profile prints where the device time goes.
 
     python bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --profile --out hybrid.json
 """
