@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, PretrainedConfig
 
 from epd.config import ModelConfig
@@ -161,14 +160,6 @@ class ModelRuntime:
     # ---- compute -----------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.device.type != "cuda":
-            return self._encode(pixels)
-        # Not cuDNN's attention: it builds an execution plan for every new batch shape (~1 s for a batch of
-        # 32 CLIP images on an H200), and encode batches come in every size; flash has no such cost.
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return self._encode(pixels)
-
-    def _encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         """pixels: per image [tiles, 3, S, S] -> per image [tokens, hidden] (tiles flattened).
 
         uint8 pixels (from `family.preprocess`) are normalised here, on the device; float pixels
