@@ -61,6 +61,23 @@ def test_the_chunked_rule_equals_the_token_by_token_one(length, seed):
     torch.testing.assert_close(final, s[0], atol=1e-5, rtol=1e-5)
 
 
+def test_sequences_side_by_side_padded_with_no_op_tokens_equal_each_alone():
+    g = torch.Generator().manual_seed(3)
+    heads, dk, dv, lengths = 2, 8, 4, [5, 40, 17, 1]
+    longest = max(lengths)
+    q = gated_delta.l2_normalized(torch.randn(4, heads, longest, dk, generator=g)) * dk**-0.5
+    k = gated_delta.l2_normalized(torch.randn(4, heads, longest, dk, generator=g))
+    v = torch.randn(4, heads, longest, dv, generator=g)
+    gate, beta = -torch.rand(4, heads, longest, generator=g), torch.rand(4, heads, longest, generator=g)
+    real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    state = torch.randn(4, heads, dk, dv, generator=g)
+    out, final = gated_delta.chunked(q, k, v, gate * real[:, None], beta * real[:, None], state, chunk=16)
+    for i, n in enumerate(lengths):
+        o, s = gated_delta.chunked(q[i, :, :n], k[i, :, :n], v[i, :, :n], gate[i, :, :n], beta[i, :, :n], state[i], chunk=16)
+        torch.testing.assert_close(out[i, :, :n], o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final[i], s, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 64, 100])
 def test_the_unit_lower_inverse_inverts(n):
     lower = torch.randn(3, n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).tril(-1) * 0.3

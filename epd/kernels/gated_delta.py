@@ -6,8 +6,8 @@ the query:
 
     S <- exp(g) S;   S <- S + beta k (v - k^T S)^T;   o = q^T S
 
-`recurrent_step` applies one token to a batch of sequences (decode); `chunked` applies a whole prompt or
-chunk to one sequence, a block of `chunk` tokens at a time: within a block the corrections form a
+`recurrent_step` applies one token to a batch of sequences (decode); `chunked` applies whole prompts or
+chunks (several sequences side by side), a block of `chunk` tokens at a time: within a block the corrections form a
 unit-lower-triangular system, solved for every block at once by its inverse; between blocks only S is carried.
 Inputs are float32: q and k already L2-normalised and q scaled by key_dim^-0.5.
 """
@@ -32,15 +32,17 @@ def recurrent_step(
 def chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, chunk: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence: q, k [H, L, Dk]; v [H, L, Dv]; g, beta [H, L]; state [H, Dk, Dv] -> (o [H, L, Dv], new state)."""
-    heads, length, dv = v.shape
+    """q, k [..., H, L, Dk]; v [..., H, L, Dv]; g, beta [..., H, L]; state [..., H, Dk, Dv] -> (o [..., H, L, Dv],
+    new state). Leading dims are sequences side by side; a shorter one padded at its tail with tokens whose g
+    and beta are 0 (no decay, no correction) ends with the state its own last token left."""
+    *lead, length, dv = v.shape
     pad = (-length) % chunk
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
     blocks = (length + pad) // chunk
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
-    q, k, k_beta, v_beta = (t.reshape(heads, blocks, chunk, -1) for t in (q, k, k_beta, v_beta))
-    decay = g.reshape(heads, blocks, chunk).cumsum(-1)  # log of the decay from the block's start to each token
+    q, k, k_beta, v_beta = (t.reshape(*lead, blocks, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))
+    decay = g.reshape(*lead, blocks, chunk).cumsum(-1)  # log of the decay from the block's start to each token
     later = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     between = (decay[..., :, None] - decay[..., None, :]).masked_fill(later, float("-inf")).exp()  # token j -> token i, i >= j
     inverse = unit_lower_inverse(((k_beta @ k.transpose(-1, -2)) * between).tril(-1))
@@ -52,10 +54,10 @@ def chunked(
     block_decay = decay[..., -1].exp()[..., None, None]
     out = torch.empty_like(v_beta)
     for b in range(blocks):
-        fresh = corrections[:, b] - key_reads[:, b] @ state
-        out[:, b] = q_read[:, b] @ state + within[:, b] @ fresh
-        state = state * block_decay[:, b] + k_write[:, b].transpose(-1, -2) @ fresh
-    return out.reshape(heads, -1, dv)[:, :length], state
+        fresh = corrections[..., b, :, :] - key_reads[..., b, :, :] @ state
+        out[..., b, :, :] = q_read[..., b, :, :] @ state + within[..., b, :, :] @ fresh
+        state = state * block_decay[..., b, :, :] + k_write[..., b, :, :].transpose(-1, -2) @ fresh
+    return out.reshape(*lead, -1, dv)[..., :length, :], state
 
 
 def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,22 @@ class StepStates:
         self.single_slots = torch.tensor([self.slots[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
         self.single_fresh = _mask([self.fresh[i] for i in singles], dev)
         self.single_fresh_flags = torch.tensor([int(self.fresh[i]) for i in singles], dtype=torch.int32).to(dev, non_blocking=True)
-        self.runs = [
-            (starts[i], starts[i + 1], torch.tensor([self.slots[i]], dtype=torch.long).to(dev, non_blocking=True), self.fresh[i])
-            for i, n in enumerate(self.query_lens)
-            if n != 1
-        ]
         self.has_singles = bool(singles)
+        # the longer chunks side by side, each padded at its tail to the longest: rows [runs, longest] into the
+        # step (a pad repeats the run's first row), which are real, the real rows in that order, and where in
+        # [window ++ rows] each run's last inputs sit (its next convolution window)
+        runs = [i for i, n in enumerate(self.query_lens) if n != 1]
+        self.has_runs = bool(runs)
+        if runs:
+            longest = max(self.query_lens[i] for i in runs)
+            index = [[starts[i] + (j if j < self.query_lens[i] else 0) for j in range(longest)] for i in runs]
+            real = [[j < self.query_lens[i] for j in range(longest)] for i in runs]
+            self.run_index = torch.tensor(index, dtype=torch.long).to(dev, non_blocking=True)
+            self.run_real = torch.tensor(real, dtype=torch.bool).to(dev, non_blocking=True)
+            self.run_rows = torch.tensor([r for row, ok in zip(index, real) for r, o in zip(row, ok) if o], dtype=torch.long).to(dev)
+            self.run_slots = torch.tensor([self.slots[i] for i in runs], dtype=torch.long).to(dev, non_blocking=True)
+            self.run_fresh = _mask([self.fresh[i] for i in runs], dev)
+            self.run_lens = [self.query_lens[i] for i in runs]
 
 
 def _triton_delta(x: torch.Tensor, dk: int, dv: int):
@@ -178,9 +188,13 @@ class GatedDeltaNet(nn.Module):
     def _convolved(self, window: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """window [n, kernel-1, C] (earlier inputs), x [n, L, C] -> (SiLU(causal depthwise conv) [n, L, C], new window)."""
         full = torch.cat([window.to(x.dtype), x], dim=1)
+        return self._conv(full), full[:, -(self.kernel - 1) :]
+
+    def _conv(self, full: torch.Tensor) -> torch.Tensor:
+        """[n, kernel-1 + L, C] inputs (the window first) -> SiLU of the depthwise convolution at the last L, [n, L, C]."""
         w = self.conv1d.weight
         out = F.conv1d(full.transpose(1, 2).to(w.dtype), w, groups=self.conv_dim).transpose(1, 2)
-        return F.silu(out).to(x.dtype), full[:, -(self.kernel - 1) :]
+        return F.silu(out).to(full.dtype)
 
     def _heads(self, mixed: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
         """[..., C] -> q, k [..., H, Dk] (normalised, q scaled, key heads repeated per value head), v, g, beta (float32)."""
@@ -215,13 +229,20 @@ class GatedDeltaNet(nn.Module):
                 o, rec = gated_delta.recurrent_step(q, k, v.float(), g, beta, rec)
                 self._store(st.pool, slots, window, rec)
             core[rows] = o.to(x.dtype)
-        for lo, hi, slot, fresh in st.runs:
-            window, rec = self._states(st.pool, slot, fresh)
-            conv, window = self._convolved(window, mixed[None, lo:hi])
-            q, k, v, g, beta = self._heads(conv[0], b[lo:hi], a[lo:hi])
-            o, rec1 = gated_delta.chunked(q.transpose(0, 1), k.transpose(0, 1), v.float().transpose(0, 1), g.T, beta.T, rec[0])
-            core[lo:hi] = o.transpose(0, 1).to(x.dtype)
-            self._store(st.pool, slot, window, rec1[None])
+        if st.has_runs:  # prompts and chunks: side by side, padded with tokens that change nothing
+            window, rec = self._states(st.pool, st.run_slots, st.run_fresh)
+            real = st.run_real[..., None]
+            xs = mixed[st.run_index] * real
+            full = torch.cat([window.to(xs.dtype), xs], dim=1)
+            conv = self._conv(full)
+            ends = torch.tensor(st.run_lens, device=x.device)[:, None] + torch.arange(self.kernel - 1, device=x.device)
+            window = full.gather(1, ends[..., None].expand(-1, -1, self.conv_dim))
+            q, k, v, g, beta = self._heads(conv, b[st.run_index], a[st.run_index])
+            g, beta = g * real, beta * real
+            q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v.float(), g, beta))  # heads before tokens
+            o, rec = gated_delta.chunked(q, k, v, g, beta, rec)
+            core[st.run_rows] = o.transpose(1, 2)[st.run_real].to(x.dtype)
+            self._store(st.pool, st.run_slots, window, rec)
         out = self.norm(core, z.view(n, self.v_heads, self.dv))
         return self.out_proj(out.reshape(n, -1))
 
