@@ -17,6 +17,7 @@ from epd.kernels import gated_delta
 from epd.models.generate import generate
 from epd.models.runtime import ModelRuntime, load_family
 from epd.request import ImageInput, Request, SamplingParams
+from epd.serve.offline import OfflineLLM
 from tests.helpers import AGG, EPD, PD, reference, run
 
 SHAPE = dict(image_token_id=3, max_tiles=9, scale_resolution=112, vision_merger_layer=1)
@@ -214,3 +215,55 @@ def test_prefix_caching_stays_off_for_a_hybrid_lm():
 
     inst = Instance("p-0", "prefill", ("prefill",), PoolConfig(), prefix_caching=True, keeps_state=True)
     assert inst.prefix_cache is None and inst.state is not None and inst.state.num_blocks == 2 * PoolConfig().max_decode_seqs
+
+
+def test_a_failed_batch_reruns_only_what_can_start_from_zero():
+    from epd.engine.isolation import Failed, isolated
+
+    calls = []
+
+    def run(idx):
+        calls.append(list(idx))
+        if len(idx) > 1 or idx == [2]:
+            raise RuntimeError("boom")
+        return [f"ok{i}" for i in idx]
+
+    out = isolated(run, 4, "w", rerunnable=[False, True, True, False])
+    assert calls == [[0, 1, 2, 3], [1], [2]]
+    assert out[1] == "ok1" and isinstance(out[2], Failed) and "boom" in out[2].reason
+    assert all(isinstance(out[i], Failed) and "not run again" in out[i].reason for i in (0, 3))
+
+
+def test_a_decode_batch_that_fails_part_way_aborts_its_sequences_rather_than_corrupt_them(monkeypatch):
+    """A hybrid step that raises after some linear layers advanced some states: the sequences it carried
+    are aborted with the reason, never continued from a half-updated state; the others finish as the
+    runtime does."""
+    from epd.models.hybrid_lm import GatedDeltaNet
+
+    model = dataclasses.replace(tiny(), seed=2)
+    reqs = _requests(4)
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
+    forward, fired, armed = GatedDeltaNet.forward, [], []
+
+    def flaky(self, x, meta):
+        out = forward(self, x, meta)  # this layer's states advanced first
+        several_decodes = len(meta.query_lens) >= 2 and all(n == 1 for n in meta.query_lens)
+        if armed and not fired and self.index == 1 and several_decodes:
+            fired.append(list(meta.states.slots))
+            raise RuntimeError("device fault")
+        return out
+
+    monkeypatch.setattr(GatedDeltaNet, "forward", flaky)
+    agg = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=64))
+    with OfflineLLM(model, agg, "local") as llm:
+        armed.append(True)  # after the warm-up
+        outs = {o.request_id: o for o in llm.generate(reqs)}
+        events = list(llm.core.pipeline.events)
+    assert fired, "no decode batch of several sequences ran"
+    aborted = {e.request_id for e in events if e.kind.value == "aborted"}
+    assert aborted and all(
+        "linear-attention state" in str(e.data.get("reason")) for e in events if e.request_id in aborted and e.kind.value == "aborted"
+    )
+    for rid, o in outs.items():
+        if rid not in aborted:
+            assert o.token_ids == expected[rid]

@@ -373,7 +373,8 @@ class Worker:
         transfers, failed = self._pull_mm(batch.items)
         begin = time.time()
         items = [it for it in batch.items if it.request_id not in failed]
-        results = isolated(lambda idx: self._forward([], [items[i] for i in idx]), len(items), f"{self.worker_id} prefill")
+        rerun = self._rerunnable([], items)
+        results = isolated(lambda idx: self._forward([], [items[i] for i in idx]), len(items), f"{self.worker_id} prefill", rerun)
         out = self._prefilled(items, results, transfers, failed)
         self._sync()
         return PrefillResult((begin, time.time()), out)
@@ -548,9 +549,11 @@ class Worker:
         begin = time.time()
         step = [rid for rid in batch.step if rid not in errors]
         if step and all(self._feeds_forward(self.seqs[r].sampling) for r in step):
-            launched = isolated(lambda idx: self._launch([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+            rerun = self._rerunnable(step, [])
+            launched = isolated(lambda idx: self._launch([step[i] for i in idx]), len(step), f"{self.worker_id} decode", rerun)
             return _Landing(lambda: self._landed(step, launched, begin, transfers, errors))
-        sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode")
+        rerun = self._rerunnable(step, [])
+        sampled = isolated(lambda idx: self._decode_compute([step[i] for i in idx]), len(step), f"{self.worker_id} decode", rerun)
         tokens, logprobs = self._stepped(step, sampled, errors)
         return DecodeResult((begin, time.time()), tokens, transfers, logprobs, errors)
 
@@ -635,6 +638,7 @@ class Worker:
             lambda idx: self._forward([step[i] for i in idx if i < n], [items[i - n] for i in idx if i >= n]),
             n + len(items),
             f"{self.worker_id} step",
+            self._rerunnable(step, items),
         )
         tokens, logprobs = self._stepped(step, results[:n], errors)
         prefilled = self._prefilled(items, results[n:], mm_transfers, failed)
@@ -666,6 +670,13 @@ class Worker:
             fed=fed,
             states=self._states([s.state_slot for s in seqs]),
         )
+
+    def _rerunnable(self, step: list[str], items: list[PrefillItem]) -> Optional[list[bool]]:
+        """Which of a batch's decodes and chunks may run again alone after the batch raised: all, except with a
+        hybrid LM the ones that continue a state (decodes, later chunks) the failed batch may have advanced."""
+        if self.state is None:
+            return None
+        return [False] * len(step) + [it.start == 0 for it in items]
 
     def _states(self, slots: list[Optional[int]]) -> Optional[tuple[torch.Tensor, list[int]]]:
         """A hybrid LM's state pool and the step's slots in it (None for other LMs)."""
