@@ -267,3 +267,18 @@ def test_a_decode_batch_that_fails_part_way_aborts_its_sequences_rather_than_cor
     for rid, o in outs.items():
         if rid not in aborted:
             assert o.token_ids == expected[rid]
+
+
+@pytest.mark.parametrize("text", [dict(), dict(hidden_size=256, intermediate_size=512, full_attention_interval=4)])
+def test_the_simulators_shape_counts_the_hybrid_lm_it_models(text):
+    """Its parameters (weights read by every decode step) as the module holds them, KV only for the full
+    layers, and the per-sequence state the pools hold."""
+    from simulator.shapes import ModelShape
+
+    rt = ModelRuntime(tiny(**text), {"lm"})
+    shape = ModelShape.of(rt.family, "float32")
+    params = sum(p.numel() for p in rt.lm.parameters())
+    assert abs(shape.lm_params / params - 1) < 0.01  # norms, convolution and decay parameters aside
+    t = rt.text_cfg
+    assert shape.kv_bytes_per_token == 2 * len(t.full_attention_layers) * t.num_kv_heads * t.attn_head_dim * 4
+    assert shape.state_bytes_per_seq == rt.allocate_state_pool(1).numel() * 4 > 0
