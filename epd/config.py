@@ -240,6 +240,8 @@ class DeploymentConfig:
                 raise ValueError(f"deployment.{n}.instances must be >= 1, got {p.instances}")
             if p.tp < 1:
                 raise ValueError(f"deployment.{n}.tp must be >= 1, got {p.tp}")
+            if p.state_slots < 0:
+                raise ValueError(f"deployment.{n}.state_slots must be >= 0 (0: twice max_decode_seqs), got {p.state_slots}")
         if self.transfer not in TRANSFER_BACKENDS:
             raise ValueError(f"deployment.transfer must be one of {', '.join(TRANSFER_BACKENDS)}, got {self.transfer!r}")
         self._validate_tp()
@@ -378,6 +380,9 @@ class HardwareConfig:
     # batch at a time (deployment.async_scheduling=false) waits out as well.
     step_overhead: float = 1e-3
     rpc_latency: float = 1e-3
+    # The fixed device time of an LM step (prefill or decode): what a straight-line fit of the runtime's own
+    # step times over their FLOPs (prefill) or bytes (decode) leaves at zero; the efficiencies are the slopes.
+    step_floor: float = 0.0
     memory_bytes: float = 2.4e10
     shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
     # Host CPU an E worker spends per image before the GPU sees it (decode, resize, tiling), one core:

@@ -78,6 +78,7 @@ class RooflineModel(LatencyModel):
         self.flops = hw.peak_flops * hw.compute_efficiency
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
         self.overhead, self.rpc = hw.step_overhead, hw.rpc_latency
+        self.floor = hw.step_floor
 
     def _time(self, flops: float, nbytes: float) -> float:
         return max(flops / self.flops, nbytes / self.bw)
@@ -111,12 +112,12 @@ class RooflineModel(LatencyModel):
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops
         nbytes = self.m.lm_params * self.m.dtype_bytes + (s.tokens + sum(s.starts)) * self.m.kv_bytes_per_token
         nbytes += 2 * len(s.lens) * self.m.state_bytes_per_seq  # a hybrid LM's state, read and written per sequence
-        return self._time(flops, nbytes)
+        return self.floor + self._time(flops, nbytes)
 
     def decode(self, s: DecodeShape) -> float:
         flops = s.batch * (self.m.lm_flops_per_token + self.m.head_flops) + s.context * self.m.attn_flops_coeff
         nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token + 2 * s.batch * self.m.state_bytes_per_seq
-        return self._time(flops, nbytes)
+        return self.floor + self._time(flops, nbytes)
 
     def transfer(self, nbytes: float) -> float:
         return self.hw.link_latency + nbytes / self.hw.link_bandwidth
