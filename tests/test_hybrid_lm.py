@@ -282,3 +282,23 @@ def test_the_simulators_shape_counts_the_hybrid_lm_it_models(text):
     t = rt.text_cfg
     assert shape.kv_bytes_per_token == 2 * len(t.full_attention_layers) * t.num_kv_heads * t.attn_head_dim * 4
     assert shape.state_bytes_per_seq == rt.allocate_state_pool(1).numel() * 4 > 0
+
+
+def test_tensor_parallel_ranks_split_heads_and_states(ray_cluster):
+    """tp=2: each rank holds half the attention heads, linear heads and MLP, and half of every sequence's
+    state (gloo all-reduces); P to D per rank over nccl; tokens as the single-process runtime's."""
+    model = dataclasses.replace(tiny(), seed=3)
+    reqs = _requests(4)
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
+    split = DeploymentConfig(
+        name="epd",
+        transfer="nccl",
+        encode=PoolConfig(mm_blocks=64),
+        prefill=PoolConfig(kv_blocks=64, tp=2, max_prefill_tokens=9),
+        decode=PoolConfig(kv_blocks=64, max_decode_seqs=3, tp=2),
+    )
+    outs, info, _ = run(split, reqs, "ray", model=model)
+    assert {k: v.token_ids for k, v in outs.items()} == expected
+    whole = ModelRuntime(model, {"lm"}).allocate_state_pool(split.decode.state_slot_count)
+    decode = next(i for i in info if i["worker"].startswith("decode"))
+    assert decode["state_cache_bytes"] == whole.numel() * 4 // 2

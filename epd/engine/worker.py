@@ -152,9 +152,9 @@ class Worker:
         self.graphs = self.step_graphs = None
         self.kv = self.state = None
         if self.rt.lm is not None:
-            self.state = self.rt.allocate_state_pool(pool.state_slot_count)
             if self.endpoint.tp > 1 and self.rt.tp == 1:
                 self.rt.shard_lm(self.endpoint.rank, self.endpoint.tp, self.comm.tp_group)
+            self.state = self.rt.allocate_state_pool(pool.state_slot_count)  # after sharding: this rank's share of each state
             # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
             self.kv = self.rt.allocate_kv_cache(pool.kv_blocks + 1, pool.kv_block_size)
             if self.rt.device.type == "cuda":

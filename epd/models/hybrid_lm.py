@@ -25,7 +25,7 @@ from epd.kernels import gated_delta
 from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
 from epd.kernels.fused import rotary
 from epd.models.family import linear_state_numel
-from epd.models.lm import MLP, RotaryEmbedding, embed_with_images
+from epd.models.lm import MLP, RotaryEmbedding, _keep_cols, _keep_rows, _reduce, embed_with_images
 
 
 @dataclass
@@ -126,6 +126,17 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.tp_group = None
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        """This rank's query heads (each with its gate), KV heads and o_proj columns; o_proj's sums all-reduced."""
+        if self.num_heads % tp or self.num_kv_heads % tp:
+            raise ValueError(f"tp={tp} must divide the attention heads ({self.num_heads}) and KV heads ({self.num_kv_heads})")
+        self.num_heads, self.num_kv_heads = self.num_heads // tp, self.num_kv_heads // tp
+        for linear in (self.q_proj, self.k_proj, self.v_proj):
+            _keep_rows(linear, rank, tp)
+        _keep_cols(self.o_proj, rank, tp)
+        self.tp_group = group
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rotary_dim
@@ -139,7 +150,7 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1)))
+        return _reduce(self.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1))), self.tp_group)
 
 
 class GatedDeltaNet(nn.Module):
@@ -161,6 +172,34 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(cfg.hidden_size, self.value_dim, bias=False)
         self.in_proj_b = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
         self.in_proj_a = nn.Linear(cfg.hidden_size, self.v_heads, bias=False)
+        self.tp_group = None
+
+    def shard(self, rank: int, tp: int, group) -> None:
+        """This rank's key and value heads: their rows of the q, k and v sections (and convolution channels),
+        of z, b and a, their decays and step sizes, and out_proj's columns; its state per sequence shrinks
+        alike. Value head j reads key head j // (v_heads / k_heads), so contiguous shares stay paired."""
+        if self.k_heads % tp or self.v_heads % tp:
+            raise ValueError(f"tp={tp} must divide the linear layers' key heads ({self.k_heads}) and value heads ({self.v_heads})")
+
+        def share(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+            parts = t.split(sizes)
+            return torch.cat([part.chunk(tp)[rank] for part in parts]).clone()
+
+        sections = [self.key_dim, self.key_dim, self.value_dim]
+        with torch.no_grad():
+            self.in_proj_qkv.weight = nn.Parameter(share(self.in_proj_qkv.weight.data, sections), requires_grad=False)
+            self.conv1d.weight = nn.Parameter(share(self.conv1d.weight.data, sections), requires_grad=False)
+            for name in ("dt_bias", "A_log"):
+                setattr(self, name, nn.Parameter(getattr(self, name).data.chunk(tp)[rank].clone(), requires_grad=False))
+        for linear in (self.in_proj_z, self.in_proj_b, self.in_proj_a):
+            _keep_rows(linear, rank, tp)
+        _keep_cols(self.out_proj, rank, tp)
+        self.k_heads, self.v_heads = self.k_heads // tp, self.v_heads // tp
+        self.key_dim, self.value_dim = self.key_dim // tp, self.value_dim // tp
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkv.out_features = self.conv1d.out_channels = self.conv1d.in_channels = self.conv1d.groups = self.conv_dim
+        self.numel = self.numel // tp
+        self.tp_group = group
 
     def _states(self, pool: torch.Tensor, slots: torch.Tensor, fresh) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (conv window [n, kernel-1, conv_dim], recurrent [n, H, Dk, Dv]) of `slots`; zeros where
@@ -244,7 +283,7 @@ class GatedDeltaNet(nn.Module):
             core[st.run_rows] = o.transpose(1, 2)[st.run_real].to(x.dtype)
             self._store(st.pool, st.run_slots, window, rec)
         out = self.norm(core, z.view(n, self.v_heads, self.dv))
-        return self.out_proj(out.reshape(n, -1))
+        return _reduce(self.out_proj(out.reshape(n, -1)), self.tp_group)
 
 
 class HybridLayer(nn.Module):
@@ -302,8 +341,13 @@ class HybridLM(nn.Module):
         self.fused = False
 
     def shard(self, rank: int, tp: int, group) -> None:
-        if tp > 1:
-            raise ValueError(f"tensor parallelism (tp={tp}) is not supported for the hybrid LM {self.cfg.arch!r}")
+        """Tensor parallelism (Megatron style): each rank its share of the attention heads, linear heads and MLP
+        width, and of every sequence's state; embeddings and lm_head replicated."""
+        for layer in self.model.layers:
+            mixer = layer.self_attn if layer.kv_index is not None else layer.linear_attn
+            mixer.shard(rank, tp, group)
+            layer.mlp.shard(rank, tp, group)
+        self.tp = tp
 
     def fuse(self) -> None:
         self.fused = True  # its projections stay apart (the gated query and the linear layers' four inputs)

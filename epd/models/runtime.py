@@ -149,7 +149,7 @@ class ModelRuntime:
     def allocate_state_pool(self, slots: int) -> Optional[torch.Tensor]:
         """A hybrid LM's per-sequence states, [slots, 1, numel] float32 (one row a sequence, laid out as the
         MM cache is, so transfers move a slot as they move an MM block); None for other LMs."""
-        numel = self.family.state_bytes_per_sequence() // 4
+        numel = self.family.state_bytes_per_sequence() // 4 // self.tp  # this rank's heads
         if not numel:
             return None
         return torch.zeros((slots, 1, numel), dtype=torch.float32, device=self.device)
