@@ -4,7 +4,6 @@ pulling batch has completed)."""
 
 from __future__ import annotations
 
-from epd.config import Role
 from epd.stages.instance import Instance
 from epd.stages.state import RequestState
 from epd.stages.work import (
@@ -57,8 +56,6 @@ class HandOff:
                 if state.forgotten:
                     del self.states[rid]
                 elif state.pull_lost and not state.done:
-                    if inst.has(Role.DECODE):  # the reader took the sequence in: it forgets it before its next batch
-                        inst.pending_release.append(rid)
-                    self.start_over(state, inst, "worker_lost")
+                    self.preempt(inst, state, "worker_lost")  # a decode reader took the sequence in: it forgets it
                     redo.add(rid)
         return redo

@@ -8,6 +8,7 @@ a worker that died (what the request had there is gone; the siblings redo it).
 
 from __future__ import annotations
 
+from epd.config import Role
 from epd.lifetime import LifetimeEvent as Ev
 from epd.stages.instance import Instance
 from epd.stages.state import RequestState
@@ -16,9 +17,11 @@ from epd.stages.state import RequestState
 class Preemption:
     """Pipeline part: taking a request's work off an instance to be recomputed elsewhere or later."""
 
-    def preempt(self, inst: Instance, state: RequestState) -> None:
-        inst.pending_release.append(state.rid)  # the worker forgets it before the batch being built
-        self.start_over(state, inst, "preempted")
+    def preempt(self, inst: Instance, state: RequestState, cause: str = "preempted") -> None:
+        """Take `state` off `inst`, where it decodes or was being taken in for decoding, and start it over."""
+        if inst.has(Role.DECODE):  # the worker forgets it before the batch being built
+            inst.pending_release.append(state.rid)
+        self.start_over(state, inst, cause)
 
     def start_over(self, state: RequestState, inst: Instance, cause: str) -> None:
         """Give up everything `state` holds or waits for (blocks, queue places, senders' outputs) and
