@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
 #   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
-#                                                      [overhead] [epd4] [online4] [prefill] [e2e] [exact]
+#                                                      [overhead] [epd4] [online4] [prefill] [e2e] [exact] [hybrid]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
 # decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device; `prefill`, `e2e`, `exact`:
@@ -67,12 +67,12 @@ for part in $PARTS; do
     qwen1)  # the Qwen2-VL families on GPU 0: exactness against transformers, the 7B shapes' sizes and speed
       CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/gpu_families.py --out "$OUT/qwen" 2>&1 | grep -E "^\{|rror" | cut -c1-600
       ;;
-    qwen4)  # each newer family's 7B shape in 2E1P1D on 4 GPUs, the paper workload's photos (Qwen: at max_pixels 1 MP;
+    qwen4)  # each newer family's 7B-class shape in 2E1P1D on 4 GPUs (QWEN4_MODELS=minicpm-v-4.6: one of them; each ~4 min), the paper workload's photos (Qwen: at max_pixels 1 MP;
       # MiniCPM-V 2.6: 4 photos a request, as its SLO assumes)
-      for m in qwen2-vl-7b qwen2.5-vl-7b minicpm-v-2.6; do
+      for m in ${QWEN4_MODELS:-qwen2-vl-7b qwen2.5-vl-7b minicpm-v-2.6 minicpm-v-4.6}; do
         t0=$SECONDS
         case $m in
-          minicpm*) extra=(workload.images_per_request=4 workload.images_per_request_max=4) ;;
+          minicpm*) extra=(workload.images_per_request=4 workload.images_per_request_max=4) ;;  # 4.6: the hybrid LM
           *) extra=(model.max_pixels=1003520) ;;
         esac
         timeout 230 python3 -m epd.run +experiment=gpu4_epd model=$m "${extra[@]}" workload.num_requests=100 \
@@ -80,6 +80,11 @@ for part in $PARTS; do
         echo "gpu4_$m: $((SECONDS - t0)) s"
         mkdir -p "$OUT/qwen/gpu4_$m" && cp /tmp/runs/gpu4_"$m"/{summary,workers}.json "$OUT/qwen/gpu4_$m/" 2>/dev/null
       done
+      ;;
+    hybrid)  # GPU 0: MiniCPM-V 4.6's hybrid LM: exactness against transformers, the Triton decode update, its steps apart
+      CUDA_VISIBLE_DEVICES=0 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid_lm.py -k triton 2>&1 | tail -1
+      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --out "$OUT/hybrid_step.json" 2>&1 | grep -E "decode|prefill" | head -12
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/gpu_families.py --out "$OUT/qwen" --parts exact shapes --exact-models tiny-minicpmv4.6 --models minicpm-v-4.6 2>&1 | grep -E "^\{|rror" | cut -c1-900
       ;;
     overhead)  # TPOT of D in 2E1P1D against its bare decode step (requests with one image: E, P and IPC transfers run)
       timeout 240 python3 bench/engine_overhead.py --layout 2E1P1D --batches 1,8 --repeats 2 --modes async --out "$OUT/overhead_2e1p1d.json" 2>&1 \
