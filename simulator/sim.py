@@ -66,6 +66,7 @@ class Simulation:
             allocation.policy.inline = True
         self.switch_cost_s = switch_cost_s
         self._waiting: dict[str, simpy.Event] = {}
+        self._prep_free: dict[str, float] = {}  # per instance: when its host cores finish the encode batches sent so far
         self._arrivals_done = False
 
     def run(self, requests: list[Request]) -> RunResult:
@@ -123,11 +124,12 @@ class Simulation:
         and half in the result coming back. One batch at a time the worker waits out the round trip
         between batches; with async scheduling the next batch is already queued when one ends."""
         half_rpc = self.lat.rpc / 2
+        prepared_at = self._prepare(inst, batch)
         with worker.request() as slot:
             if self.pipe.depth == 1:
                 yield self.env.timeout(half_rpc)
             yield slot
-            result, busy_for = self._run_batch(batch, inst)
+            result, busy_for = self._run_batch(batch, inst, prepared_at)
             yield self.env.timeout(busy_for + self.lat.overhead)
         yield self.env.timeout(half_rpc)
         self._sample_tokens(result)
@@ -175,25 +177,42 @@ class Simulation:
         busy = sum(1 for i in self.pipe.instances.values() if i.busy)
         return max(1.0, (busy + 1) / cores)
 
-    def _run_batch(self, batch: Batch, inst: Instance) -> tuple[Result, float]:
+    def _images(self, batch: EncodeBatch) -> tuple[list[tuple[float, int]], float]:
+        """(source megapixels, tiles) per image the batch encodes (not the encoder cache's hits), and their
+        native-resolution attention FLOPs."""
+        m, images, attention = self.shape, [], 0.0
+        for it in batch.items:
+            if not it.cached:
+                state = self.pipe.states[it.request_id]
+                w, h = state.image_sizes[it.image_index]
+                frames = len(getattr(state.media[it.image_index], "frames", ())) or 1  # a video segment: each frame decoded
+                images.append((frames * w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
+                attention += m.image_attention_flops(it.num_tokens)
+        return images, attention
+
+    def _prepare(self, inst: Instance, batch: Batch) -> float:
+        """When an encode batch's host preparation is done. As the engine's worker, the batch's images start on
+        its host cores when the batch is sent (the batch before it may still be on the GPU), after the images of
+        batches sent earlier."""
+        if not isinstance(batch, EncodeBatch):
+            return self.env.now
+        images, _ = self._images(batch)
+        start = max(self.env.now, self._prep_free.get(inst.id, 0.0))
+        self._prep_free[inst.id] = start + self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus))) * self._contention()
+        return self._prep_free[inst.id]
+
+    def _run_batch(self, batch: Batch, inst: Instance, prepared_at: float) -> tuple[Result, float]:
         """Spans of one batch. A transfer costs `transfer(bytes)`, split between sender and receiver as the
-        deployment's backend splits it (`send_share`)."""
+        deployment's backend splits it (`send_share`). An encode batch first waits for what is left of its
+        host preparation (`prepared_at`)."""
         now, m, slow = self.env.now, self.shape, self._contention()
         if isinstance(batch, SwitchBatch):
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s
         if isinstance(batch, EncodeBatch):
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
-            images, attention = [], 0.0  # (source megapixels, tiles) per image encoded (not the encoder cache's hits)
-            for it in batch.items:
-                if not it.cached:
-                    state = self.pipe.states[it.request_id]
-                    w, h = state.image_sizes[it.image_index]
-                    frames = len(getattr(state.media[it.image_index], "frames", ())) or 1  # a video segment: each frame decoded
-                    images.append((frames * w * h / 1e6, max(1, it.num_tokens // m.tokens_per_tile)))
-                    attention += m.image_attention_flops(it.num_tokens)
-            prep = self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus)))
+            images, attention = self._images(batch)
             tower = self.lat.encode(EncodeShape(sum(t for _, t in images), attention)) if images else 0.0
-            d = (tower + self.lat.device_prep(images) + prep) * slow + sends
+            d = max(0.0, prepared_at - now) + (tower + self.lat.device_prep(images)) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
             return EncodeResult((now, now + d), items), d
         if isinstance(batch, PrefillBatch):

@@ -168,6 +168,26 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
     assert min(s - p for s, p in zip(slow, plain)) > 0.9 * min(im.width * im.height for r in make_requests(cfg) for im in r.images) / 1e6
 
 
+def test_an_encode_batchs_host_preparation_overlaps_the_batch_before_it_with_async_scheduling():
+    """As the engine's E worker prepares a batch's images when it is sent: with two batches in flight the
+    second's host work runs under the first's tower; one at a time it follows it."""
+    from epd.config import HardwareConfig
+
+    one_e = DeploymentConfig(name="epd", encode=PoolConfig(instances=1, max_images_per_batch=1), prefill=PoolConfig(), decode=PoolConfig())
+    hw = HardwareConfig(peak_flops=1.25e7, preprocess_s_per_mpixel=1.5, rpc_latency=0.0, step_overhead=0.0)  # ~0.5 s each a photo
+
+    def last_encode_end(async_scheduling: bool) -> float:
+        run = dataclasses.replace(_cfg(dataclasses.replace(one_e, async_scheduling=async_scheduling), arrival="offline"), hardware=hw)
+        run = dataclasses.replace(
+            run, workload=dataclasses.replace(run.workload, num_requests=4, images_per_request=1, images_per_request_max=1)
+        )
+        events = SimBackend(run).run(make_requests(run)).events
+        return max(e.time for e in events if e.kind == Ev.ENCODE_END)
+
+    overlapped, serial = last_encode_end(True), last_encode_end(False)
+    assert overlapped < 0.8 * serial, (overlapped, serial)  # serial: 4 x (prep + tower); overlapped: ~prep + 4 x tower
+
+
 @pytest.mark.parametrize("transfer,frees", [("object_store", True), ("local", False)])
 def test_sim_frees_a_senders_blocks_when_the_engines_backend_does(transfer, frees):
     """object_store copies the data out at send: the encoder's MM blocks are free at once, and with room
