@@ -65,7 +65,7 @@ for part in $PARTS; do
       ;;
     switch) experiment role_switching 300 +experiment=role_switching_gpu4 ;;
     qwen1)  # the Qwen2-VL families on GPU 0: exactness against transformers, the 7B shapes' sizes and speed
-      CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/gpu_families.py --out "$OUT/qwen" 2>&1 | grep -E "^\{|rror" | cut -c1-600
+      CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/gpu_families.py --out "$OUT/qwen" --models qwen2-vl-7b qwen2.5-vl-7b minicpm-v-2.6 2>&1 | grep -E "^\{|rror" | cut -c1-600
       ;;
     qwen4)  # each newer family's 7B-class shape in 2E1P1D on 4 GPUs (QWEN4_MODELS=minicpm-v-4.6: one of them; each ~4 min), the paper workload's photos (Qwen: at max_pixels 1 MP;
       # MiniCPM-V 2.6: 4 photos a request, as its SLO assumes)
