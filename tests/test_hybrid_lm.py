@@ -302,3 +302,22 @@ def test_tensor_parallel_ranks_split_heads_and_states(ray_cluster):
     whole = ModelRuntime(model, {"lm"}).allocate_state_pool(split.decode.state_slot_count)
     decode = next(i for i in info if i["worker"].startswith("decode"))
     assert decode["state_cache_bytes"] == whole.numel() * 4 // 2
+
+
+def test_fused_projections_give_the_same_logits():
+    """The fused input projections and MLP (as workers run them on GPUs) against the per-projection layers:
+    a prefill of two prompts, then a decode step, from the same slots."""
+    from epd.models.generate import lm_step
+
+    plain, fused = ModelRuntime(tiny(), {"lm"}), ModelRuntime(tiny(), {"lm"})
+    fused.lm.fuse()
+    fused.lm.fuse()  # idempotent
+    assert hasattr(fused.lm.model.layers[0].linear_attn, "in_proj") and hasattr(fused.lm.model.layers[1].self_attn, "qkv_proj")
+    logits = []
+    for rt in (plain, fused):
+        kv, pool = rt.allocate_kv_cache(16, 4), rt.allocate_state_pool(3)
+        first = lm_step(rt, kv, [list(range(5, 25)), list(range(30, 37))], [0, 0], [[0, 1, 2, 3, 4], [5, 6]], 4, states=(pool, [2, 0]))
+        second = lm_step(rt, kv, [[9], [11]], [20, 7], [[0, 1, 2, 3, 4, 7], [5, 6]], 4, states=(pool, [2, 0]))
+        logits.append((first, second))
+    for a, b in zip(*logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

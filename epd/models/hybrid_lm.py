@@ -67,6 +67,15 @@ class StepStates:
             self.run_lens = [self.query_lens[i] for i in runs]
 
 
+def _fused(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free linear layer whose output is the given layers' outputs side by side."""
+    w = torch.cat([linear.weight for linear in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w)
+    return fused
+
+
 def _triton_delta(x: torch.Tensor, dk: int, dv: int):
     """The Triton decode update where asked for (`EPD_TRITON_DELTA=1`; CUDA, power-of-two head dims), else None.
     Off by default: eager decode steps are host-bound, and there its launch cost outweighed the passes it
@@ -142,12 +151,24 @@ class GatedAttention(nn.Module):
         r = self.rotary_dim
         return torch.cat([rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1) if r < self.head_dim else rotary(x, cos, sin)
 
+    def fuse(self) -> None:
+        """One matmul for the gated query, k and v (after loading and sharding)."""
+        self.qkv_proj = _fused(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self, "qkv_proj"):
+            q_width, kv_width = self.num_heads * 2 * self.head_dim, self.num_kv_heads * self.head_dim
+            return self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, gate = self.q_proj(x).view(n, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        qg, k, v = self._project(x)
+        q, gate = qg.reshape(n, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = self._rotate(self.q_norm(q), cos, sin)
-        k = self._rotate(self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        k = self._rotate(self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return _reduce(self.o_proj(o.reshape(n, -1) * torch.sigmoid(gate.reshape(n, -1))), self.tp_group)
@@ -244,11 +265,20 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         return q, k, v.unflatten(-1, (self.v_heads, self.dv)), g, b.float().sigmoid()
 
+    def fuse(self) -> None:
+        """One matmul for the four input projections (after loading and sharding)."""
+        self.in_proj = _fused(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        del self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if hasattr(self, "in_proj"):
+            return self.in_proj(x).split([self.conv_dim, self.value_dim, self.v_heads, self.v_heads], dim=-1)
+        return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         st: StepStates = meta.states
         n = x.shape[0]
-        mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
-        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        mixed, z, b, a = self._project(x)
         core = torch.empty(n, self.v_heads, self.dv, dtype=x.dtype, device=x.device)
         if st.has_singles:  # decode steps (and one-token chunks): one batched update
             rows, slots = st.single_rows, st.single_slots
@@ -282,7 +312,7 @@ class GatedDeltaNet(nn.Module):
             o, rec = gated_delta.chunked(q, k, v, g, beta, rec)
             core[st.run_rows] = o.transpose(1, 2)[st.run_real].to(x.dtype)
             self._store(st.pool, st.run_slots, window, rec)
-        out = self.norm(core, z.view(n, self.v_heads, self.dv))
+        out = self.norm(core, z.reshape(n, self.v_heads, self.dv))
         return _reduce(self.out_proj(out.reshape(n, -1)), self.tp_group)
 
 
@@ -350,7 +380,13 @@ class HybridLM(nn.Module):
         self.tp = tp
 
     def fuse(self) -> None:
-        self.fused = True  # its projections stay apart (the gated query and the linear layers' four inputs)
+        """Fuse each layer's input projections and the MLP's gate/up (after loading and sharding). Idempotent."""
+        if self.fused:
+            return
+        self.fused = True
+        for layer in self.model.layers:
+            (layer.self_attn if layer.kv_index is not None else layer.linear_attn).fuse()
+            layer.mlp.fuse()
 
     @property
     def head_dim(self) -> int:
