@@ -299,7 +299,7 @@ def test_tensor_parallel_ranks_split_heads_and_states(ray_cluster):
     )
     outs, info, _ = run(split, reqs, "ray", model=model)
     assert {k: v.token_ids for k, v in outs.items()} == expected
-    whole = ModelRuntime(model, {"lm"}).allocate_state_pool(split.decode.state_slot_count)
+    whole = ModelRuntime(model, {"lm"}).allocate_state_pool(split.decode.state_slot_count + 1)  # + the graphs' scratch slot
     decode = next(i for i in info if i["worker"].startswith("decode"))
     assert decode["state_cache_bytes"] == whole.numel() * 4 // 2
 
@@ -321,3 +321,24 @@ def test_fused_projections_give_the_same_logits():
         logits.append((first, second))
     for a, b in zip(*logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decode_step_from_static_buffers_equals_the_step_from_lists():
+    """What a CUDA graph of a hybrid decode step replays (slots read from a device buffer, rows 0..n-1)
+    against the step built from the sequences' lists: same logits, same states written."""
+    from epd.kernels.attention import AttentionMetadata
+    from epd.models.generate import lm_step
+    from epd.models.hybrid_lm import DecodeStates
+
+    rt = ModelRuntime(tiny(), {"lm"})
+    kv, pool = rt.allocate_kv_cache(16, 4), rt.allocate_state_pool(4)
+    tables = [[0, 1, 2, 3, 4, 7], [5, 6]]
+    lm_step(rt, kv, [list(range(5, 25)), list(range(30, 37))], [0, 0], tables, 4, states=(pool, [3, 1]))
+    kv2, pool2 = kv.clone(), pool.clone()
+    want = lm_step(rt, kv, [[9], [11]], [20, 7], tables, 4, states=(pool, [3, 1]))
+    meta = AttentionMetadata.build(tables, [1, 1], [21, 8], 4, torch.device("cpu"))
+    meta.states = DecodeStates(pool2, torch.tensor([3, 1]))
+    with torch.inference_mode():
+        got = rt.lm(torch.tensor([9, 11]), torch.tensor([20, 7]), kv2, meta)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(pool2, pool)

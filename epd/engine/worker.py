@@ -154,18 +154,21 @@ class Worker:
         if self.rt.lm is not None:
             if self.endpoint.tp > 1 and self.rt.tp == 1:
                 self.rt.shard_lm(self.endpoint.rank, self.endpoint.tp, self.comm.tp_group)
-            self.state = self.rt.allocate_state_pool(pool.state_slot_count)  # after sharding: this rank's share of each state
+            # After sharding (this rank's share of each state); one slot past the driver's: decode graphs' padded rows.
+            self.state = self.rt.allocate_state_pool(pool.state_slot_count + 1)
             # One block past the driver's pool: a scratch target for padded rows of CUDA-graph batches.
             self.kv = self.rt.allocate_kv_cache(pool.kv_blocks + 1, pool.kv_block_size)
             if self.rt.device.type == "cuda":
                 self.rt.lm.fuse()
                 # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
-                graphed = self.model_cfg.cuda_graphs and self.state is None  # a hybrid LM's linear layers run eagerly
-                if graphed and Role.DECODE in roles and self.endpoint.tp == 1:
+                graphed = self.model_cfg.cuda_graphs and self.state is None  # a hybrid LM's prefill steps run eagerly
+                # A hybrid LM's decode graphs are opt-in until validated on a GPU (EPD_HYBRID_GRAPHS=1).
+                graph_decode = self.model_cfg.cuda_graphs and (self.state is None or os.environ.get("EPD_HYBRID_GRAPHS") == "1")
+                if graph_decode and Role.DECODE in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
-                    self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks)
+                    self.graphs = DecodeGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, max_blocks, state=self.state)
                 step_tokens = pool.max_prefill_tokens + (pool.max_decode_seqs if Role.DECODE in roles else 0)
                 top = min(step_tokens, self.model_cfg.step_graph_tokens)
                 if graphed and top > 0 and Role.PREFILL in roles and self.endpoint.tp == 1:
@@ -658,7 +661,10 @@ class Worker:
         if self.graphs is not None and self.graphs.fits(len(seqs), tables):
             shift = [s.rope.delta if s.rope is not None else 0 for s in seqs] if any(s.rope is not None for s in seqs) else None
             key = (tuple(rids), self._tables_version)
-            return self.graphs.run([s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=key, rope_shift=shift, fed=fed)
+            slots = [s.state_slot for s in seqs] if self.state is not None else None
+            return self.graphs.run(
+                [s.last_token for s in seqs], [s.context_len for s in seqs], tables, key=key, rope_shift=shift, fed=fed, state_slots=slots
+            )
         return lm_step(
             self.rt,
             self.kv,

@@ -21,11 +21,22 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 class DecodeGraphs:
     def __init__(
-        self, lm: DecoderLM, kv: torch.Tensor, block_size: int, scratch_block: int, max_blocks: int, sizes: tuple[int, ...] = DEFAULT_SIZES
+        self,
+        lm: DecoderLM,
+        kv: torch.Tensor,
+        block_size: int,
+        scratch_block: int,
+        max_blocks: int,
+        sizes: tuple[int, ...] = DEFAULT_SIZES,
+        state: Optional[torch.Tensor] = None,
     ):
+        """`state`: a hybrid LM's state pool, whose last slot is the padded rows' scratch."""
         self.lm, self.kv, self.block_size, self.scratch = lm, kv, block_size, scratch_block
         dev = kv.device
         n = max(sizes)
+        self.state = state
+        if state is not None:
+            self.state_slots = torch.full((n,), state.shape[0] - 1, dtype=torch.long, device=dev)
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.long, device=dev)
@@ -39,6 +50,11 @@ class DecodeGraphs:
             self._capture(bs)
 
     def _meta(self, bs: int) -> AttentionMetadata:
+        states = None
+        if self.state is not None:
+            from epd.models.hybrid_lm import DecodeStates
+
+            states = DecodeStates(self.state, self.state_slots[:bs])
         return AttentionMetadata(
             slot_mapping=self.slots[:bs],
             query_lens=[1] * bs,
@@ -48,6 +64,7 @@ class DecodeGraphs:
             context_lens_t=self.ctx[:bs],
             logits_indices=None,
             is_decode=True,
+            states=states,
         )
 
     @torch.inference_mode()
@@ -76,6 +93,7 @@ class DecodeGraphs:
         key: object = None,
         rope_shift: Optional[list[int]] = None,
         fed: Optional[Fed] = None,
+        state_slots: Optional[list[int]] = None,
     ) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one decode step; positions are the new tokens' positions in the
         cache, `rope_shift` what M-RoPE adds to them for the rotary position (generated tokens of a
@@ -93,6 +111,8 @@ class DecodeGraphs:
         pad = bs - b
         rotary = positions if rope_shift is None else [p + d for p, d in zip(positions, rope_shift)]
         host = tokens + [0] * pad + rotary + [0] * pad + slots + [self.scratch * bsz] * pad + [p + 1 for p in positions] + [1] * pad
+        if self.state is not None:  # a hybrid LM: each row's state slot (padded rows: the scratch slot)
+            host += list(state_slots) + [self.state.shape[0] - 1] * pad
         for _, rows, src in fed or ():
             host += rows + src
         staged = torch.tensor(host, dtype=torch.long).pin_memory().to(self.ids.device, non_blocking=True)
@@ -101,6 +121,9 @@ class DecodeGraphs:
         self.slots[:bs].copy_(staged[2 * bs : 3 * bs])
         self.ctx[:bs].copy_(staged[3 * bs : 4 * bs])
         at = 4 * bs
+        if self.state is not None:
+            self.state_slots[:bs].copy_(staged[at : at + bs])
+            at += bs
         for device_tokens, rows, _ in fed or ():
             n = len(rows)
             self.ids[staged[at : at + n]] = device_tokens[staged[at + n : at + 2 * n]]

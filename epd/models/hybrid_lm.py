@@ -89,6 +89,19 @@ def _triton_delta(x: torch.Tensor, dk: int, dv: int):
     return triton_gated_delta
 
 
+class DecodeStates:
+    """A decode step's layout read from static device buffers (what a CUDA graph replays): `slots[i]` is row
+    i's state slot; no sequence starts from zeros."""
+
+    has_singles, has_runs = True, False
+    single_fresh = None
+
+    def __init__(self, pool: torch.Tensor, slots: torch.Tensor):
+        self.pool, self.single_slots = pool, slots
+        self.single_rows = torch.arange(slots.shape[0], device=slots.device)
+        self.single_fresh_flags = torch.zeros(slots.shape[0], dtype=torch.int32, device=slots.device)
+
+
 def _mask(flags: list[bool], dev: torch.device) -> Optional[torch.Tensor]:
     """A [n, 1] mask of the rows to zero; None when there are none."""
     return torch.tensor(flags, dtype=torch.bool).to(dev, non_blocking=True)[:, None] if any(flags) else None
