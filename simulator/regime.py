@@ -25,8 +25,8 @@ TIE = 0.06  # goodputs this close are a tie: `regime_map` brackets each within 5
 
 
 def pool_in_memory(name: str, pool: PoolConfig, shape: ModelShape, memory_bytes: float, reserve: float) -> Optional[PoolConfig]:
-    """`pool` with the KV blocks that fit beside its weights and MM blocks on its GPUs (None: they do not
-    fit, or there is no room for a single KV block where the pool prefills or decodes)."""
+    """`pool` with the KV blocks that fit beside its weights, MM blocks and (a hybrid LM) state pool on its GPUs
+    (None: they do not fit, or there is no room for a single KV block where the pool prefills or decodes)."""
     roles = POOL_ROLES[name]
     weights = shape.dtype_bytes * (
         (shape.vision_params if Role.ENCODE in roles else 0) + (shape.lm_params if {Role.PREFILL, Role.DECODE} & set(roles) else 0)
@@ -37,6 +37,7 @@ def pool_in_memory(name: str, pool: PoolConfig, shape: ModelShape, memory_bytes:
         return None
     if not {Role.PREFILL, Role.DECODE} & set(roles):
         return pool
+    free -= (pool.state_slot_count + 1) * shape.state_bytes_per_seq  # a hybrid LM's state pool (+ the graphs' scratch slot)
     blocks = int(free // (pool.kv_block_size * shape.kv_bytes_per_token))
     return dataclasses.replace(pool, kv_blocks=blocks) if blocks > 0 else None
 

@@ -342,3 +342,17 @@ def test_a_decode_step_from_static_buffers_equals_the_step_from_lists():
         got = rt.lm(torch.tensor([9, 11]), torch.tensor([20, 7]), kv2, meta)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(pool2, pool)
+
+
+def test_memory_sizing_leaves_room_for_the_state_pool():
+    """The regime map's KV blocks from memory: a hybrid LM's state slots come out of the same memory."""
+    from simulator.regime import pool_in_memory
+    from simulator.shapes import ModelShape
+
+    shape = ModelShape.of(load_family(tiny()), "float32")
+    pool = PoolConfig(max_decode_seqs=4, mm_blocks=1)
+    memory = shape.lm_params * 4 + 200 * 16 * shape.kv_bytes_per_token + 9 * shape.state_bytes_per_seq + 64 * 64 * 4
+    fitted = pool_in_memory("decode", pool, shape, memory, 0.0)
+    assert fitted is not None and 195 <= fitted.kv_blocks <= 200
+    without_state = pool_in_memory("decode", pool, dataclasses.replace(shape, state_bytes_per_seq=0), memory, 0.0)
+    assert without_state.kv_blocks > fitted.kv_blocks
