@@ -44,7 +44,7 @@ class StepStates:
         for n in self.query_lens:
             starts.append(starts[-1] + n)
         singles = [i for i, n in enumerate(self.query_lens) if n == 1]
-        # one-token sequences (decode steps): one batched update; the others one at a time
+        # one-token sequences (decode steps): one batched update
         self.single_rows = torch.tensor([starts[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
         self.single_slots = torch.tensor([self.slots[i] for i in singles], dtype=torch.long).to(dev, non_blocking=True)
         self.single_fresh = _mask([self.fresh[i] for i in singles], dev)
@@ -65,6 +65,7 @@ class StepStates:
             self.run_slots = torch.tensor([self.slots[i] for i in runs], dtype=torch.long).to(dev, non_blocking=True)
             self.run_fresh = _mask([self.fresh[i] for i in runs], dev)
             self.run_lens = [self.query_lens[i] for i in runs]
+            self.run_ends = torch.tensor(self.run_lens, dtype=torch.long).to(dev, non_blocking=True)
 
 
 def _fused(*linears: nn.Linear) -> nn.Linear:
@@ -317,7 +318,7 @@ class GatedDeltaNet(nn.Module):
             xs = mixed[st.run_index] * real
             full = torch.cat([window.to(xs.dtype), xs], dim=1)
             conv = self._conv(full)
-            ends = torch.tensor(st.run_lens, device=x.device)[:, None] + torch.arange(self.kernel - 1, device=x.device)
+            ends = st.run_ends[:, None] + torch.arange(self.kernel - 1, device=x.device)
             window = full.gather(1, ends[..., None].expand(-1, -1, self.conv_dim))
             q, k, v, g, beta = self._heads(conv, b[st.run_index], a[st.run_index])
             g, beta = g * real, beta * real
