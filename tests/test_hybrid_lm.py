@@ -356,3 +356,24 @@ def test_memory_sizing_leaves_room_for_the_state_pool():
     assert fitted is not None and 195 <= fitted.kv_blocks <= 200
     without_state = pool_in_memory("decode", pool, dataclasses.replace(shape, state_bytes_per_seq=0), memory, 0.0)
     assert without_state.kv_blocks > fitted.kv_blocks
+
+
+def test_role_switches_move_state_pools_with_the_roles(ray_cluster):
+    """Every direction of role switch while hybrid sequences are served: the state pools go and come with the
+    LM roles (driver and worker), nothing leaks, and the tokens stay the runtime's."""
+    from collections import Counter
+
+    from epd.lifetime import LifetimeEvent as Ev
+    from tests.test_allocation import ALL_DIRECTIONS, DEP, _serve_until_switched, controller
+
+    model = dataclasses.replace(tiny(), seed=4)
+    reqs = [dataclasses.replace(r, request_id=f"{k}-{r.request_id}") for k in range(6) for r in _requests(6)]
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
+    with OfflineLLM(model, DEP, "ray", allocation=controller("scripted", script=ALL_DIRECTIONS)) as llm:
+        _serve_until_switched(llm, reqs, len(ALL_DIRECTIONS), keep_active=8)
+        llm.core.drain_check()  # every block and state slot free, every worker forgot every sequence
+        events = list(llm.core.pipeline.events)
+        outputs = dict(llm.core.pipeline.outputs)
+    assert {rid: o.token_ids for rid, o in outputs.items()} == expected
+    assert Counter(e.request_id for e in events if e.kind == Ev.FINISHED) == Counter({r.request_id: 1 for r in reqs})
+    assert len([e for e in events if e.kind == Ev.ROLE_SWITCH_END]) == len(ALL_DIRECTIONS)
