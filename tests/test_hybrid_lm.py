@@ -118,7 +118,22 @@ def _image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=[dict(), dict(full_attention_interval=4, num_layers=4, linear_num_value_heads=2)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        dict(),
+        dict(full_attention_interval=4, num_layers=4, linear_num_value_heads=2),
+        # rotary on every dim, head_dim from hidden/heads, three value heads a key head, a 2-tap convolution
+        dict(
+            partial_rotary_factor=1.0,
+            head_dim=0,
+            linear_num_value_heads=6,
+            linear_conv_kernel_dim=2,
+            num_layers=3,
+            full_attention_interval=3,
+        ),
+    ],
+)
 def checkpoint(request, tmp_path_factory):
     """transformers' model with non-trivial norms, decays and step sizes, saved; ours loaded from it."""
     torch.manual_seed(0)

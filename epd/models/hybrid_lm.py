@@ -262,7 +262,7 @@ class GatedDeltaNet(nn.Module):
     def _convolved(self, window: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """window [n, kernel-1, C] (earlier inputs), x [n, L, C] -> (SiLU(causal depthwise conv) [n, L, C], new window)."""
         full = torch.cat([window.to(x.dtype), x], dim=1)
-        return self._conv(full), full[:, -(self.kernel - 1) :]
+        return self._conv(full), full[:, full.shape[1] - (self.kernel - 1) :]  # the last kernel-1 inputs (none for kernel 1)
 
     def _conv(self, full: torch.Tensor) -> torch.Tensor:
         """[n, kernel-1 + L, C] inputs (the window first) -> SiLU of the depthwise convolution at the last L, [n, L, C]."""
