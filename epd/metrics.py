@@ -120,6 +120,7 @@ def scheduling_counts(events: list) -> dict:
     return {
         "preemptions": sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause", "preempted") == "preempted"),
         "restarted_after_worker_loss": sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "worker_lost"),
+        "restarted_after_failed_pull": sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "pull_failed"),
         "recomputed_prefills": sum(1 for e in prefills if e.data.get("recompute")),
         "encoder_cache_hits": hits,
         "encoder_cache_hit_rate": hits / len(encodes) if encodes else 0.0,

@@ -277,3 +277,44 @@ def test_a_request_pulled_from_a_worker_that_dies_during_the_pull_starts_over(se
         core.drain_check()
     finally:
         core.close()
+
+
+@pytest.mark.parametrize("cache", ["kv", "mm"])
+def test_a_pull_that_breaks_starts_the_request_over_and_one_that_keeps_breaking_aborts_it(monkeypatch, cache):
+    """A failed KV pull (decode) or image pull (prefill) whose sender is not known lost — its loss may be
+    reported after the failed batch, or the transfer broke on its own — starts the request over, up to
+    PULL_RETRIES times; past them the request is aborted with the reason. Either way nothing leaks."""
+    from epd.serve.offline import OfflineLLM
+    from epd.stages.results import PULL_RETRIES
+    from epd.transfer.local import LocalTransfer
+
+    reqs = [
+        Request(
+            f"p{i}",
+            prompt_token_ids=tuple(range(20 + i, 30 + i)),
+            images=(ImageInput(width=64, height=48, seed=i),),
+            sampling=SamplingParams(max_tokens=5, ignore_eos=True),
+        )
+        for i in range(4)
+    ]
+    expected = dict(zip([r.request_id for r in reqs], reference(reqs)))
+    recv, breaks = LocalTransfer.recv, [0]
+
+    def flaky(self, handle, blocks):
+        if handle.cache == cache and breaks[0] > 0:
+            breaks[0] -= 1
+            raise OSError("Broken pipe")
+        return recv(self, handle, blocks)
+
+    monkeypatch.setattr(LocalTransfer, "recv", flaky)
+    epd = DeploymentConfig(name="epd", encode=PoolConfig(mm_blocks=64), prefill=PoolConfig(kv_blocks=64), decode=PoolConfig(kv_blocks=64))
+    with OfflineLLM(MODEL, epd, "local") as llm:
+        breaks[0] = 1  # after the warm-up: one pull breaks, its request is redone and finishes as a fault-free run
+        outs = {o.request_id: o.token_ids for o in llm.generate(reqs)}
+        events = list(llm.core.pipeline.events)
+        assert outs == expected
+        assert sum(1 for e in events if e.kind == Ev.PREEMPTED and e.data.get("cause") == "pull_failed") == 1
+        breaks[0] = PULL_RETRIES + 1  # every pull of one request breaks: it is aborted with the reason
+        out = llm.generate(reqs[:1])[0]
+        assert out.finish_reason == "abort" and "Broken pipe" in (out.abort_reason or "")
+        llm.core.drain_check()

@@ -23,6 +23,8 @@ from epd.stages.work import (
     request_ids,
 )
 
+PULL_RETRIES = 2  # a request whose KV or image pull failed starts over this many times before it is aborted
+
 
 class Results:
     """Pipeline part: results and endings."""
@@ -72,9 +74,8 @@ class Results:
             state = self._live(item.request_id)
             if state is None or state.attempt != chunks[item.request_id].attempt:
                 continue  # ended, or started over since this was sent
-            if item.error and self._from_lost(m.handle for m in chunks[item.request_id].images):
-                self.start_over(state, inst, "worker_lost")  # its images died with their encoder: encoded again
-                continue
+            if item.error and self._pull_failed(state, inst, [m.handle for m in chunks[item.request_id].images]):
+                continue  # its images died with their encoder, or their transfer broke: encoded again
             if item.error:
                 self.abort(state, f"prefill on {inst.id} failed: {item.error}", e, INTERNAL)
                 continue
@@ -105,6 +106,22 @@ class Results:
                     state.release(Hold.kv(inst.id))
             self._route_decode(state, inst)
 
+    def _pull_failed(self, state: RequestState, inst: Instance, handles: list) -> bool:
+        """A batch that pulled `state`'s KV or images failed it: started over (True) when the sender is lost, or —
+        as the failure may arrive before the sender's loss is known, or a transfer may break on its own — at most
+        PULL_RETRIES times; False (the caller aborts it) for a request that pulled nothing, or has been retried."""
+        handles = [h for h in handles if h is not None]
+        if not handles:
+            return False
+        if self._from_lost(handles):
+            self.start_over(state, inst, "worker_lost")
+            return True
+        if state.pull_retries < PULL_RETRIES:
+            state.pull_retries += 1
+            self.start_over(state, inst, "pull_failed")
+            return True
+        return False
+
     def _from_lost(self, handles) -> bool:
         """Whether any of these transfer handles came from a worker that has died since (what it sent may
         have died with it: a pull that failed is then no fault of the request)."""
@@ -126,9 +143,7 @@ class Results:
         for rid, why in result.errors.items():
             if rid in stale or (state := self._live(rid)) is None:
                 continue
-            if self._from_lost([pulled.get(rid)]):
-                self.start_over(state, inst, "worker_lost")  # its KV died with its prefill worker: prefilled again
-            else:
+            if not self._pull_failed(state, inst, [pulled.get(rid)]):  # its KV died with its prefill worker: prefilled again
                 self.abort(state, f"decode on {inst.id} failed: {why}", e, INTERNAL)
         for rid, tok in result.tokens.items():
             state = self._live(rid)

@@ -60,6 +60,7 @@ class RequestState:
     prefix_hit: int = 0  # of them, tokens whose KV the prefix cache had (not computed)
     block_hashes: list = field(default_factory=list)  # its full blocks' chained hashes on its prefill instance
     preemptions: int = 0
+    pull_retries: int = 0  # times it started over because a pull of its KV or images failed
     attempt: int = 0  # bumped each time it starts over: results of work sent before are stale
     done: bool = False
     forgotten: bool = False  # its owner is done with it: drop the state once nothing reads its blocks
