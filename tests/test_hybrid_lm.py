@@ -196,8 +196,8 @@ def _requests(n: int = 6) -> list[Request]:
 
 
 def test_engine_deployments_equal_the_runtime(ray_cluster):
-    """States pulled from prefill by decode (local and Ray executors; object store, nccl and in-process
-    transfers), carried across prefill chunks, and recomputed from zero after a preemption; never more
+    """States pulled from prefill by decode (local and Ray executors; object store and in-process transfers
+    here, nccl in the tensor-parallel test), carried across prefill chunks, and recomputed from zero after a preemption; never more
     sequences at once than an instance has slots."""
     model = dataclasses.replace(tiny(), seed=1)
     reqs = _requests()
@@ -207,8 +207,8 @@ def test_engine_deployments_equal_the_runtime(ray_cluster):
     few_slots = DeploymentConfig(
         name="pd", encode_prefill=PoolConfig(kv_blocks=64, state_slots=1), decode=PoolConfig(kv_blocks=64, state_slots=2)
     )
-    nccl = dataclasses.replace(PD, transfer="nccl")  # the sender pushes the state after the KV (gloo on CPU)
-    runs = [(EPD, "ray"), (nccl, "ray"), (PD, "local"), (AGG, "local"), (irp, "local"), (chunked, "local"), (few_slots, "local")]
+    # (nccl: the sender pushes the state after the KV, in test_tensor_parallel_ranks_split_heads_and_states)
+    runs = [(EPD, "ray"), (PD, "local"), (AGG, "local"), (irp, "local"), (chunked, "local"), (few_slots, "local")]
     for deployment, executor in runs:
         outs, _, _ = run(deployment, reqs, executor, model=model)
         assert {k: v.token_ids for k, v in outs.items()} == expected, (deployment.name, executor)
