@@ -23,7 +23,7 @@ from torch import nn
 from epd.config import TextModelConfig
 from epd.kernels import gated_delta
 from epd.kernels.attention import AttentionMetadata, paged_attention, write_kv
-from epd.kernels.fused import rotary
+from epd.kernels.fused import rms_norm, rotary
 from epd.models.family import linear_state_numel
 from epd.models.lm import MLP, RotaryEmbedding, _keep_cols, _keep_rows, _reduce, embed_with_images
 
@@ -131,10 +131,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return ((self.weight * xf.to(dtype)) * F.silu(z.float())).to(dtype)
+        return (rms_norm(x, self.weight, self.eps) * F.silu(z.float())).to(x.dtype)
 
 
 class GatedAttention(nn.Module):
