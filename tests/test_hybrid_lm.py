@@ -10,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from transformers import MiniCPMV4_6ForConditionalGeneration
-from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
 from epd.config import DeploymentConfig, ModelConfig, PoolConfig, TextModelConfig, VisionTowerConfig
 from epd.kernels import gated_delta
-from epd.models.generate import generate
 from epd.models.runtime import ModelRuntime, load_family
 from epd.request import ImageInput, Request, SamplingParams
 from epd.serve.offline import OfflineLLM
 from tests.helpers import AGG, EPD, PD, reference, run
+from tests.test_minicpmv import greedy_pairs
 
 SHAPE = dict(image_token_id=3, max_tiles=9, scale_resolution=112, vision_merger_layer=1)
 
@@ -153,23 +152,11 @@ def test_greedy_tokens_equal_transformers(checkpoint):
     """Prompts on both sides of the chunked rule's 64-token blocks; 32 tokens each."""
     hf, ours = checkpoint
     assert type(ours.lm).__name__ == "HybridLM"
-    fam = ours.family
     images = [_image(640, 480, 0), _image(300, 200, 1)]
-    proc = MiniCPMV4_6ImageProcessorPil(scale_resolution=112, max_slice_nums=9)
     cases = [[0], [1, 0], [], []]
     texts = [[20, 21, 22], list(range(40, 61)), list(range(30, 33)), list(range(30, 130))]
-    prompts = [fam.build_prompt(t, [images[i].size for i in case]) for t, case in zip(texts, cases)]
-    mm = [torch.cat(ours.encode([fam.preprocess(images[i]) for i in case])) if case else None for case in cases]
-    got = generate(ours, prompts, mm, [SamplingParams(max_tokens=32, ignore_eos=True)] * len(cases), block_size=5)
-    for case, prompt, out in zip(cases, prompts, got):
-        kw = {}
-        if case:
-            px = proc(images=[images[i] for i in case], return_tensors="pt")
-            kw = dict(pixel_values=px["pixel_values"], target_sizes=px["target_sizes"])
-        hf.generation_config.eos_token_id = None  # as ignore_eos: EOS may be the argmax, not suppressed or stopped at
-        with torch.no_grad():
-            ref = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0, **kw)
-        assert out == ref[0, len(prompt) :].tolist()
+    for out, ref in greedy_pairs(hf, ours, images, texts, cases, 112, eos_free=True):  # ignore_eos: EOS may be the argmax
+        assert out == ref
         assert len(set(out)) > 1
 
 

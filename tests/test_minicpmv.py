@@ -84,23 +84,37 @@ def test_image_features_equal_transformers_piece_by_piece(checkpoint):
         torch.testing.assert_close(feats, torch.cat(want), atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_tokens_equal_transformers(checkpoint):
-    hf, ours = checkpoint
+def greedy_pairs(hf, ours, images, texts, cases, scale: int, eos_free: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(ours, transformers') 32 greedy tokens per case: `texts[k]` with the images `cases[k]` index. `eos_free`:
+    the reference neither suppresses nor stops at EOS (as ignore_eos), instead of suppressing it for 32 tokens."""
     fam = ours.family
-    images = [_image(*s, seed=i) for i, s in enumerate([(640, 480), (300, 200), (450, 450)])]
-    proc = MiniCPMV4_6ImageProcessorPil(scale_resolution=SCALE, max_slice_nums=9)
-    cases = [[0], [1, 2], [2, 0, 1], []]  # every piece of these images is 112 x 112: transformers packs them right
-    prompts = [fam.build_prompt([20, 21, 22, 23], [images[i].size for i in case]) for case in cases]
+    proc = MiniCPMV4_6ImageProcessorPil(scale_resolution=scale, max_slice_nums=9)
+    prompts = [fam.build_prompt(t, [images[i].size for i in case]) for t, case in zip(texts, cases)]
     mm = [torch.cat(ours.encode([fam.preprocess(images[i]) for i in case])) if case else None for case in cases]
     got = generate(ours, prompts, mm, [SamplingParams(max_tokens=32, ignore_eos=True)] * len(cases), block_size=5)
+    pairs = []
     for case, prompt, out in zip(cases, prompts, got):
         kw = {}
         if case:
             px = proc(images=[images[i] for i in case], return_tensors="pt")
             kw = dict(pixel_values=px["pixel_values"], target_sizes=px["target_sizes"])
+        if eos_free:
+            hf.generation_config.eos_token_id = None
+            kw.update(pad_token_id=0)
+        else:
+            kw.update(min_new_tokens=32)
         with torch.no_grad():
-            ref = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, **kw)
-        assert out == ref[0, len(prompt) :].tolist()
+            ref = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32, do_sample=False, **kw)
+        pairs.append((out, ref[0, len(prompt) :].tolist()))
+    return pairs
+
+
+def test_greedy_tokens_equal_transformers(checkpoint):
+    hf, ours = checkpoint
+    images = [_image(*s, seed=i) for i, s in enumerate([(640, 480), (300, 200), (450, 450)])]
+    cases = [[0], [1, 2], [2, 0, 1], []]  # every piece of these images is 112 x 112: transformers packs them right
+    for out, ref in greedy_pairs(hf, ours, images, [[20, 21, 22, 23]] * len(cases), cases, SCALE):
+        assert out == ref
         assert len(set(out)) > 1
 
 
