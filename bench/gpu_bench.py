@@ -240,7 +240,9 @@ def _covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: str = "mixed", chunked: bool = True) -> None:
+def bench_e2e(
+    n_req: int, out_tokens: int, executor: str = "ray", steps_mode: str = "mixed", chunked: bool = True, kv_allocation: str = "on_demand"
+) -> None:
     """`executor=ray`: the engine as `epd.run` runs it (driver and worker in separate processes, async
     scheduling, images prepared on the worker's prep threads ahead of their batch); `local`: the
     worker in this process, each batch run at submit."""
@@ -260,6 +262,7 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
         name="aggregated",
         prefill_decode_steps=steps_mode,
         chunked_prefill=chunked,
+        kv_allocation=kv_allocation,
         transfer="ipc" if gpu else "local",
         aggregated=PoolConfig(
             kv_blocks=kv_blocks,
@@ -294,6 +297,11 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
         busy = {kind: _covered(v) for kind, v in spans.items()}  # launched decode steps overlap the next: counted once
         host_wait = sum(b.host_wait for b in llm.core.batches)  # encode batches waiting for their images' host preparation
         counts = {kind: len(v) for kind, v in spans.items()}
+        # Each kind's batch durations in order: a cold first batch (a size the warm-up never ran) shows here.
+        durations = {kind: [round(b - a, 4) for a, b in sorted(v)] for kind, v in spans.items()}
+        sizes = {kind: [] for kind in spans}
+        for b in sorted(llm.core.batches, key=lambda b: b.begin):
+            sizes.setdefault(b.kind, []).append(b.size)
         preempted = sum(1 for e in llm.core.pipeline.events if e.kind.value == "preempted")
     toks = sum(len(o.token_ids) for o in outs)
     # Roofline: every prefill/encode FLOP at the matmul ceiling, every decode step reading weights + KV at the copy ceiling.
@@ -308,17 +316,23 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
     print("  time inside workers by batch kind:", {k: round(v, 2) for k, v in busy.items()}, f"of {elapsed:.2f} s;", counts)
     print(f"  of which encode batches waited for host preparation: {host_wait:.2f} s")
     print(f"  sequences preempted: {preempted}")
+    for kind, d in durations.items():
+        ordered = sorted(d)
+        print(f"  {kind}: first {d[0] * 1e3:.0f} ms, p50 {ordered[len(d) // 2] * 1e3:.0f} ms, max {ordered[-1] * 1e3:.0f} ms")
     RESULTS.setdefault("e2e", []).append(
         {
             "executor": executor,
             "prefill_decode_steps": steps_mode,
             "chunked_prefill": chunked,
+            "kv_allocation": kv_allocation,
             "batches": counts,
             "preempted": preempted,
             "ready_s": ready,
             "warmup_s": llm.core.warmup_s,
             "out_tokens": out_tokens,
             "busy_s": busy,
+            "batch_seconds": durations,
+            "batch_sizes": sizes,
             "encode_host_wait_s": host_wait,
             "requests": n_req,
             "output_tokens": toks,
@@ -331,7 +345,7 @@ def bench_e2e(n_req: int, out_tokens: int, executor: str = "ray", steps_mode: st
         }
     )
     print(
-        f"engine e2e ({executor}, {steps_mode}, chunked {chunked}): "
+        f"engine e2e ({executor}, {steps_mode}, chunked {chunked}, kv {kv_allocation}): "
         f"{n_req} requests x (1 image + 24 tokens -> {out_tokens}), {elapsed:.1f} s, "
         f"{toks / elapsed:.0f} output tok/s; "
         f"roofline {roof:.1f} s -> {roof / elapsed:.0%} of it"
@@ -384,6 +398,7 @@ def main() -> None:
     ap.add_argument("--executor", default="ray", help="e2e: ray (as epd.run runs it) | local (one process)")
     ap.add_argument("--steps", default="mixed", help="e2e: deployment.prefill_decode_steps (mixed | alternate)")
     ap.add_argument("--no-chunked", action="store_true", help="e2e: deployment.chunked_prefill=false")
+    ap.add_argument("--kv-allocation", default="on_demand", help="e2e: deployment.kv_allocation (on_demand | reserve: no preemption)")
     args = ap.parse_args()
     sec = set(args.sections.split(","))
     print(f"card: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -396,7 +411,7 @@ def main() -> None:
         ("decode", lambda: bench_decode([1, 8, 64, 128, 256], 1024)),
         ("prefill", lambda: bench_prefill([512, 1024, 2048, 4096, 8192])),
         ("encode", lambda: bench_encode([1, 4, 8, 16, 32])),
-        ("e2e", lambda: bench_e2e(args.requests, args.out_tokens, args.executor, args.steps, not args.no_chunked)),
+        ("e2e", lambda: bench_e2e(args.requests, args.out_tokens, args.executor, args.steps, not args.no_chunked, args.kv_allocation)),
         ("hf", lambda: bench_hf(args.requests, args.out_tokens, 64, 64)),
     ]
     for name, step in steps:

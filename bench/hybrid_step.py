@@ -1,6 +1,7 @@
 """A hybrid LM's steps on one GPU (MiniCPM-V 4.6's Qwen3.5 shape, dummy bf16 weights): decode at several
 batch sizes against the bytes it must move, and prefill steps against the matmul ceiling, with the decode
-update in torch and in the Triton kernel (`EPD_TRITON_DELTA=1`); --profile prints where the device time goes.
+update in torch and in the Triton kernel (`EPD_TRITON_DELTA=1`), eager and in the worker's decode graphs;
+--profile prints where the device time goes.
 
     python bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --profile --out hybrid.json
 """
@@ -21,6 +22,7 @@ from bench.configs import model_config  # noqa: E402
 from bench.gpu_bench import ceilings  # noqa: E402
 from bench.mixed_step import timed  # noqa: E402
 from bench.prefill_step import profile_step  # noqa: E402
+from epd.models.decode_graphs import DecodeGraphs  # noqa: E402
 from epd.models.generate import lm_step  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
 from simulator.shapes import ModelShape  # noqa: E402
@@ -49,26 +51,34 @@ def main() -> None:
     seqs = max(batches + [n for n, _ in prefills])
     per_seq = -(-(max([a.context + 1] + [length for _, length in prefills])) // BS)
     kv = rt.allocate_kv_cache(seqs * per_seq + 1, BS)
-    pool = rt.allocate_state_pool(seqs)
+    rt.lm.fuse()  # as the worker runs it
+    pool = rt.allocate_state_pool(seqs + 1)  # the last slot: padded graph rows' scratch
+    scratch = seqs * per_seq  # the KV block past every sequence's: padded graph rows write there
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
     result = {"card": torch.cuda.get_device_name(0), "model": a.model, "ceilings": ceil, "lm_weight_bytes": weights}
     result.update(decode=[], prefill=[])
     print(f"{result['card']}: {a.model}, LM {weights / 1e9:.1f} GB, state {fam.state_bytes_per_sequence() / 1e6:.1f} MB a sequence")
-    for path in ("torch", "triton"):
-        os.environ["EPD_TRITON_DELTA"] = "1" if path == "triton" else "0"
+    for path in ("torch", "triton", "graph-torch", "graph-triton"):
+        os.environ["EPD_TRITON_DELTA"] = "1" if path.endswith("triton") else "0"
+        graphs = None
+        if path.startswith("graph"):  # the worker's decode graphs (EPD_HYBRID_GRAPHS=1), captured with this update
+            graphs = DecodeGraphs(rt.lm, kv, BS, scratch, per_seq, sizes=tuple(batches), state=pool)
         for b in batches:
 
-            def step(b=b):
+            def step(b=b, graphs=graphs):
+                if graphs is not None:
+                    return graphs.run([7] * b, [a.context] * b, tables[:b], key=b, state_slots=list(range(b)))
                 return lm_step(rt, kv, [[7]] * b, [a.context] * b, tables[:b], BS, states=(pool, list(range(b))))
 
             ms = timed(step, iters=10)
             moved = weights + b * a.context * fam.kv_bytes_per_token() + 2 * b * fam.state_bytes_per_sequence()
             floor = moved / bw * 1e3
             result["decode"].append({"path": path, "batch": b, "ms": ms, "floor_ms": floor})
-            print(f"  decode {path:6s} batch {b:3d}: {ms:7.2f} ms (bytes floor {floor:.2f} ms, {floor / ms:.0%})")
+            print(f"  decode {path:12s} batch {b:3d}: {ms:7.2f} ms (bytes floor {floor:.2f} ms, {floor / ms:.0%})")
             if a.profile and b == max(batches):
                 print(f"  device time by kernel (decode, {path}, batch {b}):")
                 result["decode"][-1]["profile"] = profile_step(step)
+        graphs = None  # its memory back before the next path captures
     for n, length in prefills:
 
         def pre(n=n, length=length):

@@ -346,6 +346,32 @@ def test_a_decode_step_from_static_buffers_equals_the_step_from_lists():
     torch.testing.assert_close(pool2, pool)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: needs a GPU")
+@pytest.mark.parametrize("triton", ["0", "1"])
+def test_decode_graphs_replay_the_eager_step(triton, monkeypatch):
+    """The worker's decode graphs for a hybrid LM (captured at 4, replayed for 3 rows: one padded row
+    writing the scratch slot and block) against the eager step: same logits, same states in the
+    sequences' slots, every other slot untouched; with the torch and with the Triton state update."""
+    from epd.models.decode_graphs import DecodeGraphs
+    from epd.models.generate import lm_step
+
+    monkeypatch.setenv("EPD_TRITON_DELTA", triton)
+    rt = ModelRuntime(tiny(linear_key_head_dim=32, linear_value_head_dim=32), {"lm"}, "cuda")
+    rt.lm.fuse()
+    kv, pool = rt.allocate_kv_cache(17, 4), rt.allocate_state_pool(6)  # block 16 and slot 5: the graphs' scratch
+    tables = [[0, 1, 2, 3, 4, 7], [5, 6], [8, 9, 10]]
+    prompts = [list(range(5, 25)), list(range(30, 37)), list(range(40, 50))]
+    lm_step(rt, kv, prompts, [0, 0, 0], tables, 4, states=(pool, [3, 1, 4]))
+    kv2, pool2 = kv.clone(), pool.clone()
+    want = lm_step(rt, kv, [[9], [11], [13]], [20, 7, 10], tables, 4, states=(pool, [3, 1, 4]))
+    graphs = DecodeGraphs(rt.lm, kv2, 4, 16, 8, sizes=(4,), state=pool2)
+    got = graphs.run([9, 11, 13], [20, 7, 10], tables, key="k", state_slots=[3, 1, 4])
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(pool2[:5], pool[:5], atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(kv2[:16], kv[:16])
+
+
 def test_memory_sizing_leaves_room_for_the_state_pool():
     """The regime map's KV blocks from memory: a hybrid LM's state slots come out of the same memory."""
     from simulator.regime import pool_in_memory

@@ -35,6 +35,16 @@ class BatchRecord:
     begin: float
     end: float
     host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
+    size: int = 0  # images (encode), prompts or chunks (prefill), sequences stepped (decode)
+
+
+def batch_size(batch) -> int:
+    """What a batch record counts as its size (see BatchRecord.size); a mixed step: both parts."""
+    if hasattr(batch, "decode") and hasattr(batch, "prefill"):
+        return batch_size(batch.decode) + batch_size(batch.prefill)
+    if hasattr(batch, "items"):
+        return len(batch.items)
+    return len(getattr(batch, "step", ())) + len(getattr(batch, "new", ()))
 
 
 class EngineCore:
@@ -189,7 +199,9 @@ class EngineCore:
                 self.executor.refresh_transfers(iid)  # peers learn its new caches before it serves
             submitted = self._submitted.pop(id(batch), None)
             if not isinstance(result, BatchFailure) and submitted is not None:
-                self.batches.append(BatchRecord(iid, type(batch).__name__, submitted, *result.span, getattr(result, "host_wait", 0.0)))
+                self.batches.append(
+                    BatchRecord(iid, type(batch).__name__, submitted, *result.span, getattr(result, "host_wait", 0.0), batch_size(batch))
+                )
             self.pipeline.complete(self.pipeline.instances[iid], batch, result)
             self._dispatch()  # at once: the worker that just finished may have nothing queued
         now = time.time()
