@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--prefill", default="8x600,1x4096", help="PROMPTSxLENGTH, comma-separated")
+    ap.add_argument("--paths", default="torch,triton,graph-torch,graph-triton", help="decode paths, comma-separated")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> None:
     result = {"card": torch.cuda.get_device_name(0), "model": a.model, "ceilings": ceil, "lm_weight_bytes": weights}
     result.update(decode=[], prefill=[])
     print(f"{result['card']}: {a.model}, LM {weights / 1e9:.1f} GB, state {fam.state_bytes_per_sequence() / 1e6:.1f} MB a sequence")
-    for path in ("torch", "triton", "graph-torch", "graph-triton"):
+    for path in a.paths.split(","):
         os.environ["EPD_TRITON_DELTA"] = "1" if path.endswith("triton") else "0"
         graphs = None
         if path.startswith("graph"):  # the worker's decode graphs (EPD_HYBRID_GRAPHS=1), captured with this update
