@@ -130,6 +130,8 @@ def test_engine_warms_up_every_instance_before_it_is_ready():
     core = EngineCore(EngineConfig(MODEL, dataclasses.replace(EPD, transfer="local"), "local", BackendConfig()))
     try:
         assert core.warmup_s is not None and core.warmup_s > 0
+        kinds = {"encode": "EncodeBatch", "prefill": "PrefillBatch", "decode": "DecodeBatch"}
+        assert {(i, kinds[i.split("-")[0]]) for i in core.pipeline.instances} <= set(core.warmup_batches)
         assert not core.pipeline.states and not core.pipeline.outputs and not list(core.pipeline.events) and not core.batches
         core.drain_check()
     finally:
@@ -137,6 +139,27 @@ def test_engine_warms_up_every_instance_before_it_is_ready():
     cold = EngineCore(EngineConfig(MODEL, dataclasses.replace(EPD, transfer="local"), "local", BackendConfig(warmup=False)))
     cold.close()
     assert cold.warmup_s is None
+
+
+@pytest.mark.parametrize("steps", ["mixed", "alternate"])
+def test_the_warm_up_runs_mixed_steps_and_batches_at_their_limits(steps):
+    """An aggregated instance with chunked prefill runs a mixed step before it is ready (where it mixes);
+    the full-size wave (on by default on GPUs) fills an encode batch to `max_images_per_batch` and a
+    prefill step with several prompts, so no large shape is first met while a run measures."""
+    pool = dataclasses.replace(AGG.aggregated, instances=1, kv_blocks=256, max_images_per_batch=6, max_prefill_tokens=96)
+    dep = dataclasses.replace(AGG, aggregated=pool, chunked_prefill=True, prefill_decode_steps=steps)
+    core = EngineCore(EngineConfig(MODEL, dep, "local", BackendConfig(warmup=False)))
+    try:
+        core.warm_up(full_size=False)
+        assert (("aggregated-0", "MixedBatch") in core.warmup_batches) == (steps == "mixed"), core.warmup_batches
+        core.warm_up(full_size=True)
+        ran = core.warmup_batches
+        assert ran[("aggregated-0", "EncodeBatch")] == 6
+        assert max(ran.get(("aggregated-0", k), 0) for k in ("PrefillBatch", "MixedBatch")) >= 2, ran
+        assert not core.batches and not core.pipeline.states
+        core.drain_check()
+    finally:
+        core.close()
 
 
 def test_an_engine_that_fails_its_warm_up_raises_and_leaves_nothing(monkeypatch):

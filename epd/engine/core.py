@@ -10,11 +10,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from epd.config import EngineConfig
+from epd.config import EngineConfig, Role
 from epd.engine.executor import make_executor
-from epd.engine.warmup import missing_batches, warmup_requests
+from epd.engine.warmup import full_size_requests, missing_batches, staggered, warmup_requests
 from epd.lifetime import EventLog
-from epd.models.runtime import load_family
+from epd.models.runtime import load_family, resolve_device
 from epd.models.tokenizer import load_tokenizer
 from epd.request import CANCELLED, INVALID, Request
 from epd.stages.admission import check_identity
@@ -76,6 +76,7 @@ class EngineCore:
         self._submitted: dict[int, float] = {}
         self.batches: deque[BatchRecord] = deque(maxlen=100_000)  # the latest batches' timings, for overhead analysis
         self.warmup_s: Optional[float] = None
+        self.warmup_batches: dict[tuple[str, str], int] = {}
         if config.backend.warmup:
             try:
                 self.warm_up(config.backend.timeout_s)
@@ -83,34 +84,62 @@ class EngineCore:
                 self.close()  # no workers left behind
                 raise
 
-    def warm_up(self, timeout_s: float = 600.0, max_waves: int = 4) -> float:
-        """Run warm-up requests until every instance has run a batch of each kind its roles serve
-        (several waves where routing left one out), then start a fresh run. Raises if one fails."""
+    def warm_up(self, timeout_s: float = 600.0, max_waves: int = 4, full_size: Optional[bool] = None) -> float:
+        """Run warm-up requests until every instance has run a batch of each kind its roles serve, and a
+        mixed step where it runs them (several waves where routing left one out), then start a fresh run.
+        `full_size` (default: on GPUs) adds requests that fill an encode batch and a prefill step.
+        Raises if one fails. What ran is kept in `warmup_batches`: (instance, kind) -> largest size."""
         started = time.time()
+        deadline = started + timeout_s
         family = self.pipeline.family
         insts = self.pipeline.instances
         roles = {iid: inst.roles for iid, inst in insts.items()}
+        chunked_mixed = self.pipeline.policy.chunked and self.config.deployment.prefill_decode_steps == "mixed"
+        mixed = frozenset(iid for iid, inst in insts.items() if chunked_mixed and inst.has(Role.PREFILL) and inst.has(Role.DECODE))
+        if full_size is None:
+            full_size = resolve_device(self.config.model.device).type == "cuda"
         on_output, allocation = self.pipeline.on_output, self.allocation
         self.pipeline.on_output, self.allocation = None, None  # no client hears of them; no stage resizing on them
+        ran: dict[tuple[str, str], int] = {}
         try:
-            ran: set[tuple[str, str]] = set()
             for wave in range(max_waves):
                 requests = warmup_requests(family, 2 * len(insts), wave)
-                for req in requests:
+                first, second = staggered(requests)
+                if full_size and wave == 0:
+                    first += self._full_size_requests(family)
+                for req in first:
                     self.add_request(req)
-                self.run_until_idle(timeout_s)
-                for req in requests:
+                while mixed and not any(b.kind in ("DecodeBatch", "MixedBatch") for b in self.batches) and self.has_work():
+                    if time.time() > deadline:
+                        raise TimeoutError(f"the engine's warm-up did not reach a decode step within {timeout_s}s")
+                    self.step()  # the second half arrives while the first decodes: mixed steps
+                for req in second:
+                    self.add_request(req)
+                self.run_until_idle(max(1.0, deadline - time.time()))
+                for req in first + second:
                     out = self.pipeline.outputs[req.request_id]
                     if out.finish_reason == "abort" and out.error_kind != INVALID:  # too big for this deployment is no failure
                         raise RuntimeError(f"the engine failed its warm-up: request {req.request_id}: {out.abort_reason}")
-                ran |= {(b.instance, b.kind) for b in self.batches}
-                if not missing_batches(roles, ran):
+                for b in self.batches:
+                    ran[(b.instance, b.kind)] = max(ran.get((b.instance, b.kind), 0), b.size)
+                self.batches.clear()
+                if not missing_batches(roles, set(ran), mixed):
                     break
         finally:
             self.pipeline.on_output, self.allocation = on_output, allocation
+        self.warmup_batches = ran
         self.new_run()
         self.warmup_s = time.time() - started
         return self.warmup_s
+
+    def _full_size_requests(self, family) -> list[Request]:
+        """Enough one-image requests for the largest encode batch an instance takes, with prompts that
+        together pass the largest prefill step's token budget."""
+        pools = [inst.cfg for inst in self.pipeline.instances.values()]
+        images = max((p.max_images_per_batch for p in pools), default=1)
+        tokens = max((p.max_prefill_tokens for p in pools), default=0)
+        prompt = max(8, min(512, tokens // max(1, images)))
+        return full_size_requests(family, images, prompt)
 
     @property
     def origin(self) -> float:

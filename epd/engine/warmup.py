@@ -3,10 +3,16 @@
 Kernel compilation, the libraries' first-shape choices, sampling set-up, the transfer backends'
 first connections and image decoding (JPEG bytes, as clients send them) are then paid before the
 first request a run measures, and a deployment that cannot serve fails here, not mid-run.
+
+Each wave comes in two halves, the second sent once the first decodes, so that instances that mix
+prefill chunks into decode steps run such a step too. On GPUs the first wave also fills an encode
+batch and a prefill step to their limits: a library's first call at a large shape (attention plans,
+GEMM heuristics) costs hundreds of milliseconds that small batches do not pay for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 from epd.config import Role
@@ -16,6 +22,7 @@ from epd.stages.model_view import ModelView
 
 # What each role's batches are called in the engine's batch records.
 ROLE_BATCH = {Role.ENCODE: "EncodeBatch", Role.PREFILL: "PrefillBatch", Role.DECODE: "DecodeBatch"}
+MIXED = "MixedBatch"  # instances that both prefill and decode, with chunked prefill in mixed steps
 
 
 def _jpeg(width: int, height: int, seed: int) -> ImageInput:
@@ -41,6 +48,38 @@ def warmup_requests(family: ModelView, count: int, wave: int) -> list[Request]:
     return reqs
 
 
-def missing_batches(roles_by_instance: dict[str, tuple[str, ...]], ran: set[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(instance, batch kind) pairs a warm-up has not run yet."""
-    return [(iid, ROLE_BATCH[r]) for iid, roles in roles_by_instance.items() for r in roles if (iid, ROLE_BATCH[r]) not in ran]
+def full_size_requests(family: ModelView, count: int, prompt_tokens: int) -> list[Request]:
+    """`count` requests of one image and `prompt_tokens` tokens each, sent at once: together they fill an
+    encode batch of `count` images and prefill steps up to the token budget."""
+    text = family.text_config()
+    reserved = {family.image_token_id, text.bos_token_id, text.eos_token_id}
+    ids = [i for i in range(4, min(text.vocab_size, 4096)) if i not in reserved]
+    image = _jpeg(640, 480, seed=99)
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    return [
+        Request(
+            f"warmup-full-{i}",
+            0.0,
+            prompt_token_ids=tuple(ids[(i * 13 + j) % len(ids)] for j in range(prompt_tokens)),
+            images=(image,),
+            sampling=sampling,
+        )
+        for i in range(count)
+    ]
+
+
+def staggered(requests: list[Request], first_tokens: int = 16) -> tuple[list[Request], list[Request]]:
+    """The wave's halves: the first decodes long enough (`first_tokens`) for the second's prompts to join
+    its decode steps."""
+    half = max(1, len(requests) // 2)
+    first = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_tokens=first_tokens)) for r in requests[:half]]
+    return first, requests[half:]
+
+
+def missing_batches(
+    roles_by_instance: dict[str, tuple[str, ...]], ran: set[tuple[str, str]], mixed: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """(instance, batch kind) pairs a warm-up has not run yet; `mixed`: instances that run mixed steps."""
+    wanted = [(iid, ROLE_BATCH[r]) for iid, roles in roles_by_instance.items() for r in roles]
+    wanted += [(iid, MIXED) for iid in sorted(mixed)]
+    return [pair for pair in wanted if pair not in ran]

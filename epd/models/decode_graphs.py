@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.max_blocks = max_blocks
         self._last_key: object = None
+        self._metas: dict[int, AttentionMetadata] = {}
         for bs in sorted(sizes, reverse=True):
             self._capture(bs)
 
@@ -80,6 +81,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.lm(self.ids[:bs], self.pos[:bs], self.kv, meta)
         self.graphs[bs] = (graph, out)
+        self._metas[bs] = meta  # the graph reads the tensors made for it (a hybrid LM's row indices): kept alive
 
     def fits(self, batch: int, tables: list[list[int]]) -> bool:
         return batch <= max(self.graphs) and all(len(t) <= self.max_blocks for t in tables)
