@@ -82,11 +82,9 @@ for part in $PARTS; do
       done
       ;;
     hybrid)  # GPU 0: MiniCPM-V 4.6's hybrid LM: exactness against transformers, the Triton decode update, its steps apart
-      CUDA_VISIBLE_DEVICES=0 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid_lm.py -k triton 2>&1 | tail -1
-      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --out "$OUT/hybrid_step.json" 2>&1 | grep -E "decode|prefill" | head -12
+      CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_hybrid_lm.py -k "triton or graphs" 2>&1 | tail -1
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --out "$OUT/hybrid_step.json" 2>&1 | grep -E "decode|prefill" | head -20
       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/gpu_families.py --out "$OUT/qwen" --parts exact shapes --exact-models tiny-minicpmv4.6 --models minicpm-v-4.6 2>&1 | grep -E "^\{|rror" | cut -c1-900
-      # the same with the hybrid decode graphs (opt-in until this shows them exact and faster)
-      EPD_HYBRID_GRAPHS=1 CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/gpu_families.py --out "$OUT/qwen_graphs" --parts exact shapes --exact-models tiny-minicpmv4.6 --models minicpm-v-4.6 2>&1 | grep -E "^\{|rror" | cut -c1-900
       ;;
     overhead)  # TPOT of D in 2E1P1D against its bare decode step (requests with one image: E, P and IPC transfers run)
       timeout 240 python3 bench/engine_overhead.py --layout 2E1P1D --batches 1,8 --repeats 2 --modes async --out "$OUT/overhead_2e1p1d.json" 2>&1 \

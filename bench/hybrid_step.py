@@ -1,6 +1,6 @@
 """A hybrid LM's steps on one GPU (MiniCPM-V 4.6's Qwen3.5 shape, dummy bf16 weights): decode at several
 batch sizes against the bytes it must move, and prefill steps against the matmul ceiling, with the decode
-update in torch and in the Triton kernel (`EPD_TRITON_DELTA=1`), eager and in the worker's decode graphs;
+update in torch (`EPD_TRITON_DELTA=0`) and in the Triton kernel, eager and in the worker's decode graphs;
 --profile prints where the device time goes.
 
     python bench/hybrid_step.py --batches 1,8,32,64 --prefill 8x600,1x4096 --profile --out hybrid.json
@@ -62,7 +62,7 @@ def main() -> None:
     for path in a.paths.split(","):
         os.environ["EPD_TRITON_DELTA"] = "1" if path.endswith("triton") else "0"
         graphs = None
-        if path.startswith("graph"):  # the worker's decode graphs (EPD_HYBRID_GRAPHS=1), captured with this update
+        if path.startswith("graph"):  # the worker's decode graphs, captured with this update
             graphs = DecodeGraphs(rt.lm, kv, BS, scratch, per_seq, sizes=tuple(batches), state=pool)
         for b in batches:
 

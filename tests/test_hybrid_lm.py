@@ -369,7 +369,7 @@ def test_decode_graphs_replay_the_eager_step(triton, monkeypatch):
     torch.cuda.synchronize()
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(pool2[:5], pool[:5], atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(kv2[:16], kv[:16])
+    torch.testing.assert_close(kv2[:, :, :16], kv[:, :, :16])  # [layers, k/v, blocks, ...]: block 16 is the scratch
 
 
 def test_memory_sizing_leaves_room_for_the_state_pool():

@@ -162,9 +162,7 @@ class Worker:
                 self.rt.lm.fuse()
                 # NCCL all-reduces are left out of graphs: tensor-parallel decode runs eagerly.
                 graphed = self.model_cfg.cuda_graphs and self.state is None  # a hybrid LM's prefill steps run eagerly
-                # A hybrid LM's decode graphs are opt-in until validated on a GPU (EPD_HYBRID_GRAPHS=1).
-                graph_decode = self.model_cfg.cuda_graphs and (self.state is None or os.environ.get("EPD_HYBRID_GRAPHS") == "1")
-                if graph_decode and Role.DECODE in roles and self.endpoint.tp == 1:
+                if self.model_cfg.cuda_graphs and Role.DECODE in roles and self.endpoint.tp == 1:
                     from epd.models.decode_graphs import DecodeGraphs
 
                     max_blocks = -(-self.rt.text_cfg.max_position_embeddings // pool.kv_block_size)
