@@ -46,7 +46,10 @@ def worker_steps(worker, batch: int, context: int, iters: int) -> dict:
     sync = torch.cuda.synchronize if worker.rt.device.type == "cuda" else (lambda: None)
     rids = [f"probe-{i}" for i in range(batch)]
     for i, rid in enumerate(rids):
-        worker.seqs[rid] = _Seq(list(range(i * per, (i + 1) * per)), context, 11, 1, SamplingParams(max_tokens=10**6, ignore_eos=True))
+        slot = i if worker.state is not None else None  # a hybrid LM: a state slot each (the run's are free between runs)
+        worker.seqs[rid] = _Seq(
+            list(range(i * per, (i + 1) * per)), context, 11, 1, SamplingParams(max_tokens=10**6, ignore_eos=True), state_slot=slot
+        )
     out = {}
     try:
         worker._decode_compute(rids)
