@@ -383,6 +383,11 @@ class HardwareConfig:
     # The fixed device time of an LM step (prefill or decode): what a straight-line fit of the runtime's own
     # step times over their FLOPs (prefill) or bytes (decode) leaves at zero; the efficiencies are the slopes.
     step_floor: float = 0.0
+    # A hybrid LM's linear-attention layers (MiniCPM-V 4.6): the fixed device time each adds to a step (its
+    # convolution, norms and gates are many small kernels), and how many times a step's kernels read and
+    # write each sequence's state (1: once, the bytes floor).
+    linear_layer_floor: float = 0.0
+    state_passes: float = 1.0
     memory_bytes: float = 2.4e10
     shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
     # Host CPU an E worker spends per image before the GPU sees it (decode, resize, tiling), one core:

@@ -116,7 +116,8 @@ def check_run_config(cfg: RunConfig) -> None:
         c.at_least(f"hardware.{key}", getattr(h, key), 0, strict=True)
     for key in ("compute_efficiency", "memory_efficiency"):
         c.within(f"hardware.{key}", getattr(h, key), 0, 1, low_open=True)
-    for key in ("step_overhead", "rpc_latency", "step_floor", "link_latency"):
+    c.at_least("hardware.state_passes", h.state_passes, 0)
+    for key in ("step_overhead", "rpc_latency", "step_floor", "linear_layer_floor", "link_latency"):
         c.at_least(f"hardware.{key}", getattr(h, key), 0)
     if cfg.task == "compare":
         if not cfg.compare.rates or any(not _num(r) or r <= 0 for r in cfg.compare.rates):

@@ -78,7 +78,9 @@ class RooflineModel(LatencyModel):
         self.flops = hw.peak_flops * hw.compute_efficiency
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
         self.overhead, self.rpc = hw.step_overhead, hw.rpc_latency
-        self.floor = hw.step_floor
+        # the fixed device time of an LM step: the step's own, and a hybrid LM's linear layers' extra kernels
+        self.floor = hw.step_floor + shape.linear_layers * hw.linear_layer_floor
+        self.state_bytes = hw.state_passes * shape.state_bytes_per_seq  # each pass reads and writes it
 
     def _time(self, flops: float, nbytes: float) -> float:
         return max(flops / self.flops, nbytes / self.bw)
@@ -111,12 +113,12 @@ class RooflineModel(LatencyModel):
     def prefill(self, s: PrefillShape) -> float:
         flops = s.tokens * self.m.lm_flops_per_token + 0.5 * s.square * self.m.attn_flops_coeff + len(s.lens) * self.m.head_flops
         nbytes = self.m.lm_params * self.m.dtype_bytes + (s.tokens + sum(s.starts)) * self.m.kv_bytes_per_token
-        nbytes += 2 * len(s.lens) * self.m.state_bytes_per_seq  # a hybrid LM's state, read and written per sequence
+        nbytes += 2 * len(s.lens) * self.state_bytes  # a hybrid LM's state, read and written per sequence
         return self.floor + self._time(flops, nbytes)
 
     def decode(self, s: DecodeShape) -> float:
         flops = s.batch * (self.m.lm_flops_per_token + self.m.head_flops) + s.context * self.m.attn_flops_coeff
-        nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token + 2 * s.batch * self.m.state_bytes_per_seq
+        nbytes = self.m.lm_params * self.m.dtype_bytes + s.context * self.m.kv_bytes_per_token + 2 * s.batch * self.state_bytes
         return self.floor + self._time(flops, nbytes)
 
     def transfer(self, nbytes: float) -> float:

@@ -42,6 +42,7 @@ class ModelShape:
     native_attention: tuple = ()
     encoder_scale: float = 1.0  # what-if: the tower's FLOPs and weights times this (`backend.sim_encoder_scale`)
     state_bytes_per_seq: int = 0  # a hybrid LM's linear layers' state: read and written by every step of a sequence
+    linear_layers: int = 0  # a hybrid LM's linear-attention layers
 
     def image_attention_flops(self, tokens: int) -> float:
         """Attention FLOPs of one image of `tokens` LM tokens in a native-resolution tower (0 otherwise)."""
@@ -81,7 +82,7 @@ class ModelShape:
         attention = 0 if native else 4 * lv * hv * n * n  # native towers: per image (`image_attention_flops`)
         vision_flops = 2 * lv * layer * n + attention + 2 * proj_params * tokens_per_tile
         body = t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size)
-        attn_layers, state_flops = t.num_layers, 0.0
+        attn_layers, state_flops, linear_layers = t.num_layers, 0.0, 0
         if t.is_hybrid:  # gated full attention on some layers, Gated DeltaNet on the rest
             full, linear = len(t.full_attention_layers), t.num_layers - len(t.full_attention_layers)
             q_width, kv_width = t.num_heads * t.attn_head_dim, t.num_kv_heads * t.attn_head_dim
@@ -89,7 +90,7 @@ class ModelShape:
             full_proj = h * 2 * q_width + 2 * h * kv_width + q_width * h
             linear_proj = h * (2 * key + value) + h * value + 2 * h * t.linear_num_value_heads + value * h
             body = full * full_proj + linear * linear_proj + t.num_layers * 3 * h * t.intermediate_size
-            attn_layers, h_attn = full, q_width
+            attn_layers, h_attn, linear_layers = full, q_width, linear
             # each token decays, corrects and reads every value head's key x value state
             state_flops = 6.0 * linear * t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim
         else:
@@ -106,6 +107,7 @@ class ModelShape:
             attn_flops_coeff=4.0 * attn_layers * h_attn,
             kv_bytes_per_token=family.kv_bytes_per_token(dtype),
             state_bytes_per_seq=family.state_bytes_per_sequence(),
+            linear_layers=linear_layers,
             mm_bytes_per_token=family.mm_bytes_per_token(dtype),
             native_attention=tuple(native),
         )

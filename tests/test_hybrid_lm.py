@@ -284,6 +284,27 @@ def test_the_simulators_shape_counts_the_hybrid_lm_it_models(text):
     t = rt.text_cfg
     assert shape.kv_bytes_per_token == 2 * len(t.full_attention_layers) * t.num_kv_heads * t.attn_head_dim * 4
     assert shape.state_bytes_per_seq == rt.allocate_state_pool(1).numel() * 4 > 0
+    assert shape.linear_layers == t.num_layers - len(t.full_attention_layers)
+
+
+@pytest.mark.parametrize("floor,passes", [(1e-4, 1.0), (0.0, 2.5), (3e-4, 1.7)])
+def test_the_simulators_linear_layer_costs_enter_hybrid_steps_only(floor, passes):
+    """`hardware.linear_layer_floor` adds per linear layer to every LM step of a hybrid LM, `state_passes`
+    scales the state bytes each sequence moves per step; a plain LM's steps do not change."""
+    from epd.config import HardwareConfig
+    from simulator.latency import DecodeShape, PrefillShape, RooflineModel
+    from simulator.shapes import ModelShape
+
+    hw = HardwareConfig(peak_flops=1e15, memory_bandwidth=4e12, memory_efficiency=0.9, step_floor=1e-3)
+    fitted = dataclasses.replace(hw, linear_layer_floor=floor, state_passes=passes)
+    hybrid = ModelShape.of(ModelRuntime(tiny(), {"lm"}).family, "bfloat16")
+    plain = ModelShape.of(ModelRuntime(ModelConfig(seed=1), {"lm"}).family, "bfloat16")
+    state_s = 2 * hybrid.state_bytes_per_seq / (4e12 * 0.9)
+    for b in (1, 8, 64):
+        extra = RooflineModel(hybrid, fitted).decode(DecodeShape(b, 100 * b)) - RooflineModel(hybrid, hw).decode(DecodeShape(b, 100 * b))
+        assert extra == pytest.approx(hybrid.linear_layers * floor + (passes - 1) * b * state_s, rel=1e-6, abs=1e-12)
+        assert RooflineModel(plain, fitted).decode(DecodeShape(b, 100 * b)) == RooflineModel(plain, hw).decode(DecodeShape(b, 100 * b))
+    assert RooflineModel(hybrid, fitted).prefill(PrefillShape((50, 70))) >= RooflineModel(hybrid, hw).prefill(PrefillShape((50, 70)))
 
 
 def test_tensor_parallel_ranks_split_heads_and_states(ray_cluster):
@@ -392,16 +413,16 @@ def test_role_switches_move_state_pools_with_the_roles(ray_cluster):
     from collections import Counter
 
     from epd.lifetime import LifetimeEvent as Ev
-    from tests.test_allocation import ALL_DIRECTIONS, DEP, _serve_until_switched, controller
+    from tests.test_allocation import ALL_DIRECTIONS, DEP, _serve_until_switched, base_id, controller
 
     model = dataclasses.replace(tiny(), seed=4)
     reqs = [dataclasses.replace(r, request_id=f"{k}-{r.request_id}") for k in range(6) for r in _requests(6)]
     expected = dict(zip([r.request_id for r in reqs], reference(reqs, model)))
     with OfflineLLM(model, DEP, "ray", allocation=controller("scripted", script=ALL_DIRECTIONS)) as llm:
-        _serve_until_switched(llm, reqs, len(ALL_DIRECTIONS), keep_active=8)
+        _, sent = _serve_until_switched(llm, reqs, len(ALL_DIRECTIONS), keep_active=8)
         llm.core.drain_check()  # every block and state slot free, every worker forgot every sequence
         events = list(llm.core.pipeline.events)
         outputs = dict(llm.core.pipeline.outputs)
-    assert {rid: o.token_ids for rid, o in outputs.items()} == expected
-    assert Counter(e.request_id for e in events if e.kind == Ev.FINISHED) == Counter({r.request_id: 1 for r in reqs})
+    assert {rid: o.token_ids for rid, o in outputs.items()} == {rid: expected[base_id(rid)] for rid in sent}
+    assert Counter(e.request_id for e in events if e.kind == Ev.FINISHED) == Counter(sent)
     assert len([e for e in events if e.kind == Ev.ROLE_SWITCH_END]) == len(ALL_DIRECTIONS)
