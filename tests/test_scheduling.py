@@ -144,15 +144,16 @@ def test_engine_warms_up_every_instance_before_it_is_ready():
 @pytest.mark.parametrize("steps", ["mixed", "alternate"])
 def test_the_warm_up_runs_mixed_steps_and_batches_at_their_limits(steps):
     """An aggregated instance with chunked prefill runs a mixed step before it is ready (where it mixes);
-    the full-size wave (on by default on GPUs) fills an encode batch to `max_images_per_batch` and a
-    prefill step with several prompts, so no large shape is first met while a run measures."""
+    the full-size wave fills an encode batch to `max_images_per_batch` and a
+    prefill step with several prompts, so no large shape is first met while a run measures (both on by
+    default for GPU workers)."""
     pool = dataclasses.replace(AGG.aggregated, instances=1, kv_blocks=256, max_images_per_batch=6, max_prefill_tokens=96)
     dep = dataclasses.replace(AGG, aggregated=pool, chunked_prefill=True, prefill_decode_steps=steps)
     core = EngineCore(EngineConfig(MODEL, dep, "local", BackendConfig(warmup=False)))
     try:
-        core.warm_up(full_size=False)
+        core.warm_up(full_size=False, mixed_steps=True)
         assert (("aggregated-0", "MixedBatch") in core.warmup_batches) == (steps == "mixed"), core.warmup_batches
-        core.warm_up(full_size=True)
+        core.warm_up(full_size=True, mixed_steps=False)
         ran = core.warmup_batches
         assert ran[("aggregated-0", "EncodeBatch")] == 6
         assert max(ran.get(("aggregated-0", k), 0) for k in ("PrefillBatch", "MixedBatch")) >= 2, ran

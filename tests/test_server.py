@@ -303,6 +303,9 @@ def test_online_benchmark_writes_a_record(tmp_path):
     # the client's TTFT split by X-Request-Id into the engine's part and the rest (retries waited count outside)
     assert summary["server_split_requests"] == 5 and 0 < summary["server_engine_ttft_p50"] <= summary["ttft_p90"]
     assert summary["server_outside_ttft_p50"] > 0
+    # ... and the outside part along the request's way, from the server's marks
+    for part in ("to_app", "body", "parse", "render", "stream", "wire"):
+        assert summary[f"server_{part}_p50"] >= 0, part
     summary, events = run("refused", "workload.rate=200", "server.max_concurrent_requests=1")
     refused = [e for e in events if e["kind"] == "aborted"]
     assert refused and all("refused: HTTP 429" in e["data"]["reason"] for e in refused)

@@ -456,6 +456,29 @@ def test_server_split_parts_the_client_times_into_engine_and_outside():
     assert split["server_outside_ttft_p50"] == pytest.approx((0.2 + 0.1) / 2)
     assert split["server_engine_tpot_p50"] == pytest.approx((0.8 / 9 + 0.85 / 9) / 2)
     assert split["server_outside_tpot_p90"] == pytest.approx(np_percentile([0.1 / 9, 0.05 / 9], 90))
+    assert "server_render_p50" not in split  # no server marks: no finer split
+
+    # The server's marks (wall clock) with both clocks' origins: the outside part along the request's way.
+    from epd.serve.timing import ServerTimings
+
+    timings = ServerTimings()
+    marks = {
+        "r-1": (1000.02, 1000.03, 1000.05, 1000.06, 1000.10, 1000.45),  # engine: issued 1000.1, first token 1000.4
+        "r-2": (1001.01, 1001.015, 1001.02, 1001.03, 1001.05, 1001.27),  # engine: issued 1001.05, first token 1001.25
+    }
+    for rid, ts in marks.items():
+        for phase, t in zip(("received", "body_start", "body_end", "handler", "submitted", "first_chunk"), ts):
+            timings.mark(rid, phase, t)
+    timings.mark("r-1", "received", 5.0)  # a later mark (a retry) keeps the first
+    split = server_split(client, engine, timings, client_start=1000.0, engine_origin=990.0)
+    want = {"to_app": (0.02, 0.01), "body": (0.03, 0.01), "parse": (0.01, 0.01), "render": (0.04, 0.02), "stream": (0.05, 0.02)}
+    want["wire"] = (0.05, 0.03)
+    for part, (a, b) in want.items():
+        assert split[f"server_{part}_p50"] == pytest.approx((a + b) / 2), part
+    # the parts add up to the outside part of each request (the engine took each request as it was submitted)
+    assert sum(a for a, _ in want.values()) == pytest.approx(0.2) and sum(b for _, b in want.values()) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown server phase"):
+        timings.mark("r-1", "landed")
 
 
 def np_percentile(values, q):

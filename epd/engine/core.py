@@ -84,27 +84,34 @@ class EngineCore:
                 self.close()  # no workers left behind
                 raise
 
-    def warm_up(self, timeout_s: float = 600.0, max_waves: int = 4, full_size: Optional[bool] = None) -> float:
-        """Run warm-up requests until every instance has run a batch of each kind its roles serve, and a
-        mixed step where it runs them (several waves where routing left one out), then start a fresh run.
-        `full_size` (default: on GPUs) adds requests that fill an encode batch and a prefill step.
-        Raises if one fails. What ran is kept in `warmup_batches`: (instance, kind) -> largest size."""
+    def warm_up(
+        self, timeout_s: float = 600.0, max_waves: int = 4, full_size: Optional[bool] = None, mixed_steps: Optional[bool] = None
+    ) -> float:
+        """Run warm-up requests until every instance has run a batch of each kind its roles serve (several
+        waves where routing left one out), then start a fresh run. Raises if one fails. Both default to
+        on for GPU workers, where a kernel's or library's first call at a new shape is what costs (on CPU
+        nothing compiles, and they would only lengthen every start): `full_size` adds requests that fill
+        an encode batch and a prefill step; `mixed_steps` has instances that mix prefill into decode
+        steps run one. What ran is kept in `warmup_batches`: (instance, kind) -> largest size."""
         started = time.time()
         deadline = started + timeout_s
         family = self.pipeline.family
         insts = self.pipeline.instances
         roles = {iid: inst.roles for iid, inst in insts.items()}
         chunked_mixed = self.pipeline.policy.chunked and self.config.deployment.prefill_decode_steps == "mixed"
-        mixed = frozenset(iid for iid, inst in insts.items() if chunked_mixed and inst.has(Role.PREFILL) and inst.has(Role.DECODE))
-        if full_size is None:
-            full_size = resolve_device(self.config.model.device).type == "cuda"
+        on_gpu = resolve_device(self.config.model.device).type == "cuda"
+        full_size = on_gpu if full_size is None else full_size
+        mixed_steps = on_gpu if mixed_steps is None else mixed_steps
+        mixes = chunked_mixed and mixed_steps
+        mixed = frozenset(iid for iid, inst in insts.items() if mixes and inst.has(Role.PREFILL) and inst.has(Role.DECODE))
         on_output, allocation = self.pipeline.on_output, self.allocation
         self.pipeline.on_output, self.allocation = None, None  # no client hears of them; no stage resizing on them
         ran: dict[tuple[str, str], int] = {}
         try:
             for wave in range(max_waves):
                 requests = warmup_requests(family, 2 * len(insts), wave)
-                first, second = staggered(requests)
+                # where instances mix prefill into decode steps, the second half joins the first's decodes
+                first, second = staggered(requests) if mixed else (requests, [])
                 if full_size and wave == 0:
                     first += self._full_size_requests(family)
                 for req in first:

@@ -4,10 +4,11 @@ Kernel compilation, the libraries' first-shape choices, sampling set-up, the tra
 first connections and image decoding (JPEG bytes, as clients send them) are then paid before the
 first request a run measures, and a deployment that cannot serve fails here, not mid-run.
 
-Each wave comes in two halves, the second sent once the first decodes, so that instances that mix
-prefill chunks into decode steps run such a step too. On GPUs the first wave also fills an encode
-batch and a prefill step to their limits: a library's first call at a large shape (attention plans,
-GEMM heuristics) costs hundreds of milliseconds that small batches do not pay for it.
+With GPU workers each wave comes in two halves, the second sent once the first decodes, so that
+instances that mix prefill chunks into decode steps run such a step too, and the first wave also
+fills an encode batch and a prefill step to their limits: a kernel's or library's first call at a new
+shape (compilation, attention plans, GEMM heuristics) costs hundreds of milliseconds that small
+batches do not pay for it. On CPU neither is done: nothing compiles, and every start would be longer.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def full_size_requests(family: ModelView, count: int, prompt_tokens: int) -> lis
     ]
 
 
-def staggered(requests: list[Request], first_tokens: int = 16) -> tuple[list[Request], list[Request]]:
+def staggered(requests: list[Request], first_tokens: int = 8) -> tuple[list[Request], list[Request]]:
     """The wave's halves: the first decodes long enough (`first_tokens`) for the second's prompts to join
-    its decode steps."""
+    its decode steps (sent once the first decode step is back)."""
     half = max(1, len(requests) // 2)
     first = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_tokens=first_tokens)) for r in requests[:half]]
     return first, requests[half:]

@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Optional, Union
 
@@ -45,6 +46,7 @@ from epd.serve.protocol import (
     ModelList,
     Usage,
 )
+from epd.serve.timing import BodyTimer, ServerTimings
 
 log = logging.getLogger(__name__)
 MAX_STOPS, MAX_STOP_CHARS = 16, 1000
@@ -72,6 +74,8 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
     app.add_middleware(BodyLimit, limit=srv.max_body_bytes)
     if srv.api_key:
         app.add_middleware(ApiKey, key=srv.api_key)
+    timings = app.state.timings = ServerTimings()  # by X-Request-Id: where a client's TTFT goes (loadgen's server_split)
+    app.add_middleware(BodyTimer, timings=timings)  # added last: outermost, sees the request first
     state = {"inflight": 0, "inflight_bytes": 0, "started": int(time.time())}
     # Shutting down (SIGTERM, `epd.serve.shutdown`): new requests get 503 while those in flight finish.
     app.state.draining = False
@@ -125,6 +129,8 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
         return await serve(body, request, chat=False)
 
     async def serve(body: Union[ChatCompletionRequest, CompletionRequest], request: Request, chat: bool):
+        timed_id = request.headers.get("x-request-id")
+        timings.mark(timed_id, "handler")
         if app.state.draining:
             metrics.requests.labels("rejected").inc()
             return error(503, "the server is shutting down; send this request elsewhere", kind="server_error", headers={"Retry-After": "5"})
@@ -152,6 +158,7 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
             admit_bytes(state, payload_bytes(rendered), srv.max_inflight_bytes)
             prompts = rendered  # holds its bytes in the server's count from here on
             runs = start_runs(llm, prompts, sampling, body, stops, tokenizer, metrics, client_id)
+            timings.mark(timed_id, "submitted")
             refusal = await first_refusal(runs)
             if refusal is not None:
                 raise refusal
@@ -159,8 +166,9 @@ def build_app(cfg: RunConfig, llm: AsyncLLM) -> FastAPI:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
                 streaming = True  # the stream owns the runs and the inflight slot now
+                first = lambda: timings.mark(timed_id, "first_chunk")  # noqa: E731
                 return StreamingResponse(
-                    sse(runs, chat, include_usage, model_name, prompts, state, metrics, continuous), media_type="text/event-stream"
+                    sse(runs, chat, include_usage, model_name, prompts, state, metrics, continuous, first), media_type="text/event-stream"
                 )
             done = await collect_unless_disconnected(runs, request)
             if not done:
@@ -435,6 +443,7 @@ async def sse(
     state: dict,
     metrics: ServerMetrics,
     continuous: bool = False,  # stream_options.continuous_usage_stats
+    on_first_token: Optional[Callable[[], None]] = None,  # told as each chunk accounting for tokens is handed over
 ):
     """Server-sent events of every choice as its text becomes final; on disconnect, every choice aborts."""
     created = int(time.time())
@@ -480,6 +489,8 @@ async def sse(
             else:
                 entry["text"] = piece.text
                 entry["logprobs"] = run.completion_logprobs(piece.logprobs).model_dump() if run.wants_logprobs else None
+            if on_first_token is not None and sent[run.index] > 0:  # the chunk accounts for a token (its text may be held back)
+                on_first_token()
             yield chunk([entry])
         if include_usage:
             yield chunk([], usage(runs, prompts))

@@ -22,6 +22,7 @@ from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import Timeline, percentile, timelines
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
+from epd.serve.timing import ServerTimings
 from epd.video import encode_video
 
 
@@ -93,7 +94,9 @@ class _LocalServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(build_app(cfg, self.llm), host="127.0.0.1", port=port, log_level="warning"))
+        app = build_app(cfg, self.llm)
+        self.timings = app.state.timings
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
@@ -118,7 +121,7 @@ class OnlineBackend:
         url = self.cfg.server.url or local.url
         try:
             workers = local.llm.core.worker_info() if local else []
-            events, outputs = drive_elsewhere(self.cfg, url, requests)
+            events, outputs, client_start = drive_elsewhere(self.cfg, url, requests)
             if local is None:
                 return RunResult(events, outputs, workers, [])
             core = local.llm.core
@@ -130,31 +133,57 @@ class OnlineBackend:
                 startup_s=local.startup_s,
                 warmup_s=core.warmup_s,
                 start_phases=core.start_phases(),
-                server_split=server_split(timelines(events), timelines(core.pipeline.events)),
+                server_split=server_split(timelines(events), timelines(core.pipeline.events), local.timings, client_start, core.origin),
             )
         finally:
             if local:
                 local.close()
 
 
-def server_split(client: dict[str, Timeline], engine: dict[str, Timeline]) -> dict[str, float]:
+def server_split(
+    client: dict[str, Timeline],
+    engine: dict[str, Timeline],
+    timings: Optional[ServerTimings] = None,
+    client_start: Optional[float] = None,
+    engine_origin: Optional[float] = None,
+) -> dict[str, float]:
     """Each request's TTFT and TPOT as the client saw them, split into the engine's part (from the request's
     arrival in the engine to its first token / its tokens) and what lies outside the engine (HTTP, request
     parsing and image decoding in the server, the stream back): p50 and p90 of each part, over the
-    requests both sides timed. Engine ids are chatcmpl-<client id>-<random>-<prompt>-<choice>."""
+    requests both sides timed. Engine ids are chatcmpl-<client id>-<random>-<prompt>-<choice>.
+
+    With the server's phase marks and both clocks' origins (one host: one wall clock), the outside part is
+    split further, along the request's way (each from the phase before): `to_app` (the client's issue to
+    the server handing the request to the app: serialisation, connection, headers), `body` (the app
+    taking the body), `parse` (JSON and validation), `render` (prompt and images checked, the engine
+    given the request), `stream` (the engine's first token to the server handing its chunk over:
+    detokenising, the event loop) and `wire` (that chunk to the client's parsed token)."""
     by_client: dict[str, Timeline] = {}
     for eid, tl in engine.items():
         rid = eid.removeprefix("chatcmpl-").rsplit("-", 3)[0]
         if rid in client and tl.ttft is not None:
             by_client.setdefault(rid, tl)  # n > 1: the first choice stands for the request
-    parts: dict[str, list[float]] = {"engine_ttft": [], "outside_ttft": [], "engine_tpot": [], "outside_tpot": []}
+    names = ("engine_ttft", "outside_ttft", "engine_tpot", "outside_tpot", "to_app", "body", "parse", "render", "stream", "wire")
+    parts: dict[str, list[float]] = {name: [] for name in names}
+    phased = timings is not None and client_start is not None and engine_origin is not None
     for rid, tl in by_client.items():
-        if client[rid].ttft is not None:
+        c = client[rid]
+        if c.ttft is not None:
             parts["engine_ttft"].append(tl.ttft)
-            parts["outside_ttft"].append(client[rid].ttft - tl.ttft)
-        if client[rid].tpot is not None and tl.tpot is not None:
+            parts["outside_ttft"].append(c.ttft - tl.ttft)
+            marks = timings.get(rid) if phased else {}
+            if all(k in marks for k in ("received", "body_start", "body_end", "handler", "submitted", "first_chunk")):
+                issued = client_start + c.at(Ev.ISSUED)
+                way = [issued, marks["received"], marks["body_end"], marks["handler"], marks["submitted"]]
+                parts["to_app"].append(way[1] - way[0])
+                parts["body"].append(way[2] - way[1])
+                parts["parse"].append(way[3] - way[2])
+                parts["render"].append(way[4] - way[3])
+                parts["stream"].append(marks["first_chunk"] - (engine_origin + tl.at(Ev.FIRST_TOKEN)))
+                parts["wire"].append(client_start + c.at(Ev.FIRST_TOKEN) - marks["first_chunk"])
+        if c.tpot is not None and tl.tpot is not None:
             parts["engine_tpot"].append(tl.tpot)
-            parts["outside_tpot"].append(client[rid].tpot - tl.tpot)
+            parts["outside_tpot"].append(c.tpot - tl.tpot)
     out: dict[str, float] = {"server_split_requests": len(parts["engine_ttft"])}
     for name, values in parts.items():
         if values:
@@ -162,7 +191,7 @@ def server_split(client: dict[str, Timeline], engine: dict[str, Timeline]) -> di
     return out
 
 
-def drive_elsewhere(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
+def drive_elsewhere(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput], float]:
     """The client in a process of its own, as real clients are: in the server's process its request
     encoding and stream parsing would take the interpreter from the server and the engine's driver
     (the loopback run's TPOT p90 was 5x the engine's)."""
@@ -173,12 +202,13 @@ def drive_elsewhere(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[
         return pool.submit(_drive_sync, cfg, url, requests).result()
 
 
-def _drive_sync(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
+def _drive_sync(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput], float]:
     return asyncio.run(drive(cfg, url, requests))
 
 
-async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput]]:
-    """Sends a workload's requests at their arrival times and times each token from the client's side."""
+async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[EventLog, dict[str, RequestOutput], float]:
+    """Sends a workload's requests at their arrival times and times each token from the client's side;
+    event times count from the returned start (wall clock)."""
     import httpx
 
     events, outputs = EventLog(), {}
@@ -233,4 +263,4 @@ async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[Even
                 outputs[rid] = RequestOutput(rid, [], None, "abort", str(exc))
 
         await asyncio.gather(*(one(r) for r in requests))
-    return events, outputs
+    return events, outputs, start
