@@ -213,7 +213,8 @@ async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[Even
 
     events, outputs = EventLog(), {}
     headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}
-    bodies = {r.request_id: chat_body(r) for r in requests}  # images encoded before the clock starts
+    # images encoded and bodies serialised before the clock starts: the client's own JSON work is not the server's
+    bodies = {r.request_id: json.dumps(chat_body(r)).encode() for r in requests}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=cfg.backend.timeout_s, limits=limits) as client:
         start = time.time()
@@ -228,7 +229,8 @@ async def drive(cfg: RunConfig, url: str, requests: list[Request]) -> tuple[Even
             try:
                 for attempt in range(cfg.server.client_retries + 1):
                     # X-Request-Id: the server's engine ids start with chatcmpl-<rid>, to match its events with ours
-                    async with client.stream("POST", "/v1/chat/completions", json=bodies[rid], headers={"X-Request-Id": rid}) as resp:
+                    headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+                    async with client.stream("POST", "/v1/chat/completions", content=bodies[rid], headers=headers) as resp:
                         if resp.status_code in (429, 503) and attempt < cfg.server.client_retries:
                             await asyncio.sleep(float(resp.headers.get("retry-after", "1")))  # refused for now: try again
                             continue
