@@ -151,6 +151,11 @@ class PoolConfig:
     # Encoded images kept by content hash in the MM pool of an instance that encodes, evicted least
     # recently used when blocks are needed: None lets every free MM block hold them, 0 turns it off.
     encoder_cache_blocks: Optional[int] = None
+    # An instance that encodes and prefills stops encoding while its prefill queue holds this many steps
+    # (max_prefill_tokens each) of encoded prompts: images are encoded shortly before their prefill, as
+    # vLLM schedules encoder inputs with the step that reads them, not all of a burst ahead of the first
+    # prefill. 0: no bound.
+    encode_ahead_steps: int = 2
     # Hybrid LMs (linear-attention layers): sequences a prefill or decode instance keeps state for at once,
     # each a slot of the worker's state pool; 0: twice max_decode_seqs.
     state_slots: int = 0

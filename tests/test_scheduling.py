@@ -163,6 +163,42 @@ def test_the_warm_up_runs_mixed_steps_and_batches_at_their_limits(steps):
         core.close()
 
 
+def test_an_instance_that_encodes_and_prefills_encodes_shortly_before_it_prefills():
+    """A burst of one-image requests on one aggregated instance: with `encode_ahead_steps` the first prefill
+    comes after a few encode batches, not after all of them, and encoding stops while the prefill queue holds
+    that many steps of prompts; the tokens are those of the unbounded order."""
+    from epd.request import ImageInput
+
+    reqs = [
+        Request(
+            f"b{i}",
+            prompt_token_ids=tuple(range(20 + i, 30 + i)),
+            images=(ImageInput(width=96, height=80, seed=i),),
+            sampling=SamplingParams(max_tokens=4, ignore_eos=True),
+        )
+        for i in range(16)
+    ]
+    order, tokens = {}, {}
+    for ahead in (0, 1):
+        pool = dataclasses.replace(
+            AGG.aggregated,
+            instances=1,
+            kv_blocks=512,
+            mm_blocks=512,
+            max_images_per_batch=2,
+            max_prefill_tokens=64,
+            encode_ahead_steps=ahead,
+        )
+        with OfflineLLM(MODEL, dataclasses.replace(AGG, aggregated=pool), "local") as llm:
+            outs = llm.generate(reqs)
+            order[ahead] = [b.kind for b in sorted(llm.core.batches, key=lambda b: b.begin)]
+        tokens[ahead] = [o.token_ids for o in outs]
+    assert tokens[0] == tokens[1]
+    first_prefill = {a: next(i for i, k in enumerate(kinds) if k != "EncodeBatch") for a, kinds in order.items()}
+    assert order[0][: first_prefill[0]] == ["EncodeBatch"] * 8  # unbounded: every image of the burst first
+    assert first_prefill[1] < 8 and "EncodeBatch" in order[1][first_prefill[1] :], order[1]
+
+
 def test_an_engine_that_fails_its_warm_up_raises_and_leaves_nothing(monkeypatch):
     closed = []
     monkeypatch.setattr(Worker, "_encode_images", lambda self, pixels: (_ for _ in ()).throw(RuntimeError("tower broke")))

@@ -43,6 +43,12 @@ class Policy:
 def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
     if inst.outgoing >= max_pending:
         return None  # back-pressure: prefill has not pulled what we already sent
+    if (
+        inst.has(Role.PREFILL)
+        and inst.cfg.encode_ahead_steps
+        and _ready_prefill_tokens(inst) >= inst.cfg.encode_ahead_steps * inst.cfg.max_prefill_tokens
+    ):
+        return None  # enough encoded prompts wait for prefill here: prefill them first
     items: list[EncodeItem] = []
     send = not inst.has(Role.PREFILL)
     while inst.encode_queue and len(items) < inst.cfg.max_images_per_batch:
@@ -68,6 +74,11 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
             EncodeItem(state.rid, work.image_index, state.media[work.image_index], n_tokens, blocks, send, hit is not None, state.attempt)
         )
     return EncodeBatch(items) if items else None
+
+
+def _ready_prefill_tokens(inst: Instance) -> int:
+    """Tokens still to prefill of the sequences in this instance's prefill queue."""
+    return sum(s.prompt_len + len(s.output) - s.prefilled for s in inst.prefill_queue if not s.done)
 
 
 def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull, policy: Policy) -> Optional[PrefillBatch]:
