@@ -35,15 +35,15 @@ class BatchRecord:
     begin: float
     end: float
     host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
-    size: int = 0  # images (encode), prompts or chunks (prefill), sequences stepped (decode)
+    size: int = 0  # images encoded (encode: cache hits aside), prompts or chunks (prefill), sequences stepped (decode)
 
 
 def batch_size(batch) -> int:
     """What a batch record counts as its size (see BatchRecord.size); a mixed step: both parts."""
     if hasattr(batch, "decode") and hasattr(batch, "prefill"):
         return batch_size(batch.decode) + batch_size(batch.prefill)
-    if hasattr(batch, "items"):
-        return len(batch.items)
+    if hasattr(batch, "items"):  # an encode batch's cache hits run nothing: not counted
+        return sum(1 for it in batch.items if not getattr(it, "cached", False))
     return len(getattr(batch, "step", ())) + len(getattr(batch, "new", ()))
 
 

@@ -55,14 +55,13 @@ def full_size_requests(family: ModelView, count: int, prompt_tokens: int) -> lis
     text = family.text_config()
     reserved = {family.image_token_id, text.bos_token_id, text.eos_token_id}
     ids = [i for i in range(4, min(text.vocab_size, 4096)) if i not in reserved]
-    image = _jpeg(640, 480, seed=99)
     sampling = SamplingParams(max_tokens=4, ignore_eos=True)
     return [
         Request(
             f"warmup-full-{i}",
             0.0,
             prompt_token_ids=tuple(ids[(i * 13 + j) % len(ids)] for j in range(prompt_tokens)),
-            images=(image,),
+            images=(_jpeg(640, 480, seed=9000 + i),),  # each its own picture: the encoder cache would serve copies
             sampling=sampling,
         )
         for i in range(count)
