@@ -46,10 +46,10 @@ for part in $PARTS; do
       done
       ;;
     e2e)  # GPU 0: offline end to end against the roofline, both recorded cases (each ~2-3 min with process start and ~33 s to ready)
-      for c in "256 128" "512 256"; do
+      for c in "256 128 on_demand" "512 256 on_demand" "512 256 reserve"; do
         set -- $c
         CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/gpu_bench.py --sections ceil,e2e --requests "$1" --out-tokens "$2" \
-          --out "$OUT/e2e_$1x$2.json" 2>&1 | grep -E "ceilings|engine e2e|inside|waited|preempt|rror" | tail -6
+          --kv-allocation "$3" --out "$OUT/e2e_$1x$2_$3.json" 2>&1 | grep -E "ceilings|engine e2e|inside|Batch:|preempt|rror" | tail -10
       done
       ;;
     exact)  # GPU 0: the kernels on CUDA, and the families' greedy tokens against transformers (float32) with them
