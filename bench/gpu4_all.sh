@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
 #   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
-#                                                      [overhead] [epd4] [online4] [prefill] [e2e] [exact] [hybrid]
+#                                                      [overhead] [epd4] [online4] [online1] [prefill] [e2e] [exact] [hybrid]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
 # decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device; `prefill`, `e2e`, `exact`:
@@ -89,6 +89,15 @@ for part in $PARTS; do
     overhead)  # TPOT of D in 2E1P1D against its bare decode step (requests with one image: E, P and IPC transfers run)
       timeout 240 python3 bench/engine_overhead.py --layout 2E1P1D --batches 1,8 --repeats 2 --modes async --out "$OUT/overhead_2e1p1d.json" 2>&1 \
         | grep -vE "Warning|warn" | tail -12
+      ;;
+    online1)  # GPU 0: the paper workload through the engine and through the server, aggregated on one GPU: the TTFT split
+      for kind in ray online; do
+        CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m epd.run +experiment=gpu4_aggregated deployment.aggregated.instances=1 \
+          workload.num_requests=50 workload.rate=1 backend=$kind hardware="$HW" logger=none hydra.run.dir="/tmp/runs/online1_$kind" 2>&1 \
+          | grep -E "requests |TTFT|TPOT|rror" | tail -4
+        mkdir -p "$OUT/online1_$kind" && cp /tmp/runs/online1_"$kind"/summary.json "$OUT/online1_$kind/" 2>/dev/null
+      done
+      python3 -c "import json; d = json.load(open('$OUT/online1_online/summary.json')); print({k: round(v, 4) for k, v in d.items() if k.startswith('server_')})"
       ;;
     epd4|online4)  # gpu4_epd at 4 req/s, 200 requests: the engine (epd4), and the same workload through the server (online4)
       kind=ray; [ "$part" = online4 ] && kind=online
