@@ -196,6 +196,8 @@ def test_an_instance_that_encodes_and_prefills_encodes_shortly_before_it_prefill
             order[ahead] = [b.kind for b in sorted(llm.core.batches, key=lambda b: b.begin)]
         tokens[ahead] = [o.token_ids for o in outs]
     assert tokens[0] == tokens[1]
+    with pytest.raises(ValueError, match="aggregated.encode_ahead_steps must be a whole number >= 0"):
+        dataclasses.replace(AGG, aggregated=dataclasses.replace(AGG.aggregated, encode_ahead_steps=-1)).validate()
     first_prefill = {a: next(i for i, k in enumerate(kinds) if k != "EncodeBatch") for a, kinds in order.items()}
     assert order[0][: first_prefill[0]] == ["EncodeBatch"] * 8  # unbounded: every image of the burst first
     assert first_prefill[1] < 8 and "EncodeBatch" in order[1][first_prefill[1] :], order[1]
