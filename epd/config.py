@@ -263,7 +263,8 @@ class DeploymentConfig:
                     f"deployment.{n}.encoder_cache_blocks must be in [0, mm_blocks={p.mm_blocks}] or null, got {p.encoder_cache_blocks}"
                 )
             if not isinstance(p.encode_ahead_steps, int) or p.encode_ahead_steps < 0:
-                raise ValueError(f"deployment.{n}.encode_ahead_steps must be a whole number >= 0 (0: no bound), got {p.encode_ahead_steps!r}")
+                got = p.encode_ahead_steps
+                raise ValueError(f"deployment.{n}.encode_ahead_steps must be a whole number >= 0 (0: no bound), got {got!r}")
         if self.routing not in ("round_robin", "least_loaded"):
             raise ValueError(f"deployment.routing must be round_robin or least_loaded, got {self.routing!r}")
 
