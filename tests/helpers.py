@@ -71,6 +71,19 @@ def workload(n=7):
     ]
 
 
+def one_image_requests(prefix: str, n: int, width: int, height: int, max_tokens: int) -> list[Request]:
+    """n greedy requests of a 10-token prompt and one procedural image each (ids prefix0, prefix1, ...)."""
+    return [
+        Request(
+            f"{prefix}{i}",
+            prompt_token_ids=tuple(range(20 + i, 30 + i)),
+            images=(ImageInput(width=width, height=height, seed=i),),
+            sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
+
+
 def reference(reqs, model=MODEL):
     """The single-process runtime: no engine, no Ray (images resized where `model.image_resize` says)."""
     from epd.models.image_processing import TorchOps, image_tensor

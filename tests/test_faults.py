@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from helpers import MODEL, reference
+from helpers import MODEL, one_image_requests, reference
 
 from epd.config import BackendConfig, DeploymentConfig, EngineConfig, PoolConfig
 from epd.engine.core import EngineCore
@@ -288,15 +288,7 @@ def test_a_pull_that_breaks_starts_the_request_over_and_one_that_keeps_breaking_
     from epd.stages.results import PULL_RETRIES
     from epd.transfer.local import LocalTransfer
 
-    reqs = [
-        Request(
-            f"p{i}",
-            prompt_token_ids=tuple(range(20 + i, 30 + i)),
-            images=(ImageInput(width=64, height=48, seed=i),),
-            sampling=SamplingParams(max_tokens=5, ignore_eos=True),
-        )
-        for i in range(4)
-    ]
+    reqs = one_image_requests("p", 4, 64, 48, max_tokens=5)
     expected = dict(zip([r.request_id for r in reqs], reference(reqs)))
     recv, breaks = LocalTransfer.recv, [0]
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import AGG, EPD, MODEL, PD, reference, workload
+from helpers import AGG, EPD, MODEL, PD, one_image_requests, reference, workload
 
 from epd.config import BackendConfig, EngineConfig, HardwareConfig
 from epd.engine.core import EngineCore
@@ -169,17 +169,7 @@ def test_an_instance_that_encodes_and_prefills_encodes_shortly_before_it_prefill
     """A burst of one-image requests on one aggregated instance: with `encode_ahead_steps` the first prefill
     comes after a few encode batches, not after all of them, and encoding stops while the prefill queue holds
     that many steps of prompts; the tokens are those of the unbounded order."""
-    from epd.request import ImageInput
-
-    reqs = [
-        Request(
-            f"b{i}",
-            prompt_token_ids=tuple(range(20 + i, 30 + i)),
-            images=(ImageInput(width=96, height=80, seed=i),),
-            sampling=SamplingParams(max_tokens=4, ignore_eos=True),
-        )
-        for i in range(16)
-    ]
+    reqs = one_image_requests("b", 16, 96, 80, max_tokens=4)
     order, tokens = {}, {}
     for ahead in (0, 1):
         pool = dataclasses.replace(

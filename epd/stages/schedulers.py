@@ -46,7 +46,7 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
     if (
         inst.has(Role.PREFILL)
         and inst.cfg.encode_ahead_steps
-        and _ready_prefill_tokens(inst) >= inst.cfg.encode_ahead_steps * inst.cfg.max_prefill_tokens
+        and _prefill_backlog_reaches(inst, inst.cfg.encode_ahead_steps * inst.cfg.max_prefill_tokens)
     ):
         return None  # enough encoded prompts wait for prefill here: prefill them first
     items: list[EncodeItem] = []
@@ -76,9 +76,16 @@ def select_encode(inst: Instance, max_pending: int) -> Optional[EncodeBatch]:
     return EncodeBatch(items) if items else None
 
 
-def _ready_prefill_tokens(inst: Instance) -> int:
-    """Tokens still to prefill of the sequences in this instance's prefill queue."""
-    return sum(s.prompt_len + len(s.output) - s.prefilled for s in inst.prefill_queue if not s.done)
+def _prefill_backlog_reaches(inst: Instance, tokens: int) -> bool:
+    """The sequences in this instance's prefill queue have at least `tokens` still to prefill (read on every
+    dispatch: stops counting once there)."""
+    left = tokens
+    for s in inst.prefill_queue:
+        if not s.done:
+            left -= s.prompt_len + len(s.output) - s.prefilled
+            if left <= 0:
+                return True
+    return False
 
 
 def select_prefill(inst: Instance, max_pending: int, on_pull: OnPull, policy: Policy) -> Optional[PrefillBatch]:
