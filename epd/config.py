@@ -152,10 +152,11 @@ class PoolConfig:
     # recently used when blocks are needed: None lets every free MM block hold them, 0 turns it off.
     encoder_cache_blocks: Optional[int] = None
     # An instance that encodes and prefills stops encoding while its prefill queue holds this many steps
-    # (max_prefill_tokens each) of encoded prompts: images are encoded shortly before their prefill, as
-    # vLLM schedules encoder inputs with the step that reads them, not all of a burst ahead of the first
-    # prefill. 0: no bound.
-    encode_ahead_steps: int = 2
+    # (max_prefill_tokens each) of encoded prompts: images are encoded shortly before their prefill, not all
+    # of a burst ahead of the first prefill. 0 (default): no bound. In the simulator (one H200) 2 halves a
+    # LLaVA burst's median TTFT but costs InternVL's tile-heavy workload 4-5% of its throughput (images'
+    # host preparation starts at dispatch, so it stops overlapping): bench/results/sim-encode-ahead.md.
+    encode_ahead_steps: int = 0
     # Hybrid LMs (linear-attention layers): sequences a prefill or decode instance keeps state for at once,
     # each a slot of the worker's state pool; 0: twice max_decode_seqs.
     state_slots: int = 0
