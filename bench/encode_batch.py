@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--sizes", default="", help="then batches of these sizes, each twice (a new size's first batch: any per-shape set-up)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tower-sizes", default="", help="the tower alone at these batch sizes: eager, and from CUDA graphs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = model_config(a.model)
@@ -88,8 +89,37 @@ def main() -> None:
 
         print("  device time by kernel (one worker batch):")
         row["profile"] = profile_step(one)
+    if a.tower_sizes:
+        row["tower_variants"] = tower_variants(w, [int(x) for x in a.tower_sizes.split(",")], a.profile)
     if a.out:
         Path(a.out).write_text(json.dumps(row, indent=1))
+
+
+def tower_variants(w: Worker, sizes: list[int], profile: bool) -> dict:
+    """The tower alone by batch size, eager and replayed from the worker's CUDA graphs (`TowerGraphs`):
+    what the graphs save in launches, and what capturing them costs."""
+    fam, rt = w.rt.family, w.rt
+    pixels = [fam.preprocess(load_image(ImageInput(width=336, height=336, seed=i))) for i in range(max(sizes))]
+    rt.tower_graphs = None
+    out: dict = {"eager_ms": {}, "graphs_ms": {}}
+    for n in sizes:
+        out["eager_ms"][n] = timed(lambda n=n: rt.encode(pixels[:n]), iters=10)
+    if profile:
+        print("  eager tower, device time by kernel:")
+        out["eager_profile"] = profile_step(lambda: rt.encode(pixels[: max(sizes)]))
+    ref = rt.encode(pixels)
+    t0 = time.perf_counter()
+    rt.capture_tower_graphs(max(sizes))
+    torch.cuda.synchronize()
+    out["capture_s"] = time.perf_counter() - t0
+    out["graphs_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(ref, rt.encode(pixels)))
+    for n in sizes:
+        out["graphs_ms"][n] = timed(lambda n=n: rt.encode(pixels[:n]), iters=10)
+    print(
+        f"  tower by size (ms) eager {out['eager_ms']}, graphs {out['graphs_ms']}; capture {out['capture_s']:.1f} s,"
+        f" max |diff| {out['graphs_max_abs_diff']:.3g}"
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 4-GPU experiments, in one or a few device calls (each part fits a 10-minute call):
 #   . .device/setup.sh && bash bench/gpu4_all.sh "$OUT" [mg] [pull] [internvl] [llava] [switch] [epd] [resize] [qwen1] [qwen4]
-#                                                      [overhead] [epd4] [online4] [online1] [prefill] [e2e] [exact] [hybrid]
+#                                                      [overhead] [epd4] [online4] [online1] [prefill] [e2e] [exact] [hybrid] [tower]
 # (no parts: the first five, about 17 minutes on 4 x H200; `epd`: only the EPD deployment of the
 # two rate sweeps, engine only, after a transfer change; `resize`: the InternVL sweep with images
 # decoded (nvJPEG) and resized on the GPUs, model.image_decode=device model.image_resize=device; `prefill`, `e2e`, `exact`:
@@ -46,11 +46,16 @@ for part in $PARTS; do
       done
       ;;
     e2e)  # GPU 0: offline end to end against the roofline, both recorded cases (each ~2-3 min with process start and ~33 s to ready)
-      for c in "256 128 on_demand" "512 256 on_demand" "512 256 reserve"; do
-        set -- $c
-        CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/gpu_bench.py --sections ceil,e2e --requests "$1" --out-tokens "$2" \
-          --kv-allocation "$3" --out "$OUT/e2e_$1x$2_$3.json" 2>&1 | grep -E "ceilings|engine e2e|inside|Batch:|preempt|rror" | tail -10
+      for c in ${E2E_CASES:-256:128:on_demand 512:256:on_demand 512:256:reserve}; do  # requests:tokens:kv_allocation
+        IFS=: read -r n t kv <<< "$c"
+        CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/gpu_bench.py --sections ceil,e2e --requests "$n" --out-tokens "$t" \
+          --kv-allocation "$kv" --out "$OUT/e2e_${n}x${t}_$kv.json" 2>&1 | grep -E "ceilings|engine e2e|inside|Batch:|preempt|rror" | tail -10
       done
+      ;;
+    tower)  # GPU 0: the vision tower from CUDA graphs: replay against eager, and a 32-image encode batch apart
+      CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_tower_graphs.py 2>&1 | tail -2
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/encode_batch.py --images 32 --batches 6 --tower-sizes 1,2,4,8,16,32 --profile \
+        --out "$OUT/encode_tower.json" 2>&1 | grep -vi warn | grep -E "spans|tower by size|ms  " | head -40
       ;;
     exact)  # GPU 0: the kernels on CUDA, and the families' greedy tokens against transformers (float32) with them
       CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_elementwise.py tests/test_device_fed_decode.py 2>&1 | tail -2

@@ -125,6 +125,9 @@ class ModelConfig:
     # Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (attention eager
     # between them, steps padded to a bucket); larger steps, which the GPU bounds anyway, run eagerly. 0: off.
     step_graph_tokens: int = 4096
+    # An E worker's vision tower (fixed-tile families: LLaVA, InternVL) replays CUDA graphs captured for 1..8
+    # tiles and every multiple of 8 up to this many; a larger batch runs as pieces of that size. 0: eager.
+    vision_graph_tiles: int = 32
     # Where an E worker resizes and tiles images: "host" (PIL on its CPU cores, exactly what the
     # transformers processors give) or "device" (decoded on the host, resized by torch on its
     # device; a GPU does in ~1 ms what PIL does in ~0.1 s; pixels differ from PIL's by < 0.3 levels

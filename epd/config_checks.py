@@ -62,6 +62,8 @@ def check_run_config(cfg: RunConfig) -> None:
     if m.image_decode == "device" and m.image_resize != "device":
         c.problems.append("model.image_decode=device needs model.image_resize=device (decoded images stay on the GPU)")
     c.at_least("model.max_tiles", m.max_tiles, 1)
+    c.at_least("model.step_graph_tokens", m.step_graph_tokens, 0)
+    c.at_least("model.vision_graph_tiles", m.vision_graph_tiles, 0)
     w = cfg.workload
     c.choice("workload.kind", w.kind, ("synthetic", "dataset"))
     c.choice("workload.arrival", w.arrival, ARRIVALS)

@@ -143,11 +143,11 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
 
 
 def test_out_of_range_values_are_refused_before_anything_runs(tmp_path):
-    bad = ["workload.rate=-1", "slo.ttft=0", "allocation.policy=smart", "model.image_decode=device"]
+    bad = ["workload.rate=-1", "slo.ttft=0", "allocation.policy=smart", "model.image_decode=device", "model.vision_graph_tiles=-1"]
     proc = _epd_run([*bad, f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     for key in ("workload.rate=-1.0: must be > 0", "slo.ttft=0.0: must be > 0", "allocation.policy='smart': must be one of",
-                "model.image_decode=device needs model.image_resize=device"):  # fmt: skip
+                "model.image_decode=device needs model.image_resize=device", "model.vision_graph_tiles=-1: must be >= 0"):  # fmt: skip
         assert key in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()  # no empty output directory left behind
 

@@ -43,6 +43,12 @@ class ModelFamily(ABC):
     def num_image_tokens(self, width: int, height: int) -> int:
         """Placeholder tokens one image of this size takes in the prompt."""
 
+    @property
+    def fixed_tile_side(self) -> Optional[int]:
+        """S where every image reaches the tower as [tiles, 3, S, S] (its batches can replay CUDA graphs by
+        tile count); None where sizes vary (native-resolution towers)."""
+        return None
+
     # M-RoPE sections of the LM's rotary frequencies (time, height, width); None: ordinary RoPE.
     mrope_section: Optional[tuple[int, ...]] = None
     # Video frames the tower encodes together (one segment); None: the family takes no video.

@@ -75,6 +75,10 @@ class InternVLFamily(ModelFamily):
     def tile_size(self) -> int:
         return _side(self.hf.vision_config.image_size)
 
+    @property
+    def fixed_tile_side(self) -> int:
+        return self.tile_size
+
     def build_vision(self) -> nn.Module:
         return InternVLVision(self.hf)
 

@@ -67,6 +67,10 @@ class LlavaFamily(ModelFamily):
     def preprocess(self, image, ops=PILOps) -> torch.Tensor:
         return clip_preprocess(image, self.hf.vision_config.image_size, ops)
 
+    @property
+    def fixed_tile_side(self) -> int:
+        return self.hf.vision_config.image_size
+
     def num_image_tokens(self, width: int, height: int) -> int:
         v = self.hf.vision_config
         return (v.image_size // v.patch_size) ** 2

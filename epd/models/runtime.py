@@ -15,6 +15,7 @@ from epd.models import internvl, llava, minicpmv, qwen2_vl  # noqa: F401  (regis
 from epd.models.family import FAMILIES, ModelFamily
 from epd.models.image_processing import normalize
 from epd.models.lm import DecoderLM
+from epd.models.tower_graphs import TowerGraphs
 from epd.models.weights import CheckpointError, init_dummy, load_part, param_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +75,7 @@ class ModelRuntime:
         self.dtype = DTYPES[cfg.dtype]
         self.tp = 1  # tensor-parallel ranks the LM is split over (see shard_lm)
         self.vision = None
+        self.tower_graphs: Optional[TowerGraphs] = None  # `capture_tower_graphs`
         self.lm: Optional[DecoderLM] = None
         if "vision" in parts:
             self.vision = self._build(self.family.build_vision, "vision")
@@ -105,6 +107,8 @@ class ModelRuntime:
         so taking them back is a host-to-device copy, not a reread of the checkpoint."""
         how = {}
         self._host = getattr(self, "_host", {})
+        if "vision" not in parts:
+            self.tower_graphs = None
         for part in self.parts - parts:
             self._host[part] = getattr(self, part).to("cpu")
             setattr(self, part, None)
@@ -118,6 +122,16 @@ class ModelRuntime:
         for part in parts - set(how):
             how[part] = "kept"
         return how
+
+    def capture_tower_graphs(self, max_tiles: int, capture: bool = True) -> bool:
+        """Encode batches replay the tower from CUDA graphs (`tower_graphs`); False where the family's
+        images vary in size or nothing holds the tower. `capture=False`: the same pieces, eagerly (CPU)."""
+        side = self.family.fixed_tile_side
+        if self.vision is None or side is None or max_tiles < 1:
+            self.tower_graphs = None
+            return False
+        self.tower_graphs = TowerGraphs(self.vision.encode, (3, side, side), self.dtype, self.device, max_tiles, capture)
+        return True
 
     def shard_lm(self, rank: int, tp: int, group) -> None:
         assert self.lm is not None
@@ -171,7 +185,8 @@ class ModelRuntime:
             return []
         if hasattr(self.vision, "encode_images"):
             return self.vision.encode_images([self._on_device(p) for p in pixels])
-        feats = self.vision.encode(self._normalized(torch.cat(pixels).to(self.device, non_blocking=True)))
+        tower = self.tower_graphs or self.vision.encode
+        feats = tower(self._normalized(torch.cat(pixels).to(self.device, non_blocking=True)))
         out, start = [], 0
         for p in pixels:
             out.append(feats[start : start + p.shape[0]].reshape(-1, feats.shape[-1]))
