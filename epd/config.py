@@ -400,6 +400,10 @@ class HardwareConfig:
     # write each sequence's state (1: once, the bytes floor).
     linear_layer_floor: float = 0.0
     state_passes: float = 1.0
+    # The vision tower's share of peak FLOP/s (0: compute_efficiency, the LM's) and the fixed device time of
+    # an encode batch: a ViT's GEMMs are narrower than a 7B LM's, and its LayerNorms and GELUs are unfused.
+    vision_efficiency: float = 0.0
+    encode_floor: float = 0.0
     memory_bytes: float = 2.4e10
     shared_cores: int = 0  # > 0: all workers share this many CPU cores (CPU runs); 0: a device each
     # Host CPU an E worker spends per image before the GPU sees it (decode, resize, tiling), one core:

@@ -119,7 +119,8 @@ def check_run_config(cfg: RunConfig) -> None:
     for key in ("compute_efficiency", "memory_efficiency"):
         c.within(f"hardware.{key}", getattr(h, key), 0, 1, low_open=True)
     c.at_least("hardware.state_passes", h.state_passes, 0)
-    for key in ("step_overhead", "rpc_latency", "step_floor", "linear_layer_floor", "link_latency"):
+    c.within("hardware.vision_efficiency", h.vision_efficiency, 0, 1)  # 0: the LM's compute_efficiency
+    for key in ("step_overhead", "rpc_latency", "step_floor", "linear_layer_floor", "link_latency", "encode_floor"):
         c.at_least(f"hardware.{key}", getattr(h, key), 0)
     if cfg.task == "compare":
         if not cfg.compare.rates or any(not _num(r) or r <= 0 for r in cfg.compare.rates):

@@ -76,18 +76,20 @@ class RooflineModel(LatencyModel):
         self.resize_on_device = resize_on_device or decode_on_device  # model.image_resize=device: the host only decodes
         self.decode_on_device = decode_on_device  # model.image_decode=device: the host passes JPEG bytes on
         self.flops = hw.peak_flops * hw.compute_efficiency
+        self.vision_flops = hw.peak_flops * (hw.vision_efficiency or hw.compute_efficiency)
         self.bw = hw.memory_bandwidth * hw.memory_efficiency
         self.overhead, self.rpc = hw.step_overhead, hw.rpc_latency
         # the fixed device time of an LM step: the step's own, and a hybrid LM's linear layers' extra kernels
         self.floor = hw.step_floor + shape.linear_layers * hw.linear_layer_floor
         self.state_bytes = hw.state_passes * shape.state_bytes_per_seq  # each pass reads and writes it
 
-    def _time(self, flops: float, nbytes: float) -> float:
-        return max(flops / self.flops, nbytes / self.bw)
+    def _time(self, flops: float, nbytes: float, rate: float = 0.0) -> float:
+        return max(flops / (rate or self.flops), nbytes / self.bw)
 
     def encode(self, s: EncodeShape) -> float:
         act = s.tiles * (self.m.pixels_per_tile * 3 * 4 + self.m.tokens_per_tile * self.m.mm_bytes_per_token)
-        return self._time(s.tiles * self.m.vision_flops_per_tile + s.attention_flops, self.m.vision_params * self.m.dtype_bytes + act)
+        flops = s.tiles * self.m.vision_flops_per_tile + s.attention_flops
+        return self.hw.encode_floor + self._time(flops, self.m.vision_params * self.m.dtype_bytes + act, self.vision_flops)
 
     def preprocess(self, images: list[tuple[float, int]], threads: int) -> float:
         hw = self.hw

@@ -309,3 +309,26 @@ def test_regime_map_scales_the_encoder_fits_kv_in_memory_and_names_the_winner(tm
     assert encoders[800.0] >= 2 and encoders[800.0] >= encoders[1.0]
     assert costly["winner"] is not None and light["winner"] is not None
     assert "does not fit" in (tmp_path / "regime.md").read_text() and (tmp_path / "regime.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+@pytest.mark.parametrize("efficiency,floor", [(0.0, 0.0), (0.42, 1.1e-3), (0.2, 0.0)])
+def test_the_towers_own_efficiency_and_batch_floor_price_encode_batches_only(family, efficiency, floor):
+    """`hardware.vision_efficiency` (0: the LM's compute_efficiency) and `encode_floor` set an encode batch's
+    time, compute bound: floor + FLOPs / (efficiency x peak); prefill and decode steps do not change."""
+    from helpers import tiny_model_config
+
+    from epd.config import HardwareConfig
+    from epd.models.runtime import load_family
+    from simulator.latency import DecodeShape, EncodeShape, PrefillShape, RooflineModel
+    from simulator.shapes import ModelShape
+
+    shape = ModelShape.of(load_family(tiny_model_config(family)), "bfloat16")
+    hw = HardwareConfig(peak_flops=1e12, memory_bandwidth=1e15, compute_efficiency=0.6)
+    fitted = RooflineModel(shape, dataclasses.replace(hw, vision_efficiency=efficiency, encode_floor=floor))
+    for tiles in (1, 7, 32):
+        want = floor + tiles * shape.vision_flops_per_tile / (1e12 * (efficiency or 0.6))
+        assert fitted.encode(EncodeShape(tiles)) == pytest.approx(want, rel=1e-9)
+    plain = RooflineModel(shape, hw)
+    assert fitted.prefill(PrefillShape((40, 9))) == plain.prefill(PrefillShape((40, 9)))
+    assert fitted.decode(DecodeShape(4, 300)) == plain.decode(DecodeShape(4, 300))
