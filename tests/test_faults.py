@@ -24,6 +24,15 @@ TWO_OF_EACH = DeploymentConfig(
 )
 
 
+def _siblings_for(victim: str, **kw) -> DeploymentConfig:
+    """Two workers in the victim's stage (one to lose, one to go on), one in each other stage: every
+    worker process costs a CPU run seconds of start-up."""
+    stage = victim.split("-")[0]
+    pools = {s: getattr(TWO_OF_EACH, s) for s in ("encode", "prefill", "decode")}
+    pools = {s: p if s == stage else dataclasses.replace(p, instances=1) for s, p in pools.items()}
+    return dataclasses.replace(TWO_OF_EACH, **pools, **kw)
+
+
 def _requests(prefix: str, n: int) -> list[Request]:
     return [
         Request(
@@ -56,7 +65,7 @@ def _replaced(core: EngineCore) -> bool:
 def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, victim, replace):
     reqs, later = _requests("a", 12), _requests("b", 6)
     expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
-    deployment = dataclasses.replace(TWO_OF_EACH, replace_lost_workers=replace)
+    deployment = _siblings_for(victim, replace_lost_workers=replace)
     core = EngineCore(EngineConfig(MODEL, deployment, "ray", BackendConfig()))
     try:
         for r in reqs:
@@ -103,7 +112,7 @@ def test_a_replaced_worker_rejoins_its_stage_and_serves(ray_cluster, victim, tra
     (nccl; gloo on CPU) the new worker meets every peer in new pair groups, the old ones are let go."""
     first, later = _requests("c", 8), _requests("d", 16)
     expected = {r.request_id: list(t) for r, t in zip(first + later, reference(first + later))}
-    core = EngineCore(EngineConfig(MODEL, dataclasses.replace(TWO_OF_EACH, transfer=transfer), "ray", BackendConfig()))
+    core = EngineCore(EngineConfig(MODEL, _siblings_for(victim, transfer=transfer), "ray", BackendConfig()))
     try:
         for r in first:
             core.add_request(r)
@@ -142,9 +151,9 @@ def test_a_hung_worker_is_found_by_its_deadline_killed_and_replaced(ray_cluster)
     reqs = _requests("h", 10)
     expected = {r.request_id: list(t) for r, t in zip(reqs, reference(reqs))}
     backend = BackendConfig(worker_deadline_floor_s=3.0, worker_deadline_factor=20.0)
-    core = EngineCore(EngineConfig(MODEL, TWO_OF_EACH, "ray", backend))
+    victim = "decode-0"
+    core = EngineCore(EngineConfig(MODEL, _siblings_for(victim), "ray", backend))
     try:
-        victim = "decode-0"
         pid = core.executor.call_one(victim, "probe", lambda w: os.getpid())
         for r in reqs:
             core.add_request(r)
