@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from epd.composition import register_configs, to_run_config
 from epd.config_checks import check_run_config, unknown_override
-from epd.experiment import format_summary, run_experiment
 
 log = logging.getLogger("epd")
 register_configs()
@@ -82,6 +81,8 @@ def main(cfg: DictConfig) -> Optional[float]:
             return max((g for g in result["goodput"].values() if g is not None), default=None)
         if run_cfg.task != "serve":
             raise ValueError(f"unknown task {run_cfg.task!r} (serve, profile, optimize, compare, regime)")
+        from epd.experiment import format_summary, run_experiment  # torch and transformers: only once the config holds
+
         summary = run_experiment(run_cfg, out_dir, resolved)
         print(format_summary(summary))
         print(f"  record     {out_dir}")
