@@ -287,7 +287,15 @@ def test_online_benchmark_writes_a_record(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
 
     def run(name: str, *extra: str) -> tuple[dict, list[dict]]:
-        args = ["+experiment=online_tiny", "workload.num_requests=5", "logger=none", f"hydra.run.dir={tmp_path}/{name}", *extra]
+        # one aggregated worker: what is tested is the client's side, and each worker process costs seconds to start
+        args = [
+            "+experiment=online_tiny",
+            "deployment=aggregated",
+            "workload.num_requests=5",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/{name}",
+            *extra,
+        ]
         proc = subprocess.run([sys.executable, "-m", "epd.run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads((tmp_path / name / "summary.json").read_text())
