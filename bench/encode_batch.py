@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = model_config(a.model)
-    pool = PoolConfig(mm_blocks=4096, mm_block_tokens=64, num_cpus=8)
+    pool = PoolConfig(mm_blocks=4096, mm_block_tokens=64, num_cpus=8, max_images_per_batch=a.images)
     w = Worker("e", ("encode",), cfg, pool, "local", threads=8)
     fam = w.rt.family
     n_tok = fam.num_image_tokens(336, 336)

@@ -4,6 +4,8 @@ overwritten by the next replay)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import tiny_model_config
@@ -66,3 +68,14 @@ def test_replayed_tower_equals_the_eager_one_and_keeps_its_results(family):
     for g_batch, w_batch in zip(got, eager):
         for g, w in zip(g_batch, w_batch):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_tiles,thumbnail", [(1, True), (6, True), (6, False), (12, True)])
+def test_no_image_makes_more_tiles_than_the_family_says(max_tiles, thumbnail):
+    """The worker captures graphs up to max_images_per_batch x max_tiles_per_image: no image may exceed it."""
+    cfg = dataclasses.replace(tiny_model_config("internvl"), max_tiles=max_tiles, use_thumbnail=thumbnail)
+    rt = ModelRuntime(cfg, {"vision"}, "cpu")
+    most = max(rt.family.preprocess(load_image(ImageInput(width=w, height=h, seed=1))).shape[0] for w, h in
+               [(448, 448), (4032, 3024), (3000, 200), (200, 3000), (1000, 1000), (900, 450)])  # fmt: skip
+    assert most <= rt.family.max_tiles_per_image
+    assert ModelRuntime(tiny_model_config("llava"), {"vision"}, "cpu").family.max_tiles_per_image == 1

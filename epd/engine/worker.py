@@ -175,7 +175,9 @@ class Worker:
                     self.step_graphs = StepGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, bucket_sizes(top))
         self.rt.tower_graphs = None
         if Role.ENCODE in roles and self.rt.device.type == "cuda" and self.model_cfg.cuda_graphs:
-            self.rt.capture_tower_graphs(self.model_cfg.vision_graph_tiles)
+            # no larger than the biggest batch the scheduler can send
+            most = pool.max_images_per_batch * self.rt.family.max_tiles_per_image
+            self.rt.capture_tower_graphs(min(self.model_cfg.vision_graph_tiles, most))
         self.mm = self.rt.allocate_mm_cache(pool.mm_blocks, pool.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
         caches = (("mm", self.mm), ("kv", self.kv), ("state", self.state))
         self.transfer.bind(self.endpoint, {k: v for k, v in caches if v is not None})

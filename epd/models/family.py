@@ -49,6 +49,11 @@ class ModelFamily(ABC):
         tile count); None where sizes vary (native-resolution towers)."""
         return None
 
+    @property
+    def max_tiles_per_image(self) -> int:
+        """The most tower inputs one image of a fixed-tile family makes."""
+        return 1
+
     # M-RoPE sections of the LM's rotary frequencies (time, height, width); None: ordinary RoPE.
     mrope_section: Optional[tuple[int, ...]] = None
     # Video frames the tower encodes together (one segment); None: the family takes no video.

@@ -79,6 +79,10 @@ class InternVLFamily(ModelFamily):
     def fixed_tile_side(self) -> int:
         return self.tile_size
 
+    @property
+    def max_tiles_per_image(self) -> int:
+        return self.cfg.max_tiles + (1 if self.cfg.use_thumbnail and self.cfg.max_tiles > 1 else 0)
+
     def build_vision(self) -> nn.Module:
         return InternVLVision(self.hf)
 
