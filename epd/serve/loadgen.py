@@ -22,7 +22,7 @@ from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import Timeline, percentile, timelines
 from epd.request import ImageInput, Request, RequestOutput
 from epd.run_result import RunResult
-from epd.serve.timing import ServerTimings
+from epd.serve.timing import PHASES, ServerTimings
 from epd.video import encode_video
 
 
@@ -172,7 +172,7 @@ def server_split(
             parts["engine_ttft"].append(tl.ttft)
             parts["outside_ttft"].append(c.ttft - tl.ttft)
             marks = timings.get(rid) if phased else {}
-            if all(k in marks for k in ("received", "body_start", "body_end", "handler", "submitted", "first_chunk")):
+            if all(k in marks for k in PHASES):
                 issued = client_start + c.at(Ev.ISSUED)
                 way = [issued, marks["received"], marks["body_end"], marks["handler"], marks["submitted"]]
                 parts["to_app"].append(way[1] - way[0])

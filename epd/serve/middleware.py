@@ -8,6 +8,11 @@ import json
 from fastapi import HTTPException
 
 
+def header(scope, name: bytes) -> bytes | None:
+    """A request header's raw value (`name` lower-case, as ASGI gives them), or None."""
+    return dict(scope.get("headers") or []).get(name)
+
+
 async def send_error(send, status: int, message: str, kind: str, code=None) -> None:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
@@ -22,7 +27,7 @@ class ApiKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            if dict(scope.get("headers") or []).get(b"authorization", b"") != self.expected:
+            if header(scope, b"authorization") != self.expected:
                 return await send_error(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
         return await self.app(scope, receive, send)
 
@@ -36,7 +41,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
         seen = 0

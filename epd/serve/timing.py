@@ -14,6 +14,8 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
+from epd.serve.middleware import header
+
 PHASES = ("received", "body_start", "body_end", "handler", "submitted", "first_chunk")
 
 
@@ -52,7 +54,7 @@ class BodyTimer:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        raw = dict(scope.get("headers") or []).get(b"x-request-id")
+        raw = header(scope, b"x-request-id")
         rid = raw.decode("latin-1") if raw else None
         if rid is None:
             return await self.app(scope, receive, send)
