@@ -173,7 +173,7 @@ class Worker:
                     from epd.models.step_graphs import StepGraphs, bucket_sizes
 
                     self.step_graphs = StepGraphs(self.rt.lm, self.kv, pool.kv_block_size, pool.kv_blocks, bucket_sizes(top))
-        self.rt.tower_graphs = None
+        self.rt.tower_graphs = None  # a switch's old graphs release their pool before new ones are captured
         if Role.ENCODE in roles and self.rt.device.type == "cuda" and self.model_cfg.cuda_graphs:
             # no larger than the biggest batch the scheduler can send
             most = pool.max_images_per_batch * self.rt.family.max_tiles_per_image

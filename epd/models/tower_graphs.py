@@ -48,9 +48,9 @@ class TowerGraphs:
     ):
         self.encode, self.sizes = encode, graph_sizes(max_tiles)
         self.capture = capture
-        self.pixels = torch.zeros((max(self.sizes), *tile_shape), dtype=dtype, device=device)  # the graphs' input
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
+            self.pixels = torch.zeros((max(self.sizes), *tile_shape), dtype=dtype, device=device)  # the graphs' input
             self.pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
