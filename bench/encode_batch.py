@@ -34,12 +34,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--sizes", default="", help="then batches of these sizes, each twice (a new size's first batch: any per-shape set-up)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--overlap", action="store_true", help="each batch's images prepared while the batch before runs, as the engine does")
     ap.add_argument("--tower-sizes", default="", help="the tower alone at these batch sizes: eager, and from CUDA graphs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = model_config(a.model)
     pool = PoolConfig(mm_blocks=4096, mm_block_tokens=64, num_cpus=8, max_images_per_batch=a.images)
-    w = Worker("e", ("encode",), cfg, pool, "local", threads=8)
+    w = Worker("e", ("encode",), cfg, pool, "local", threads=8, prefetch=a.overlap)
     fam = w.rt.family
     n_tok = fam.num_image_tokens(336, 336)
     per = -(-n_tok // pool.mm_block_tokens)
@@ -50,9 +51,14 @@ def main() -> None:
         return EncodeBatch(items)
 
     spans, waits, walls = [], [], []
+    batches = [batch(k) for k in range(a.batches)]
+    if a.overlap:
+        w.prepare(batches[0])
     for k in range(a.batches):
+        if a.overlap and k + 1 < a.batches:
+            w.prepare(batches[k + 1])  # the next batch's images on the prep threads while this one runs
         t0 = time.perf_counter()
-        res = w.execute(batch(k))
+        res = w.execute(batches[k])
         walls.append(time.perf_counter() - t0)
         spans.append(res.span[1] - res.span[0])
         waits.append(res.host_wait)
@@ -62,6 +68,7 @@ def main() -> None:
         "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "model": a.model,
         "images_per_batch": a.images,
+        "overlap": a.overlap,
         "batch_span_ms": [s * 1e3 for s in spans],
         "host_wait_ms": [s * 1e3 for s in waits],
         "execute_wall_ms": [s * 1e3 for s in walls],
@@ -85,7 +92,10 @@ def main() -> None:
 
         def one():
             k[0] += 1
-            return w.execute(batch(k[0]))
+            b = batch(k[0])
+            if a.overlap:
+                w.prepare(b)
+            return w.execute(b)
 
         print("  device time by kernel (one worker batch):")
         row["profile"] = profile_step(one)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from epd.cache.paged import read_rows, write_rows
+from epd.cache.paged import read_rows, write_rows_many
 from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, PairRendezvous, join, leave
 from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
@@ -303,27 +303,27 @@ class Worker:
                 pixels.append(px)
                 ok.append(item)
         embeddings = isolated(lambda idx: self._encode_images([pixels[i] for i in idx]), len(ok), f"{self.worker_id} encode")
+        written = []
         for item, emb in zip(ok, embeddings):
             if isinstance(emb, Failed):
                 results.append(EncodedItem(item.request_id, item.image_index, error=emb.reason, error_kind=INTERNAL))
-                continue
-            if emb.shape[0] != item.num_tokens:
-                results.append(
-                    EncodedItem(
-                        item.request_id,
-                        item.image_index,
-                        error=f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}",
-                        error_kind=INTERNAL,
-                    )
-                )
-                continue
+            elif emb.shape[0] != item.num_tokens:
+                why = f"image gave {emb.shape[0]} tokens, expected {item.num_tokens}"
+                results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
+            else:
+                written.append((item, emb))
+        try:  # every image's rows in one copy (one index), not a copy and a host round trip per image
+            write_rows_many(self.mm, [(item.mm_blocks, emb) for item, emb in written])
+        except Exception as exc:
+            why = describe(exc, f"{self.worker_id} encode")
+            results.extend(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL) for item, _ in written)
+            written = []
+        for item, _ in written:
             try:
-                write_rows(self.mm, item.mm_blocks, emb)
                 handle = self.transfer.send("mm", item.mm_blocks, item.num_tokens) if item.send else None
             except Exception as exc:
-                results.append(
-                    EncodedItem(item.request_id, item.image_index, error=describe(exc, f"{self.worker_id} encode"), error_kind=INTERNAL)
-                )
+                why = describe(exc, f"{self.worker_id} encode")
+                results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
                 continue
             results.append(EncodedItem(item.request_id, item.image_index, handle=handle))
         for item in batch.items:  # encoder-cache hits, after the images they may share blocks with were written

@@ -186,12 +186,21 @@ class ModelRuntime:
         if hasattr(self.vision, "encode_images"):
             return self.vision.encode_images([self._on_device(p) for p in pixels])
         tower = self.tower_graphs or self.vision.encode
-        feats = tower(self._normalized(torch.cat(pixels).to(self.device, non_blocking=True)))
+        feats = tower(self._normalized(self._batch_on_device(pixels)))
         out, start = [], 0
         for p in pixels:
             out.append(feats[start : start + p.shape[0]].reshape(-1, feats.shape[-1]))
             start += p.shape[0]
         return out
+
+    def _batch_on_device(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The images' tiles as one batch on the device; host tiles go through pinned memory, so the copy
+        does not hold the host while the GPU is busy (a pageable copy is staged synchronously)."""
+        if self.device.type != "cuda" or any(p.is_cuda for p in pixels):
+            return torch.cat([p.to(self.device) for p in pixels])
+        shape = (sum(p.shape[0] for p in pixels), *pixels[0].shape[1:])
+        staged = torch.cat(pixels, out=torch.empty(shape, dtype=pixels[0].dtype, pin_memory=True))
+        return staged.to(self.device, non_blocking=True)
 
     def _on_device(self, pixels):
         """One image's pixels (a tensor, or a list of pieces: MiniCPM-V's slices) normalised on the device."""
