@@ -70,7 +70,12 @@ def test_a_killed_worker_loses_no_request_and_its_siblings_go_on(ray_cluster, vi
     try:
         for r in reqs:
             core.add_request(r)
-        _step_until(core, lambda: _first_tokens(core) >= 3, 120)  # mid-run: some decoding, some not started
+        # The victim holding work (queued, running, or sent and not yet pulled), so its loss has something to redo;
+        # a prefill or decode worker mid-run (some decoding, some not started). An encoder is through its images
+        # before the first token: it is taken while it has some.
+        held = core.pipeline.instances[victim]
+        mid_run = (lambda: True) if victim.startswith("encode") else (lambda: _first_tokens(core) >= 1)
+        _step_until(core, lambda: mid_run() and (held.inflight or held.load() or held.outgoing), 120)
         ray_cluster.kill(core.executor.actors[victim][0], no_restart=True)
         core.run_until_idle(120)
         for r in later:  # after the loss: served by the siblings

@@ -362,6 +362,10 @@ def test_cache_accounting_references_eviction_and_failure():
     assert "c" not in enc and enc.failure(c) == "unreadable" and pool.num_free == 2
     enc.free(c)  # its last reference: the blocks go back
     assert pool.num_free == 4
+    d = enc.add("d", 2)
+    enc.free(d)  # its request started over (a lost worker) before the failed batch came back
+    enc.fail(d, "worker lost")
+    assert "d" not in enc and pool.num_free == 4  # nobody holds it: freed at once, not left behind
     enc.clear()
     pool.assert_all_free()
 

@@ -79,6 +79,9 @@ class EncoderCache:
         entry = self._by_block[blocks[0]]
         entry.failed = reason
         self._entries.pop(entry.key, None)
+        if entry.refs == 0:  # nobody holds it any more (its requests started over before this batch came back)
+            del self._by_block[entry.blocks[0]]
+            self.pool.free(entry.blocks)
 
     def failure(self, blocks: list[int]) -> Optional[str]:
         entry = self._by_block.get(blocks[0]) if blocks else None

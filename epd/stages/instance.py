@@ -65,6 +65,10 @@ class Instance:
         self.kv = KVBlockManager(self.id, cfg.kv_blocks, cfg.kv_block_size) if holds_lm else None
         # A hybrid LM's per-sequence state: one slot a sequence, held beside its KV
         self.state = BlockPool("state", self.id, cfg.state_slot_count, 1) if holds_lm and self.keeps_state else None
+        # Where it decodes, at most max_decode_seqs sequences hold KV here: running, or (where it also prefills)
+        # prefilled or prefilling beside them. Without the bound a prefill instance that decodes too fills its pool with
+        # prompts that cannot run yet, and the running sequences, growing, preempt each other.
+        self.seqs = BlockPool("seqs", self.id, cfg.max_decode_seqs, 1) if Role.DECODE in roles else None
         self.mm = MMBlockManager(self.id, cfg.mm_blocks, cfg.mm_block_tokens) if {Role.ENCODE, Role.PREFILL} & set(roles) else None
         self.prefix_cache = PrefixCache(self.kv) if self.prefix_caching and Role.PREFILL in roles else None
         cap = cfg.mm_blocks if cfg.encoder_cache_blocks is None else cfg.encoder_cache_blocks
@@ -83,16 +87,26 @@ class Instance:
         return _allocate(self.kv, self.prefix_cache, n)
 
     def hold_kv(self, state: RequestState, blocks: list[int]) -> bool:
-        """`state` holds `blocks` of this instance's KV, and a state slot where the LM keeps one; False (the
-        blocks given back) when every slot is taken."""
-        if self.state is not None:
-            slot = self.state.allocate(1)
+        """`state` holds `blocks` of this instance's KV, a sequence slot where it decodes and a state slot where
+        the LM keeps one; False (the blocks given back) when every slot is taken."""
+        taken = []
+        for key, pool in ((Hold.seq_slot(self.id), self.seqs), (Hold.state_slot(self.id), self.state)):
+            if pool is None:
+                continue
+            slot = pool.allocate(1)
             if slot is None:
                 self.kv_owner.free(blocks)
+                for k in taken:
+                    state.release(k)
                 return False
-            state.hold(Hold.state_slot(self.id), self.state, slot)
+            state.hold(key, pool, slot)
+            taken.append(key)
         state.hold(Hold.kv(self.id), self.kv_owner, blocks)
         return True
+
+    def can_hold_sequence(self) -> bool:
+        """A sequence slot is free (or none is needed): a new sequence may take KV here."""
+        return self.seqs is None or self.seqs.num_free > 0
 
     def can_allocate_mm(self, n: int) -> bool:
         return _can_allocate(self.mm, self.encoder_cache, n)
@@ -110,7 +124,7 @@ class Instance:
         queues = self.encode_queue or self.prefill_queue or self.decode_queue or self.running
         if not queues:  # cached images and prefixes are kept only while the instance serves
             self._clear_caches()
-        pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm, self.state))
+        pools_free = all(p is None or p.num_free == p.num_blocks for p in (self.kv, self.mm, self.state, self.seqs))
         return not self.busy and not queues and self.outgoing == 0 and pools_free
 
     def _clear_caches(self) -> None:
@@ -139,7 +153,7 @@ class Instance:
 
     def assert_drained(self) -> None:
         self._clear_caches()  # what nobody references is cache, not a leak
-        for pool in (self.kv, self.mm, self.state):
+        for pool in (self.kv, self.mm, self.state, self.seqs):
             if pool is not None:
                 pool.assert_all_free()
         leftovers = [s.rid for s in self.running] + [s.rid for s in self.prefill_queue if not s.done]

@@ -4,7 +4,8 @@ E: FCFS images up to a batch limit, each needing MM blocks (or none: a hit in th
 P: FCFS prompts under a per-step token budget; with chunked prefill a prompt longer than what is
 left of the budget goes in chunks, one per step, so a long prompt neither blocks short ones behind
 it nor holds a step for its whole length. A prompt is admitted (its first chunk) only when KV (and
-MM for pulled embeddings) blocks are free. D: continuous batching. With `reserve` a sequence is
+MM for pulled embeddings) blocks are free, and where it will also decode, while fewer than max_decode_seqs
+sequences hold KV there (running, prefilled or prefilling: vLLM's max_num_seqs). D: continuous batching. With `reserve` a sequence is
 admitted only when the KV for its whole output is reserved, so a running batch never runs out;
 `on_demand` allocates blocks as sequences grow and, when the pool runs dry, preempts the newest
 running sequence (its blocks freed; it is recomputed later). An instance that prefills and decodes
@@ -152,6 +153,8 @@ def take_prefill(inst: Instance, budget: int, on_pull: OnPull, policy: Policy) -
 def _admit_prefill(inst: Instance, state: RequestState, seq: list[int], policy: Policy, on_pull: OnPull) -> bool:
     """A sequence's first chunk: blocks for its whole KV here (and its pulled images), or False."""
     decode_here = inst.has(Role.DECODE)
+    if decode_here and not inst.can_hold_sequence():
+        return False  # max_decode_seqs sequences hold KV here already: this one waits until one leaves
     kv_tokens = len(seq) + (state.req.sampling.max_tokens - len(state.output) if decode_here and policy.reserve else 0)
     kv_need = inst.kv.blocks_for(kv_tokens)
     pulled = [i for i, m in state.mm.items() if m.handle is not None]

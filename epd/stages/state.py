@@ -12,12 +12,14 @@ from epd.stages.work import MMSource
 
 @dataclass(frozen=True)
 class Hold:
-    """Blocks a request holds on one instance: its KV (`image` None), one image's MM embeddings, or (a
-    hybrid LM) its state slot, which lives and goes with its KV there."""
+    """Blocks a request holds on one instance: its KV (`image` None), one image's MM embeddings, or a slot
+    that lives and goes with its KV there: a hybrid LM's state slot (`state`), or on an instance that decodes
+    its place among the sequences it may hold (`seq`)."""
 
     instance: str
     image: Optional[int] = None
     state: bool = False
+    seq: bool = False
 
     @staticmethod
     def kv(instance: str) -> Hold:
@@ -26,6 +28,10 @@ class Hold:
     @staticmethod
     def state_slot(instance: str) -> Hold:
         return Hold(instance, None, True)
+
+    @staticmethod
+    def seq_slot(instance: str) -> Hold:
+        return Hold(instance, None, False, True)
 
     @staticmethod
     def mm(instance: str, image: int) -> Hold:
@@ -105,8 +111,9 @@ class RequestState:
         if key in self.holds:
             pool, blocks = self.holds.pop(key)
             pool.free(blocks)
-        if key.image is None and not key.state:  # the sequence's state slot there goes with its KV
+        if key.image is None and not key.state and not key.seq:  # the sequence's slots there go with its KV
             self.release(Hold.state_slot(key.instance))
+            self.release(Hold.seq_slot(key.instance))
 
     def state_slot(self, instance: str) -> Optional[int]:
         held = self.holds.get(Hold.state_slot(instance))
