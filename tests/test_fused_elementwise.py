@@ -63,3 +63,37 @@ def test_silu_mul_matches_the_plain_definition(device, dtype, tokens, width):
     tol = 1e-5 if dtype == torch.float32 else 0.03
     assert got.shape == (tokens, width)
     assert ((got.float().cpu() - want).abs() / (1 + want.abs())).max() <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (3, 577, 4096), (2, 5, 1000), (0, 16)])
+def test_quick_gelu_matches_the_plain_definition(device, dtype, shape):
+    from transformers.activations import QuickGELUActivation
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 4).to(device, dtype)
+    want = QuickGELUActivation()(x.float())  # transformers' definition, in float32
+    got = fused.QuickGELU()(x)
+    assert got.shape == x.shape and got.dtype == dtype
+    tol = 0 if device == "cpu" and dtype == torch.float32 else (1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_the_llava_tower_runs_the_fused_activation_and_gives_transformers_features():
+    """The CLIP tower's quick-GELU modules are swapped for the fused one; on the host the features equal the
+    tower built with transformers' own activation."""
+    from helpers import MODEL
+    from transformers.activations import QuickGELUActivation
+
+    from epd.models.runtime import ModelRuntime
+
+    rt = ModelRuntime(MODEL, {"vision"})
+    acts = [m.activation_fn for m in rt.vision.modules() if hasattr(m, "activation_fn")]
+    assert acts and all(isinstance(a, fused.QuickGELU) for a in acts)
+    pixels = torch.randn(2, 3, MODEL.vision.image_size, MODEL.vision.image_size, generator=torch.Generator().manual_seed(0))
+    got = rt.vision.encode(pixels.to(rt.dtype))
+    for m in rt.vision.modules():
+        if hasattr(m, "activation_fn"):
+            m.activation_fn = QuickGELUActivation()
+    torch.testing.assert_close(got, rt.vision.encode(pixels.to(rt.dtype)), rtol=0, atol=0)

@@ -7,9 +7,11 @@ import copy
 import torch
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, LlavaConfig, PretrainedConfig
+from transformers.activations import QuickGELUActivation
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from epd.config import ModelConfig
+from epd.kernels.fused import QuickGELU
 from epd.models.family import FAMILIES, ModelFamily, text_hf_kwargs
 from epd.models.image_processing import CLIP_MEAN, CLIP_STD, PILOps, clip_preprocess
 
@@ -24,6 +26,10 @@ class LlavaVision(nn.Module):
         # Layers after the feature layer never influence the output: don't build them.
         vcfg.num_hidden_layers = layer % (vcfg.num_hidden_layers + 1)
         self.vision_tower = AutoModel.from_config(vcfg)
+        if vcfg.hidden_act == "quick_gelu":  # the same function, one kernel instead of three on CUDA
+            for module in self.vision_tower.modules():
+                if isinstance(getattr(module, "activation_fn", None), QuickGELUActivation):
+                    module.activation_fn = QuickGELU()
         self.multi_modal_projector = LlavaMultiModalProjector(hf)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
