@@ -9,13 +9,15 @@ dummy bf16 weights, on photo-like 4032x3024 JPEGs:
            `model.image_resize=host`)
   device   decode with Pillow on the host cores, resize and tile on the GPU (`image_resize=device`;
            pixels bit-identical to the host path)
-  nvjpeg   decode on the GPU too (torchvision.io.decode_jpeg on CUDA, when torchvision is there);
+  nvjpeg   decode on the GPU too (torchvision.io.decode_jpeg on CUDA, when torchvision is there), in the
+           batch, as the E worker does (the host only wraps the bytes);
            its pixels differ from libjpeg's by the IDCT's rounding: the mean difference is reported
   transformers  as a transformers user runs it: Pillow decode, the model's transformers image processor
            (CLIPImageProcessor / GotOcr2ImageProcessor, as AutoProcessor builds them) over the batch,
            then the same tower (transformers' vision modules), one step after the other
 Each path but the last runs the images in batches of `batch` with the host work of batch n+1 overlapped
-with the tower of batch n (as the E worker does), after a warm-up; images/s is end to end. The
+with the tower of batch n (as the E worker does), after a warm-up, the tower replayed from CUDA graphs as the
+E worker runs it (`--tower-graphs 0`: eager); images/s is end to end. The
 ceiling is the tower's FLOPs per image over the card's bf16 matrix rate measured in the same run.
 `host_wait_share`: the share of the stage the GPU waited for host work (the issue's "host share").
 
@@ -82,21 +84,25 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
             return family.preprocess(im)
         return torch.from_numpy(np.asarray(im)).permute(2, 0, 1).contiguous().pin_memory()
 
-    def prepare(chunk: list[bytes]) -> list[torch.Tensor]:
-        if path == "nvjpeg":
-            import torchvision.io as tio
-
-            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in chunk]
-            return [family.preprocess(x, TorchOps) for x in tio.decode_jpeg(raw, device=dev)]
+    def prepare(chunk: list[bytes]):
+        if path == "nvjpeg":  # the host's part: the bytes as tensors; the GPU decodes them in the batch (as the E worker does)
+            return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in chunk]
         pixels = list(pool.map(host_prep, chunk))
         if path == "device":
             return [family.preprocess(x.to(dev, non_blocking=True), TorchOps) for x in pixels]
         return pixels
 
+    def encode(prepared) -> None:
+        if path == "nvjpeg":
+            import torchvision.io as tio
+
+            prepared = [family.preprocess(x, TorchOps) for x in tio.decode_jpeg(prepared, device=dev)]
+        rt.encode(prepared)
+
     chunks = [jpegs[i : i + batch] for i in range(0, len(jpegs), batch)]
     if path == "transformers":
         return _run_transformers(rt, chunks, dev)
-    rt.encode(prepare(chunks[0]))  # warm-up
+    encode(prepare(chunks[0]))  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     waited = 0.0  # the GPU idle, waiting for the next batch's host work
@@ -108,7 +114,7 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
         waited += time.perf_counter() - t
         if i + 1 < len(chunks):
             nxt = host.submit(prepare, chunks[i + 1])
-        rt.encode(pixels)
+        encode(pixels)
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     host.shutdown()
@@ -214,6 +220,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "internvl2-8b"])
+    ap.add_argument("--tower-graphs", type=int, default=1, help="1: the tower replayed from CUDA graphs, as the E worker runs it")
     ap.add_argument("--split", action="store_true", help="also time decode, resize and tower apart and fit the simulator's constants")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -230,6 +237,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.threads) as pool:
         for name in args.models:
             rt = ModelRuntime(model_config(name), {"vision"}, "cuda")
+            tiles_cap = args.batch * rt.family.max_tiles_per_image
+            graphs = rt.capture_tower_graphs(min(rt.cfg.vision_graph_tiles, tiles_cap)) if args.tower_graphs else False
             shape = ModelShape.of(rt.family, "bfloat16")
             tiles = rt.family.num_image_tokens(4032, 3024) / shape.tokens_per_tile  # tower inputs per photo, in the cost model's unit
             baseline = ["transformers"] if rt.family.model_type in ("llava", "internvl") else []
@@ -237,7 +246,8 @@ def main() -> None:
                 r = run_path(path, rt, jpegs, args.batch, pool, dev)
                 r["tiles_per_image"] = tiles
                 flops = shape.vision_flops_per_tile * tiles
-                r.update(model=name, ceiling_images_per_s=peak / flops, matmul_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name())
+                r.update(model=name, tower_graphs=graphs, ceiling_images_per_s=peak / flops, matmul_peak_tflops=peak / 1e12)
+                r["device"] = torch.cuda.get_device_name()
                 r["share_of_ceiling"] = r["images_per_s"] / r["ceiling_images_per_s"]
                 rows.append(r)
                 print(json.dumps(r), flush=True)
