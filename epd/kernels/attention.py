@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from epd.kernels.varlen_prefill import VarlenLayout, usable, varlen_available, varlen_prefill
 
@@ -133,6 +132,8 @@ def paged_attention_ref(
             vi = vi.repeat_interleave(group, dim=0)
         # Query j sits at absolute position ctx - qlen + j and sees keys 0..that position.
         if q.is_cuda:  # the same mask as a bias the fused (memory-efficient) kernel takes, on 4-D inputs
+            from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo (~1.2 s a process): only here
+
             bias = causal_lower_right(qlen, ctx)
             o = F.scaled_dot_product_attention(qi[None], ki.to(qi.dtype)[None], vi.to(qi.dtype)[None], attn_mask=bias, scale=scale)[0]
         else:
