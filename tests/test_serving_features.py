@@ -428,3 +428,21 @@ def test_a_full_decode_batch_does_not_starve_prefill_in_mixed_steps():
     first = {e.request_id: e.time for e in events if e.kind == Ev.FIRST_TOKEN}
     ends = [e.time for e in events if e.kind == Ev.FINISHED and e.request_id.startswith("s")]
     assert first["late"] < min(ends)  # it was prefilled while the six decoded, not after them
+
+
+def test_an_encode_batch_of_cache_hits_does_not_wait_for_the_device(monkeypatch):
+    """A batch whose images are all encoder-cache hits launches nothing: it must not synchronise the device,
+    which would drain the decode steps queued there (each such batch cost a full decode step on a GPU)."""
+    from epd.engine.worker import Worker
+    from epd.stages.work import EncodeBatch, EncodeItem
+
+    w = Worker("e", ("encode",), MODEL, PoolConfig(mm_blocks=64, mm_block_tokens=16), "local")
+    syncs = []
+    monkeypatch.setattr(w, "_sync", lambda: syncs.append(1))
+    image = ImageInput(width=64, height=48, seed=3)
+    n = w.rt.family.num_image_tokens(64, 48)
+    blocks = list(range(-(-n // 16)))
+    first = w.execute(EncodeBatch([EncodeItem("a", 0, image, n, blocks, False, False)]))
+    assert not first.items[0].error and syncs == [1]
+    hit = w.execute(EncodeBatch([EncodeItem("b", 0, image, n, blocks, False, True)]))
+    assert not hit.items[0].error and syncs == [1]

@@ -334,7 +334,8 @@ class Worker:
                 except Exception as exc:
                     why = describe(exc, f"{self.worker_id} encode")
                     results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
-        self._sync()
+        if ok:  # a batch of encoder-cache hits ran nothing: it must not wait for the decode steps queued on the device
+            self._sync()
         return EncodeResult((begin, time.time()), results, host_wait)
 
     def _encode_images(self, pixels: list) -> list[torch.Tensor]:
