@@ -100,7 +100,7 @@ for part in $PARTS; do
         CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m epd.run +experiment=gpu4_aggregated deployment.aggregated.instances=1 \
           workload.num_requests=50 workload.rate=1 backend=$kind hardware="$HW" logger=none hydra.run.dir="/tmp/runs/online1_$kind" 2>&1 \
           | grep -E "requests |TTFT|TPOT|rror" | tail -4
-        mkdir -p "$OUT/online1_$kind" && cp /tmp/runs/online1_"$kind"/summary.json "$OUT/online1_$kind/" 2>/dev/null
+        mkdir -p "$OUT/online1_$kind" && cp /tmp/runs/online1_"$kind"/{summary.json,batches.jsonl,requests.jsonl} "$OUT/online1_$kind/" 2>/dev/null
       done
       python3 -c "import json; d = json.load(open('$OUT/online1_online/summary.json')); print({k: round(v, 4) for k, v in d.items() if k.startswith('server_')})"
       ;;

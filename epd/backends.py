@@ -14,7 +14,7 @@ from epd.allocation import make_allocation
 from epd.config import EngineConfig, RunConfig
 from epd.progress import progress
 from epd.request import Request
-from epd.run_result import RunResult, batch_stats
+from epd.run_result import RunResult, batch_rows, batch_stats
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class EngineBackend:
             warmup_s=self.warmup_s,
             start_phases=dict(self.start_phases),
             batch_stats=batch_stats(core.batches),
+            batches=batch_rows(core.batches, core.origin),
         )
 
     async def _drive(self, llm, requests: list[Request]) -> None:

@@ -23,6 +23,7 @@ class RunResult:
     start_phases: dict[str, float] = field(default_factory=dict)  # the rest of it, as the driver saw it (workers' own phases: workers)
     batch_stats: dict = field(default_factory=dict)  # engine runs: per batch kind, how many and the workers' time in them
     server_split: dict = field(default_factory=dict)  # online runs with a local server: TTFT/TPOT inside the engine and outside it
+    batches: list[dict] = field(default_factory=list)  # engine runs: every batch's send, start and end (seconds on the run's clock)
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:
@@ -30,6 +31,23 @@ class RunResult:
         if self._timelines is None:
             self._timelines = timelines(self.events)
         return self._timelines
+
+
+def batch_rows(batches, origin: float) -> list[dict]:
+    """The engine's batch records on the run's clock (the events' clock): when the driver sent each batch,
+    when its worker began and ended it, how long it waited for its images' host work, and its size."""
+    return [
+        {
+            "instance": b.instance,
+            "kind": b.kind.removesuffix("Batch").lower(),
+            "submitted": round(b.submitted - origin, 6),
+            "begin": round(b.begin - origin, 6),
+            "end": round(b.end - origin, 6),
+            "host_wait": round(b.host_wait, 6),
+            "size": b.size,
+        }
+        for b in batches
+    ]
 
 
 def batch_stats(batches) -> dict:

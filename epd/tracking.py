@@ -62,6 +62,10 @@ def write_record(out_dir: Path, resolved: dict, result: RunResult, summary: dict
         with open(out_dir / "stage_load.jsonl", "w") as f:
             for row in result.stage_load:
                 f.write(json.dumps(row) + "\n")
+    if result.batches:
+        with open(out_dir / "batches.jsonl", "w") as f:
+            for row in result.batches:
+                f.write(json.dumps(row) + "\n")
     (out_dir / "workers.json").write_text(json.dumps(result.workers, indent=2))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -21,7 +21,7 @@ from epd.lifetime import EventLog
 from epd.lifetime import LifetimeEvent as Ev
 from epd.metrics import Timeline, percentile, timelines
 from epd.request import ImageInput, Request, RequestOutput
-from epd.run_result import RunResult
+from epd.run_result import RunResult, batch_rows, batch_stats
 from epd.serve.timing import PHASES, ServerTimings
 from epd.video import encode_video
 
@@ -134,6 +134,8 @@ class OnlineBackend:
                 warmup_s=core.warmup_s,
                 start_phases=core.start_phases(),
                 server_split=server_split(timelines(events), timelines(core.pipeline.events), local.timings, client_start, core.origin),
+                batch_stats=batch_stats(core.batches),
+                batches=batch_rows(core.batches, core.origin),
             )
         finally:
             if local:
