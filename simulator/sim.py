@@ -26,6 +26,7 @@ from epd.stages.work import (
     Result,
     SwitchBatch,
     SwitchResult,
+    prepared_first,
 )
 from simulator.latency import DecodeShape, EncodeShape, LatencyModel, PrefillShape
 from simulator.shapes import ModelShape
@@ -124,12 +125,18 @@ class Simulation:
         and half in the result coming back. One batch at a time the worker waits out the round trip
         between batches; with async scheduling the next batch is already queued when one ends."""
         half_rpc = self.lat.rpc / 2
-        prepared_at = self._prepare(inst, batch)
+        prep_begin, prepared_at = self._prepare(inst, batch)
+        if prepared_first(batch):  # its images are prepared before it joins the worker's queue: a round trip to learn so
+            yield self.env.timeout(prepared_at - self.env.now + self.lat.rpc)
+            self.pipe.prepared(inst, batch)
+            self._wake_all()
         with worker.request() as slot:
             if self.pipe.depth == 1:
                 yield self.env.timeout(half_rpc)
             yield slot
             result, busy_for = self._run_batch(batch, inst, prepared_at)
+            if isinstance(result, EncodeResult) and any(not it.cached for it in batch.items):
+                result.prep_begin = prep_begin  # the encode stage's service began with its images' host work
             yield self.env.timeout(busy_for + self.lat.overhead)
         yield self.env.timeout(half_rpc)
         self._sample_tokens(result)
@@ -190,21 +197,21 @@ class Simulation:
                 attention += m.image_attention_flops(it.num_tokens)
         return images, attention
 
-    def _prepare(self, inst: Instance, batch: Batch) -> float:
-        """When an encode batch's host preparation is done. As the engine's worker, the batch's images start on
-        its host cores when the batch is sent (the batch before it may still be on the GPU), after the images of
-        batches sent earlier."""
+    def _prepare(self, inst: Instance, batch: Batch) -> tuple[float, float]:
+        """When an encode batch's host preparation is done. As on the engine's worker, the batch's images start
+        on its host cores when the batch is sent (the batches before it may still be on the GPU), after the images
+        of batches sent earlier; the batch joins the worker's queue once they are ready."""
         if not isinstance(batch, EncodeBatch):
-            return self.env.now
+            return self.env.now, self.env.now
         images, _ = self._images(batch)
         start = max(self.env.now, self._prep_free.get(inst.id, 0.0))
         self._prep_free[inst.id] = start + self.lat.preprocess(images, max(1, int(inst.cfg.num_cpus))) * self._contention()
-        return self._prep_free[inst.id]
+        return start, self._prep_free[inst.id]
 
     def _run_batch(self, batch: Batch, inst: Instance, prepared_at: float) -> tuple[Result, float]:
         """Spans of one batch. A transfer costs `transfer(bytes)`, split between sender and receiver as the
         deployment's backend splits it (`send_share`). An encode batch first waits for what is left of its
-        host preparation (`prepared_at`)."""
+        host preparation (`prepared_at`; none left by the time it runs)."""
         now, m, slow = self.env.now, self.shape, self._contention()
         if isinstance(batch, SwitchBatch):
             return SwitchResult((now, now + self.switch_cost_s), {}), self.switch_cost_s

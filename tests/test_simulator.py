@@ -168,24 +168,35 @@ def test_roofline_charges_host_preprocessing_per_image_over_the_workers_cores():
     assert min(s - p for s, p in zip(slow, plain)) > 0.9 * min(im.width * im.height for r in make_requests(cfg) for im in r.images) / 1e6
 
 
-def test_an_encode_batchs_host_preparation_overlaps_the_batch_before_it_with_async_scheduling():
-    """As the engine's E worker prepares a batch's images when it is sent: with two batches in flight the
-    second's host work runs under the first's tower; one at a time it follows it."""
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_an_encode_batchs_host_preparation_overlaps_the_batches_before_it(async_scheduling):
+    """As on the engine's E worker, a batch's images are prepared from when it is sent and it joins the worker's
+    queue once they are ready: the next batch's host work runs under this one's tower, whatever the scheduling
+    depth, and the last image is encoded well before four preparations and four towers one after another."""
     from epd.config import HardwareConfig
 
-    one_e = DeploymentConfig(name="epd", encode=PoolConfig(instances=1, max_images_per_batch=1), prefill=PoolConfig(), decode=PoolConfig())
+    one_e = DeploymentConfig(
+        name="epd",
+        encode=PoolConfig(instances=1, max_images_per_batch=1),
+        prefill=PoolConfig(),
+        decode=PoolConfig(),
+        async_scheduling=async_scheduling,
+    )
     hw = HardwareConfig(peak_flops=1.25e7, preprocess_s_per_mpixel=1.5, rpc_latency=0.0, step_overhead=0.0)  # ~0.5 s each a photo
 
-    def last_encode_end(async_scheduling: bool) -> float:
-        run = dataclasses.replace(_cfg(dataclasses.replace(one_e, async_scheduling=async_scheduling), arrival="offline"), hardware=hw)
+    def last_encode_end(hardware) -> float:
+        run = dataclasses.replace(_cfg(one_e, arrival="offline"), hardware=hardware)
         run = dataclasses.replace(
             run, workload=dataclasses.replace(run.workload, num_requests=4, images_per_request=1, images_per_request_max=1)
         )
         events = SimBackend(run).run(make_requests(run)).events
         return max(e.time for e in events if e.kind == Ev.ENCODE_END)
 
-    overlapped, serial = last_encode_end(True), last_encode_end(False)
-    assert overlapped < 0.8 * serial, (overlapped, serial)  # serial: 4 x (prep + tower); overlapped: ~prep + 4 x tower
+    towers = last_encode_end(dataclasses.replace(hw, preprocess_s_per_mpixel=0.0, decode_s_per_mpixel=0.0))
+    preps = last_encode_end(dataclasses.replace(hw, peak_flops=1e18))
+    both = last_encode_end(hw)
+    assert towers > 0.5 and preps > 1.0, (towers, preps)  # both matter here
+    assert both < 0.8 * (towers + preps), (both, towers, preps)  # serial: 4 x (prep + tower); overlapped: ~4 x prep + tower
 
 
 @pytest.mark.parametrize("transfer,frees", [("object_store", True), ("local", False)])

@@ -269,9 +269,18 @@ class EngineCore:
 
     def _dispatch(self) -> None:
         for inst in self.pipeline.instances.values():
-            while (batch := self.pipeline.dispatch(inst)) is not None:
+            while True:
+                self._note_prepared()  # before each dispatch: the in-process executor prepares at submit
+                batch = self.pipeline.dispatch(inst)
+                if batch is None:
+                    break
                 self._submitted[id(batch)] = time.time()
                 self.executor.submit(inst.id, batch)
+
+    def _note_prepared(self) -> None:
+        """Encode batches whose images became ready join their workers' queues in the pipeline's view."""
+        for iid, batch in self.executor.take_prepared():
+            self.pipeline.prepared(self.pipeline.instances[iid], batch)
 
     def run_until_idle(self, timeout_s: float = 600.0, on_finished=None) -> None:
         """Step until every request has ended; `on_finished(n)` is told as n more end."""

@@ -14,7 +14,7 @@ from epd.config import POOL_ROLES, BackendConfig, DeploymentConfig, ModelConfig,
 from epd.distributed import CommSpec, PairRendezvous, free_port
 from epd.engine.deadlines import BatchDeadlines
 from epd.engine.ordering import Tickets
-from epd.stages.work import Batch, BatchFailure, EncodeBatch, Result, pulled_handles
+from epd.stages.work import Batch, BatchFailure, Result, prepared_first, pulled_handles
 from epd.transfer import Endpoint, TransferHandle, transfer_class
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,14 @@ class LocalExecutor:
         self.workers = {iid: Worker(iid, roles, model, pool, self.transfer) for iid, roles, pool in _worker_specs(deployment)}
         self.startup_s = {"workers_built": time.time() - t0}
         self._done: list[Done] = []
+        self._prepared: list[tuple[str, Batch]] = []
         self.lost: set[str] = set()  # never any: see lost_workers
 
     def submit(self, iid: str, batch: Batch) -> None:
         try:
             self.workers[iid].prepare(batch)
+            if prepared_first(batch):
+                self._prepared.append((iid, batch))
             result: Any = self.workers[iid].execute(batch)
         except Exception as exc:  # a failed batch aborts its requests, the run goes on
             log.error("worker %s failed:\n%s", iid, traceback.format_exc())
@@ -62,6 +65,11 @@ class LocalExecutor:
     def wait(self, timeout: float) -> list[Done]:
         done, self._done = self._done, []
         return done
+
+    def take_prepared(self) -> list[tuple[str, Batch]]:
+        """Encode batches whose images became ready since the last call (here: at submit)."""
+        out, self._prepared = self._prepared, []
+        return out
 
     def lost_workers(self, interval_s: float = 0.5) -> dict[str, str]:
         """In one process a worker cannot die alone."""
@@ -177,9 +185,11 @@ class RayExecutor:
         if self._pairs is not None:
             self._host_store(self._pairs.host, self._pairs.port)
         # A transfer thread beside the batch thread: pushes (NCCL) go on while the worker computes.
-        # A prep thread: the next encode batch's images are prepared while the current batch runs.
+        # Prep threads: an encode batch's `prepare` returns once its images are ready (it then joins the
+        # worker's batch order), one a batch the pipeline lets prepare at once, and one to spare.
         # Three threads for batches and calls: the next batch is taken in while one runs (`execute`'s tickets).
-        self._remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), "prep": 1})(Worker)
+        prep = {"prep": 3}
+        self._remote_cls = ray.remote(max_concurrency=3, concurrency_groups={"transfer": max(2, len(procs)), **prep})(Worker)
         self._strategy = PlacementGroupSchedulingStrategy
         self._procs, self._model = procs, model
         self._starting: dict[str, tuple] = {}  # replacements under way: actors, pings, start time, (roles, pool, attempt)
@@ -201,6 +211,11 @@ class RayExecutor:
         # The driver's view of start-up (each worker's own phases are in its `info`).
         self.startup_s = {"ray": t1 - t0, "placement": t2 - t1, "workers_built": t3 - t2, "transfers_connected": time.time() - t3}
         self._inflight: dict[Any, tuple[str, Batch, list[Any]]] = {}
+        # Encode batches whose images are being prepared, not yet in their worker's batch order:
+        # the first rank's `prepare` reply -> (instance, batch, its object ref, the ranks, the others' replies).
+        self._preparing: dict[Any, tuple[str, Batch, Any, list[Any], list[Any]]] = {}
+        self._prepared: list[tuple[str, Batch]] = []
+        self._failed_early: list[Done] = []  # batches whose worker died while their images were prepared
         self._pushes: list[Any] = []
         self.lost: set[str] = set()  # instances whose worker died
         self._pings: dict[Any, str] = {}  # liveness pings in flight -> instance
@@ -303,15 +318,48 @@ class RayExecutor:
     def submit(self, iid: str, batch: Batch) -> None:
         if self.needs_push:
             self._push_for(iid, batch)
-        arg: Any = batch
-        if isinstance(batch, EncodeBatch):  # its host work starts now, beside the batch that is running
+        if prepared_first(batch):  # its host work starts now, beside the batches that run; it is queued once done
             arg = self.ray.put(batch)
-            for a in self.actors[iid]:
-                a.prepare.options(concurrency_group="prep").remote(arg)
+            ranks = self.actors[iid]  # the list itself: a replacement gets a new one
+            refs = [a.prepare.options(concurrency_group="prep").remote(arg) for a in ranks]
+            self._preparing[refs[0]] = (iid, batch, arg, ranks, refs[1:])
+            return
+        self._execute(iid, batch, batch, self.actors[iid])
+
+    def _execute(self, iid: str, batch: Batch, arg: Any, ranks: list[Any]) -> None:
         ticket = self._tickets.take(iid)
-        refs = [a.execute.remote(arg, ticket) for a in self.actors[iid]]
+        refs = [a.execute.remote(arg, ticket) for a in ranks]
         self._inflight[refs[0]] = (iid, batch, refs[1:])
         self.deadlines.submitted(iid, time.time())
+
+    def _queue_prepared(self) -> None:
+        """Encode batches whose images are ready join their worker's batch order. One whose worker died
+        or was replaced meanwhile fails here, without a ticket: the replacement counts its own batches."""
+        if not self._preparing:
+            return
+        refs = list(self._preparing)
+        for ref in self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+            iid, batch, arg, ranks, others = self._preparing.pop(ref)
+            self._prepared.append((iid, batch))
+            try:
+                self.ray.get([ref, *others])
+            except Exception as exc:
+                log.error("worker %s failed while preparing images: %s", iid, exc)
+                lost = isinstance(exc, self.ray.exceptions.RayActorError)
+                if lost and self.actors.get(iid) is ranks:
+                    self.lost.add(iid)
+                self._failed_early.append((iid, batch, BatchFailure(_reason(exc), time.time(), worker_lost=lost)))
+                continue
+            if self.actors.get(iid) is not ranks or iid in self.lost:
+                self._failed_early.append((iid, batch, BatchFailure(f"worker {iid} was lost while its images were prepared", time.time())))
+                continue
+            self._execute(iid, batch, arg, ranks)
+
+    def take_prepared(self) -> list[tuple[str, Batch]]:
+        """Encode batches whose images became ready (or whose worker failed) since the last call."""
+        self._queue_prepared()
+        out, self._prepared = self._prepared, []
+        return out
 
     def _push_for(self, receiver: str, batch: Batch) -> None:
         """Ask each sender whose blocks this batch pulls to push them, in the order the receiver reads them."""
@@ -335,18 +383,25 @@ class RayExecutor:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._preparing) + len(self._failed_early)
 
     def wait(self, timeout: float) -> list[Done]:
         """Completed batches, each instance's in the order they were sent: a worker's replies can
         overtake one another (the next batch starts while the last one's reply is on its way), and
-        the pipeline must see a sequence's tokens in step order."""
+        the pipeline must see a sequence's tokens in step order. Also returns when an encode batch's
+        images became ready (`take_prepared`)."""
         self._check_pushes()
-        if not self._inflight:
-            return []
+        self._queue_prepared()
+        out: list[Done] = self._failed_early
+        self._failed_early = []
+        if out or self._prepared or not (self._inflight or self._preparing):
+            timeout = 0.0  # something to hand back already: only what has finished too
         heads = self._heads()
-        ready, _ = self.ray.wait(heads, num_returns=1, timeout=timeout)
-        out: list[Done] = []
+        waited = heads + list(self._preparing)
+        if not waited:
+            return out
+        ready, _ = self.ray.wait(waited, num_returns=1, timeout=timeout)
+        ready = [r for r in ready if r in self._inflight]
         while ready:
             for ref in ready:
                 iid, batch, others = self._inflight.pop(ref)

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,6 +48,8 @@ from epd.stages.work import (
 )
 from epd.transfer import Endpoint, TransferHandle, make_transfer
 from epd.video import FrameStack, load_frames
+
+PREPARE_TIMEOUT_S = 60.0  # `prepare` returns after this even if an image is still being prepared
 
 
 @dataclass
@@ -234,15 +237,17 @@ class Worker:
         """`fn(worker, *args)` here, between batches: benchmarks measure the worker's own steps."""
         return fn(self, *args)
 
-    def prepare(self, batch: Batch) -> None:
-        """Start a batch's host work — its images decoded and preprocessed on the prep threads — while
-        the batch before it runs; `execute` takes it over. A Ray executor sends this on the actor's
-        prep thread ahead of `execute`; the in-process executor calls it at submit."""
+    def prepare(self, batch: Batch, timeout_s: float = PREPARE_TIMEOUT_S) -> None:
+        """A batch's host work — its images decoded and preprocessed on the prep threads, while the batches
+        before it run — returning once it is done (or after `timeout_s`: `execute` then waits for what is
+        left); `execute` takes it over. A Ray executor sends this on the actor's prep threads and sends
+        `execute` once it has returned; the in-process executor calls it at submit."""
         if isinstance(batch, EncodeBatch):
             futures = self._start_preparing(batch)
             with self._prepared_turn:
                 self._prepared[_encode_key(batch)] = futures
                 self._prepared_turn.notify_all()
+            wait_futures(futures, timeout=timeout_s)
 
     def _prepared_images(self, batch: EncodeBatch) -> list:
         key = _encode_key(batch)
@@ -255,7 +260,10 @@ class Worker:
         return [f.result() for f in futures]
 
     def _start_preparing(self, batch: EncodeBatch) -> list[Future]:
-        return [self._prep.submit(self._preprocess, it) for it in batch.items if not it.cached]
+        return [self._prep.submit(self._timed_preprocess, it) for it in batch.items if not it.cached]
+
+    def _timed_preprocess(self, item) -> tuple[float, torch.Tensor | bytes | str]:
+        return time.time(), self._preprocess(item)
 
     def live_sequences(self) -> int:
         return len(self.seqs)
@@ -294,8 +302,10 @@ class Worker:
         begin = time.time()
         ok, results, pixels = [], [], []
         todo = [it for it in batch.items if not it.cached]
-        prepared = self._prepared_images(batch) if todo else []
+        timed = self._prepared_images(batch) if todo else []
         host_wait = time.time() - begin
+        prep_begin = min((t for t, _ in timed), default=None)
+        prepared = [px for _, px in timed]
         for item, px in zip(todo, prepared):
             if isinstance(px, str):
                 results.append(EncodedItem(item.request_id, item.image_index, error=px))
@@ -336,7 +346,7 @@ class Worker:
                     results.append(EncodedItem(item.request_id, item.image_index, error=why, error_kind=INTERNAL))
         if ok:  # a batch of encoder-cache hits ran nothing: it must not wait for the decode steps queued on the device
             self._sync()
-        return EncodeResult((begin, time.time()), results, host_wait)
+        return EncodeResult((begin, time.time()), results, host_wait, prep_begin)
 
     def _encode_images(self, pixels: list) -> list[torch.Tensor]:
         jpegs = [i for i, x in enumerate(pixels) if isinstance(x, bytes)]

@@ -53,6 +53,7 @@ class Instance:
         self.pending_release: list[str] = []
         self.outgoing = 0  # outputs sent and not yet pulled by the next stage
         self.inflight = 0  # batches sent to its worker and not completed yet
+        self.preparing: set[int] = set()  # of those, encode batches (ids) whose images are still prepared on the host
         self.prefilled_last = False  # its last batch was a prefill (alternating prefill and decode steps)
         self.switching_to: Optional[str] = None  # draining before it becomes a worker of this pool
         self.switch_started = 0.0

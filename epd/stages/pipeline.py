@@ -38,6 +38,7 @@ from epd.stages.work import (
     PrefillResult,
     Result,
     SwitchBatch,
+    prepared_first,
 )
 
 # (request id, new tokens, finish reason or None, their logprobs when the request asked for them)
@@ -169,20 +170,39 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
         """The batch to send `inst`'s worker now, if it may take one: with async scheduling while one
         batch runs, so the next is queued at the worker when the current one ends. Every dispatched
         batch comes back through `complete`."""
-        if inst.inflight >= self.depth or (inst.inflight and inst.switching_to is not None):
+        if inst.inflight and inst.switching_to is not None:
             return None
-        batch = self.next_batch(inst)
+        # An encode batch whose images are prepared on the host takes no place in the worker's queue until
+        # they are ready (`prepared`): up to `depth` such batches beside `depth` batches for the device (and
+        # 2 x depth in all: a prepared batch joins a full queue rather than wait for a place in it).
+        may_prepare = len(inst.preparing) < self.depth and inst.inflight < 2 * self.depth
+        if inst.inflight - len(inst.preparing) >= self.depth:
+            batch = self._encode_batch(inst) if may_prepare else None  # the device's queue is full: host work may start
+        else:
+            batch = self.next_batch(inst, may_prepare)
         if batch is not None:
             inst.inflight += 1
+            if prepared_first(batch):
+                inst.preparing.add(id(batch))
         return batch
 
-    def next_batch(self, inst: Instance) -> Optional[Batch]:
-        """Encode first, then prefill, then decode: the order an aggregated worker serves them."""
+    def prepared(self, inst: Instance, batch: Batch) -> None:
+        """An encode batch's images are ready on its worker: it joins the worker's batch queue now."""
+        inst.preparing.discard(id(batch))
+
+    def _encode_batch(self, inst: Instance) -> Optional[Batch]:
+        if inst.failed or inst.switching_to is not None or not inst.has(Role.ENCODE):
+            return None
+        return select_encode(inst, self.max_pending)
+
+    def next_batch(self, inst: Instance, may_prepare: bool = True) -> Optional[Batch]:
+        """Encode first, then prefill, then decode: the order an aggregated worker serves them (encode only
+        while `may_prepare`: fewer than `depth` of its encode batches wait for their images' host work)."""
         if inst.failed:
             return None
         if inst.switching_to is not None:
             return self._drain_or_switch(inst)
-        if inst.has(Role.ENCODE):
+        if inst.has(Role.ENCODE) and may_prepare:
             batch = select_encode(inst, self.max_pending)
             if batch:
                 return batch
@@ -238,6 +258,7 @@ class Pipeline(Routes, HandOff, Results, Preemption, RoleSwitching):
     def complete(self, inst: Instance, batch: Batch, result: Result | BatchFailure) -> None:
         self.now = max(self.now, result.time if isinstance(result, BatchFailure) else result.span[1])
         inst.inflight -= 1
+        inst.preparing.discard(id(batch))  # a batch that failed before its images were ready
         decode = batch.decode if isinstance(batch, MixedBatch) else batch if isinstance(batch, DecodeBatch) else None
         stale = self._steps_back(inst, decode) if decode is not None else set()
         if isinstance(batch, SwitchBatch):

@@ -36,6 +36,8 @@ class Results:
 
     def _encoded(self, inst: Instance, batch: EncodeBatch, result: EncodeResult) -> None:
         b, e = result.span
+        if result.prep_begin is not None:  # the images' host work is the encode stage's too
+            b = min(b, result.prep_begin)
         sent = {(it.request_id, it.image_index): it for it in batch.items}
         cache = inst.encoder_cache
         # Encoded images first: a copy in this batch that waited on one of them learns how it went.

@@ -30,6 +30,14 @@ class EncodeBatch:
     items: list[EncodeItem]
 
 
+def prepared_first(batch) -> bool:
+    """An encode batch: its images are prepared on its worker's host (decoded, resized) before it joins the
+    worker's batch order, so the steps sent after it are not held up by host work. (A batch of encoder-cache
+    hits has nothing to prepare and passes straight through; it goes the same way so that the batches queued
+    for the device stay bounded.)"""
+    return isinstance(batch, EncodeBatch)
+
+
 @dataclass
 class MMSource:
     """One image's embeddings for prefill: already in local blocks, or a handle to pull into them."""
@@ -134,6 +142,7 @@ class EncodeResult:
     span: Span
     items: list[EncodedItem]
     host_wait: float = 0.0  # seconds of the span spent waiting for its images' host preparation
+    prep_begin: Optional[float] = None  # when its images' host preparation began (before the span: the encode stage's service)
 
 
 @dataclass

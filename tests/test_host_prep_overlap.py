@@ -1,0 +1,113 @@
+"""An encode batch's images are prepared on the host (decoded, resized) before the batch joins its worker's queue:
+on an instance that also prefills and decodes, the steps sent after the batch run while its images are prepared,
+instead of waiting behind it. The simulator runs the same scheduling and models the same wait."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from helpers import MODEL, reference
+
+from epd.config import BackendConfig, DeploymentConfig, EngineConfig, HardwareConfig, PoolConfig, RunConfig, WorkloadConfig
+from epd.engine.core import EngineCore
+from epd.experiment import make_requests
+from epd.lifetime import LifetimeEvent as Ev
+from epd.request import ImageInput, Request, SamplingParams
+from epd.stages.pipeline import Pipeline
+from simulator.backend import SimBackend
+
+
+def _long_decode(rid: str, max_tokens: int) -> Request:
+    return Request(rid, prompt_token_ids=tuple(range(40, 52)), sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def _photos(rid: str, n: int, seed: int) -> Request:
+    """A request with n photo-sized images: their host preparation takes a while on any machine."""
+    images = tuple(ImageInput(width=4032, height=3024, seed=seed + k) for k in range(n))
+    return Request(rid, prompt_token_ids=tuple(range(60, 70)), images=images, sampling=SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def _aggregated(**pool) -> DeploymentConfig:
+    base = dict(instances=1, num_cpus=1, kv_blocks=256, mm_blocks=256, max_images_per_batch=8)
+    return DeploymentConfig(name="aggregated", aggregated=PoolConfig(**(base | pool)))
+
+
+def test_the_engine_decodes_while_an_encode_batchs_images_are_prepared(ray_cluster):
+    """A sequence decodes; a request with four 12 MP images arrives. Its encode batch is sent at once, but joins
+    the worker's queue only once its images are ready: decode steps run in between, the batch hardly waits
+    for its images when it runs, and the running sequence's tokens never pause for the preparation."""
+    longer, photos = _long_decode("long", 400), _photos("photos", 4, seed=5)
+    core = EngineCore(EngineConfig(MODEL, _aggregated(), "ray", BackendConfig(warmup=False)))
+    try:
+        core.add_request(longer)
+        deadline = time.time() + 120
+        while "long" not in core.pipeline.states or len(core.pipeline.states["long"].output) < 20:  # decoding in earnest
+            assert time.time() < deadline, "the first request did not start decoding"
+            core.step()
+        core.add_request(photos)
+        core.run_until_idle(timeout_s=300)
+        outs = {rid: core.pipeline.outputs[rid].token_ids for rid in ("long", "photos")}
+        encode = next(b for b in core.batches if b.kind == "EncodeBatch")
+        during = [b for b in core.batches if b.kind == "DecodeBatch" and encode.submitted < b.begin < encode.begin]
+        events = sorted((e for e in core.pipeline.events if e.request_id == "long" and e.kind == Ev.TOKEN), key=lambda e: e.time)
+        core.drain_check()
+    finally:
+        core.close()
+    waited = encode.begin - encode.submitted  # the images' preparation (and a round trip to learn it is done)
+    assert waited > 0.05, waited  # four 12 MP images: well above a step on any machine
+    assert len(during) >= 5, (len(during), waited)
+    assert encode.host_wait < 0.25 * waited, (encode.host_wait, waited)
+    gaps = [b.time - a.time for a, b in zip(events, events[1:])]
+    assert max(gaps) < 0.5 * waited, (max(gaps), waited)
+    assert [list(outs[r.request_id]) for r in (longer, photos)] == [list(t) for t in reference([longer, photos])]
+
+
+def test_the_simulator_decodes_while_an_encode_batchs_images_are_prepared():
+    """The same in the simulator: with a slow host, the running sequence's token gaps stay a decode step's while
+    the photos are prepared, and the photos' encode spans their preparation (the encode stage's service)."""
+    hw = HardwareConfig(preprocess_s_per_mpixel=0.05, rpc_latency=0.0005)
+    reqs = [_long_decode("long", 300), dataclasses.replace(_photos("photos", 4, seed=5), arrival_time=0.05)]
+    cfg = RunConfig(
+        deployment=_aggregated(), workload=WorkloadConfig(num_requests=2, arrival="offline"), hardware=hw, backend=BackendConfig(kind="sim")
+    )
+    events = SimBackend(cfg).run(reqs).events
+    tokens = sorted(e.time for e in events if e.request_id == "long" and e.kind in (Ev.FIRST_TOKEN, Ev.TOKEN))
+    begin = min(e.time for e in events if e.request_id == "photos" and e.kind == Ev.ENCODE_BEGIN)
+    end = max(e.time for e in events if e.request_id == "photos" and e.kind == Ev.ENCODE_END)
+    prep = 4 * 12.19 * 0.05  # four photos' preparation on the one core
+    assert end - begin > prep
+    inside = [t for t in tokens if begin < t < end]
+    assert len(inside) > 10 and max(b - a for a, b in zip(inside, inside[1:])) < 0.1 * prep
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("name", ["aggregated", "epd"])
+def test_the_batches_an_instance_has_out_stay_bounded(monkeypatch, async_scheduling, name):
+    """At most `depth` encode batches preparing, at most 2 x depth batches out in all (preparing or queued for
+    the device), and the rest waits: swept over the scheduling depth and deployments, on a burst of images."""
+    seen: list[tuple[int, int, int]] = []
+    dispatch = Pipeline.dispatch
+
+    def recording(self, inst):
+        batch = dispatch(self, inst)
+        seen.append((self.depth, inst.inflight, len(inst.preparing)))
+        return batch
+
+    monkeypatch.setattr(Pipeline, "dispatch", recording)
+    pool = dict(max_images_per_batch=2, num_cpus=1)
+    if name == "aggregated":
+        dep = _aggregated(**pool)
+    else:
+        dep = DeploymentConfig(name="epd", encode=PoolConfig(**pool), prefill=PoolConfig(), decode=PoolConfig())
+    dep = dataclasses.replace(dep, async_scheduling=async_scheduling)
+    wl = WorkloadConfig(num_requests=12, arrival="offline", images_per_request=1, images_per_request_max=4, output_tokens=6)
+    hw = HardwareConfig(preprocess_s_per_mpixel=0.2)
+    cfg = RunConfig(deployment=dep, workload=wl, hardware=hw, backend=BackendConfig(kind="sim"))
+    events = SimBackend(cfg).run(make_requests(cfg)).events
+    assert sum(1 for e in events if e.kind == Ev.FINISHED) == 12
+    depth = seen[0][0]
+    assert depth == (2 if async_scheduling else 1)
+    assert max(p for _, _, p in seen) == depth  # the bound is reached, and kept
+    assert max(i for _, i, _ in seen) <= 2 * depth
