@@ -235,7 +235,8 @@ def test_simulated_policy_searches_off_the_engine_loop(requests):
 def test_what_a_switching_worker_sent_is_pulled_first(monkeypatch):
     """An E worker switching away waits until prefill has pulled what it sent; those requests move to
     the front of prefill's queue, so the drain is shorter than behind the whole queue (simulator:
-    prefill is the bottleneck of an offline encode-heavy burst)."""
+    prefill is the bottleneck of an offline encode-heavy burst). Both drains include the batches the worker
+    had out when the switch began, images preparing included, which pulling first cannot shorten."""
     from epd.stages.pipeline import Pipeline
 
     cfg = _sim_cfg("scripted", script=["0.2:encode-2:prefill"])
@@ -255,7 +256,7 @@ def test_what_a_switching_worker_sent_is_pulled_first(monkeypatch):
 
     first = drain()
     monkeypatch.setattr(Pipeline, "_pull_first", lambda self, iid: None)
-    assert first < 0.5 * drain()
+    assert first < 0.6 * drain()
 
 
 def test_a_worker_joining_a_stage_takes_its_share_of_the_queued_work():
