@@ -160,6 +160,10 @@ class PoolConfig:
     # LLaVA burst's median TTFT but costs InternVL's tile-heavy workload 4-5% of its throughput (images'
     # host preparation starts at dispatch, so it stops overlapping): bench/results/sim-encode-ahead.md.
     encode_ahead_steps: int = 0
+    # Images an instance that encodes decodes and resizes on its host: in processes of their own (True), or in threads
+    # of the worker beside its batch thread (False). None: processes where the worker has a GPU (its batch thread
+    # holds the interpreter lock much of each step), threads on CPU (no process start in tests).
+    prep_processes: Optional[bool] = None
     # Hybrid LMs (linear-attention layers): sequences a prefill or decode instance keeps state for at once,
     # each a slot of the worker's state pool; 0: twice max_decode_seqs.
     state_slots: int = 0

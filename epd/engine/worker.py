@@ -20,6 +20,7 @@ from epd.cache.paged import read_rows, write_rows_many
 from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, PairRendezvous, join, leave
 from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
+from epd.engine.host_prep import ImageProcesses
 from epd.engine.isolation import Failed, describe, isolated
 from epd.engine.ordering import InOrder
 from epd.images import ImageError, load_image
@@ -142,8 +143,11 @@ class Worker:
         self._seq_lock = threading.Lock()  # a landing step and the next step's launch both update sequences
         self.device_fed = 0  # decode rows whose input token came from the step before on the device
         self._pushes_in_order = InOrder()  # per receiver
-        # Image decode and resize release the GIL: a batch's images are prepared on the worker's cores at once.
+        # A batch's images are prepared on the worker's cores at once: in processes of their own where the batch
+        # thread would take the interpreter lock from them (`host_prep`), else threads (videos and nvJPEG's bytes too).
         self._prep = ThreadPoolExecutor(max(1, threads), thread_name_prefix="preprocess")
+        in_processes = pool.prep_processes if pool.prep_processes is not None else self.rt.device.type == "cuda"
+        self._image_procs = ImageProcesses(model, max(1, threads)) if in_processes and Role.ENCODE in roles else None
         self.prefetch = prefetch
         self._prepared: dict[tuple, list[Future]] = {}  # encode batch -> its images' preparation, under way
         self._prepared_turn = threading.Condition()
@@ -212,6 +216,8 @@ class Worker:
 
     def close(self) -> None:
         self._prep.shutdown(wait=False)
+        if self._image_procs is not None:
+            self._image_procs.close()
         self.transfer.shutdown()
         if self.comm is not None:
             leave()
@@ -228,6 +234,7 @@ class Worker:
             "mm_cache_bytes": 0 if self.mm is None else self.mm.numel() * self.mm.element_size(),
             "state_cache_bytes": 0 if self.state is None else self.state.numel() * self.state.element_size(),
             "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
+            "image_prep": "processes" if self._image_procs is not None else "threads",
         }
 
     def ping(self) -> str:
@@ -260,7 +267,13 @@ class Worker:
         return [f.result() for f in futures]
 
     def _start_preparing(self, batch: EncodeBatch) -> list[Future]:
-        return [self._prep.submit(self._timed_preprocess, it) for it in batch.items if not it.cached]
+        return [self._start_one(it) for it in batch.items if not it.cached]
+
+    def _start_one(self, item) -> Future:
+        procs = self._image_procs
+        if procs is not None and not isinstance(item.image, FrameStack) and (self._jpeg is None or jpeg_bytes(item.image) is None):
+            return procs.submit(item.image)
+        return self._prep.submit(self._timed_preprocess, item)
 
     def _timed_preprocess(self, item) -> tuple[float, torch.Tensor | bytes | str]:
         return time.time(), self._preprocess(item)

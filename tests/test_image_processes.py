@@ -1,0 +1,84 @@
+"""Images prepared in processes of their own (`pool.prep_processes`, the default on GPU workers): the same pixels as
+the worker's threads prepare, a bad image fails alone with its reason, a process that dies fails only the images it
+held, and the engine's tokens do not change."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import signal
+
+import pytest
+import torch
+from helpers import MODEL, reference, tiny_model_config
+
+from epd.config import DeploymentConfig, PoolConfig
+from epd.engine.host_prep import ImageProcesses, prepare_image
+from epd.images import photo_like
+from epd.models.runtime import load_family
+from epd.request import ImageInput, Request, SamplingParams
+from epd.serve.offline import OfflineLLM
+
+
+def _encoded(width: int, height: int, fmt: str, seed: int) -> bytes:
+    buf = io.BytesIO()
+    photo_like(width, height, seed).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+@pytest.mark.parametrize("resize", ["host", "device"])
+def test_processes_prepare_the_pixels_threads_do(family, resize):
+    model = dataclasses.replace(tiny_model_config(family), image_resize=resize)
+    fam = load_family(model)
+    images = [
+        ImageInput(data=_encoded(640, 480, "JPEG", 1)),
+        ImageInput(data=_encoded(333, 517, "PNG", 2)),
+        ImageInput(data=_encoded(1200, 90, "WEBP", 3)),
+        ImageInput(width=211, height=97, seed=4),
+    ]
+    procs = ImageProcesses(model, 2)
+    try:
+        got = [procs.submit(im).result(timeout=120) for im in images]
+    finally:
+        procs.close()
+    for im, (started, pixels) in zip(images, got):
+        assert started > 0 and isinstance(pixels, torch.Tensor), pixels
+        assert torch.equal(pixels, prepare_image(im, fam, resize == "device"))
+
+
+def test_a_bad_image_or_a_dead_process_fails_only_its_images(tmp_path):
+    procs = ImageProcesses(MODEL, 1)
+    try:
+        _, why = procs.submit(ImageInput(data=b"\xff\xd8 not really a jpeg")).result(timeout=120)
+        assert isinstance(why, str) and "unreadable image" in why
+        (pid,) = procs._pool._processes  # the one process: killed while it holds nothing, the next image finds it gone
+        os.kill(pid, signal.SIGKILL)
+        outcomes = [procs.submit(ImageInput(width=64, height=48, seed=s)).result(timeout=120)[1] for s in range(3)]
+        assert all(isinstance(x, torch.Tensor) for x in outcomes[1:]), outcomes  # started again after the loss
+        assert isinstance(outcomes[0], torch.Tensor) or "process failed" in outcomes[0]
+    finally:
+        procs.close()
+
+
+def test_the_engine_gives_the_same_tokens_with_images_prepared_in_processes(ray_cluster):
+    reqs = [
+        Request(
+            f"p{i}",
+            prompt_token_ids=tuple(range(30 + i, 42 + i)),
+            images=tuple(ImageInput(data=_encoded(300 + 40 * k, 200 + 30 * i, "JPEG", 10 * i + k)) for k in range(1 + i % 3)),
+            sampling=SamplingParams(max_tokens=6, ignore_eos=True),
+        )
+        for i in range(5)
+    ]
+    reqs.append(
+        Request("bad", prompt_token_ids=(5, 6, 7), images=(ImageInput(data=b"\xff\xd8 broken"),), sampling=SamplingParams(max_tokens=3))
+    )
+    dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=128, num_cpus=2, prep_processes=True))
+    with OfflineLLM(MODEL, dep, "ray") as llm:
+        outs = llm.generate(reqs)
+        assert [w["image_prep"] for w in llm.core.worker_info()] == ["processes"]
+        llm.core.drain_check()
+    assert [list(o.token_ids) for o in outs[:-1]] == [list(t) for t in reference(reqs[:-1])]
+    assert outs[-1].finish_reason == "abort" and "unreadable image" in outs[-1].abort_reason
