@@ -5,8 +5,10 @@
 For LLaVA-1.5-7B's shape (CLIP-L/336, one tile) and InternVL2-8B's (InternViT at 448 px, up to 12
 tiles and a thumbnail) by default (`--models` takes any shape, e.g. minicpm-v-2.6, qwen2-vl-7b), with
 dummy bf16 weights, on photo-like 4032x3024 JPEGs:
-  host     decode and resize with Pillow on `threads` host cores, then the tower (the E worker's
-           `model.image_resize=host`)
+  host     decode and resize with Pillow on `threads` threads, then the tower (the E worker's
+           `model.image_resize=host` with `prep_processes=false`)
+  procs    the same in `threads` processes of their own (`epd.engine.host_prep`, a GPU worker's default):
+           no thread waits for another's interpreter lock
   device   decode with Pillow on the host cores, resize and tile on the GPU (`image_resize=device`;
            pixels bit-identical to the host path)
   nvjpeg   decode on the GPU too (torchvision.io.decode_jpeg on CUDA, when torchvision is there), in the
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.configs import model_config  # noqa: E402
 from bench.mixed_step import timed  # noqa: E402  (wall clock per call, ms: the host parts are no GPU work)
+from epd.engine.host_prep import ImageProcesses  # noqa: E402
 from epd.images import load_image  # noqa: E402
 from epd.models.image_processing import TorchOps  # noqa: E402
 from epd.models.runtime import ModelRuntime  # noqa: E402
@@ -75,7 +78,7 @@ def matmul_peak(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t0)
 
 
-def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor, dev) -> dict:
+def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor, dev, procs=None) -> dict:
     family = rt.family
 
     def host_prep(data: bytes):
@@ -87,6 +90,8 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
     def prepare(chunk: list[bytes]):
         if path == "nvjpeg":  # the host's part: the bytes as tensors; the GPU decodes them in the batch (as the E worker does)
             return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in chunk]
+        if path == "procs":
+            return [f.result()[1] for f in [procs.submit(ImageInput(data=d)) for d in chunk]]
         pixels = list(pool.map(host_prep, chunk))
         if path == "device":
             return [family.preprocess(x.to(dev, non_blocking=True), TorchOps) for x in pixels]
@@ -230,9 +235,9 @@ def main() -> None:
     try:
         import torchvision.io  # noqa: F401
 
-        paths = ["host", "device", "nvjpeg"]
+        paths = ["host", "procs", "device", "nvjpeg"]
     except Exception:
-        paths = ["host", "device"]
+        paths = ["host", "procs", "device"]
     rows, parts = [], []
     with ThreadPoolExecutor(args.threads) as pool:
         for name in args.models:
@@ -242,8 +247,15 @@ def main() -> None:
             shape = ModelShape.of(rt.family, "bfloat16")
             tiles = rt.family.num_image_tokens(4032, 3024) / shape.tokens_per_tile  # tower inputs per photo, in the cost model's unit
             baseline = ["transformers"] if rt.family.model_type in ("llava", "internvl") else []
+            procs = None
             for path in paths + baseline:
-                r = run_path(path, rt, jpegs, args.batch, pool, dev)
+                if path == "procs":  # started only now, and timed once every process is up: no start-up beside the other paths
+                    procs = ImageProcesses(model_config(name), args.threads)
+                    procs.wait_started()
+                r = run_path(path, rt, jpegs, args.batch, pool, dev, procs)
+                if procs is not None:
+                    procs.close()
+                    procs = None
                 r["tiles_per_image"] = tiles
                 flops = shape.vision_flops_per_tile * tiles
                 r.update(model=name, tower_graphs=graphs, ceiling_images_per_s=peak / flops, matmul_peak_tflops=peak / 1e12)

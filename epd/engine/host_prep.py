@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
@@ -69,8 +70,12 @@ class ImageProcesses:
     def _open(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and Ray state
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start, initargs=(self.model,))
-        for _ in range(self.workers):  # started now, beside the weights' loading, not at the first image
-            self._pool.submit(_ready)
+        # started now (beside a worker's weights loading), not at the first image
+        self._started = [self._pool.submit(_ready) for _ in range(self.workers)]
+
+    def wait_started(self, timeout_s: float = 120.0) -> None:
+        """Until every process has started and built its preprocessing (a benchmark times from here)."""
+        wait_futures(self._started, timeout=timeout_s)
 
     def submit(self, image: ImageInput) -> Future:
         out: Future = Future()
