@@ -17,6 +17,7 @@ from epd.engine.ordering import InOrder
 from epd.engine.worker import Worker
 from epd.request import Request, SamplingParams
 from epd.serve.offline import OfflineLLM
+from epd.stages.work import MixedBatch
 
 
 def _stopping_workload():
@@ -151,11 +152,16 @@ def test_the_warm_up_runs_mixed_steps_and_batches_at_their_limits(steps):
     dep = dataclasses.replace(AGG, aggregated=pool, chunked_prefill=True, prefill_decode_steps=steps)
     for full_size, mixed_steps in ((False, True), (True, False)):  # an engine each: a second warm-up would hit the encoder cache
         core = EngineCore(EngineConfig(MODEL, dep, "local", BackendConfig(warmup=False)))
+        sent: list = []
+        submit = core.executor.submit
+        core.executor.submit = lambda iid, batch, submit=submit, sent=sent: (sent.append(batch), submit(iid, batch))[1]
         try:
             core.warm_up(full_size=full_size, mixed_steps=mixed_steps)
             ran = core.warmup_batches
             if mixed_steps:
                 assert (("aggregated-0", "MixedBatch") in ran) == (steps == "mixed"), ran
+                if steps == "mixed":  # several decode rows beside a prefill chunk: not the kernels' one-row case
+                    assert max(len(b.decode.step) for b in sent if isinstance(b, MixedBatch)) >= 2, sent
             else:  # images encoded in one batch (cache hits are not counted)
                 assert ran[("aggregated-0", "EncodeBatch")] == 6
                 assert max(ran.get(("aggregated-0", k), 0) for k in ("PrefillBatch", "MixedBatch")) >= 2, ran

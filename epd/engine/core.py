@@ -109,7 +109,7 @@ class EngineCore:
         ran: dict[tuple[str, str], int] = {}
         try:
             for wave in range(max_waves):
-                requests = warmup_requests(family, 2 * len(insts), wave)
+                requests = warmup_requests(family, 2 * len(insts) + 2, wave)  # halves of two or more (`staggered`)
                 # where instances mix prefill into decode steps, the second half joins the first's decodes
                 first, second = staggered(requests) if mixed else (requests, [])
                 if full_size and wave == 0:
