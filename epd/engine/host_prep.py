@@ -2,10 +2,10 @@
 
 A GPU worker's batch thread holds the interpreter lock for much of every step (building inputs, launching,
 sampling). Threads that prepare images beside it take the lock back at every return from Pillow, numpy or torch,
-and wait for it each time: on one H200, a batch of 12 MP photos took 435-464 ms to prepare beside the decode
-steps of an aggregated worker against 283 ms when the steps waited for it, and 16 threads prepared no more than
-20 LLaVA images a second. Processes share no lock. Each one builds the model family's preprocessing (no weights)
-once and returns its images' pixels by value: uint8, 0.3 MB a LLaVA image, 8 MB an InternVL one.
+and wait for it each time: on one H200, a batch of 12 MP photos took 406-464 ms to prepare in threads beside an
+aggregated worker's decode steps, 343 ms in processes, 283 ms when the steps waited for it (one run each,
+`bench/results/h200-2026-11-29-prep`). Processes share no lock. Each one builds the model family's preprocessing
+(no weights) once and returns its images' pixels by value: uint8, 0.3 MB a LLaVA image, 8 MB an InternVL one.
 """
 
 from __future__ import annotations
