@@ -162,7 +162,8 @@ class PoolConfig:
     encode_ahead_steps: int = 0
     # Images an instance that encodes decodes and resizes on its host: in processes of their own (True), or in threads
     # of the worker beside its batch thread (False). None: processes where the worker has a GPU (its batch thread
-    # holds the interpreter lock much of each step), threads on CPU (no process start in tests).
+    # holds the interpreter lock much of each step), threads on CPU (no process start in tests). `num_cpus` of them,
+    # started with a worker that encodes (one that switches to encoding later uses threads).
     prep_processes: Optional[bool] = None
     # Hybrid LMs (linear-attention layers): sequences a prefill or decode instance keeps state for at once,
     # each a slot of the worker's state pool; 0: twice max_decode_seqs.

@@ -81,3 +81,43 @@ def test_the_engine_gives_the_same_tokens_with_images_prepared_in_processes(ray_
         llm.core.drain_check()
     assert [list(o.token_ids) for o in outs[:-1]] == [list(t) for t in reference(reqs[:-1])]
     assert outs[-1].finish_reason == "abort" and "unreadable image" in outs[-1].abort_reason
+
+
+def test_preparing_processes_leave_with_a_worker_killed_outright(tmp_path):
+    """A worker killed (lost, hung, its node gone) closes nothing: its preparing processes find it gone and leave."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import sys, time\n"
+        "from helpers import MODEL\n"
+        "from epd.engine.host_prep import ImageProcesses\n"
+        "if __name__ == '__main__':\n"
+        "    procs = ImageProcesses(MODEL, 2)\n"
+        "    procs.wait_started()\n"
+        "    print(*procs._pool._processes, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]))
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        children = [int(p) for p in holder.stdout.readline().split()]
+        assert len(children) == 2
+        holder.kill()
+        holder.wait(10)
+        deadline = time.time() + 15
+        while any(_alive(p) for p in children) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in children), children
+    finally:
+        holder.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has left
+    except FileNotFoundError:
+        return False

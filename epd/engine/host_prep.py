@@ -11,6 +11,8 @@ aggregated worker's decode steps, 343 ms in processes, 283 ms when the steps wai
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -30,9 +32,18 @@ _child: dict = {}  # in a preparing process: the model family and where images a
 def _start(model: ModelConfig) -> None:
     from epd.models.runtime import load_family
 
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(1)  # one image a process: the process is the unit of parallelism
     _child["family"] = load_family(model)
     _child["resize_on_device"] = model.image_resize == "device"
+
+
+def _exit_with(parent: int, every_s: float = 1.0) -> None:
+    """A worker killed outright (a lost or hung worker, a node gone) leaves its preparing processes behind: each
+    one leaves as soon as it finds its parent gone."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(0)
 
 
 def _ready() -> bool:
