@@ -18,6 +18,8 @@ export EPD_CSRC_BUILD=${EPD_CSRC_BUILD:-$PWD/build/csrc}
 HW=$(python3 -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100')")
 echo "hardware=$HW parts=$PARTS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# the host's cores as the process may use them: a CPU quota below nproc caps the encode stage's host work
+echo "host cpus: nproc $(nproc), cgroup cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo n/a)"
 python3 -c "from epd.csrc import block_ops; m = block_ops(); print('csrc cuda:', bool(m and m.has_cuda()))"
 mkdir -p "$OUT"
 
