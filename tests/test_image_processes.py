@@ -61,7 +61,7 @@ def test_a_bad_image_or_a_dead_process_fails_only_its_images(tmp_path):
         procs.close()
 
 
-def test_the_engine_gives_the_same_tokens_with_images_prepared_in_processes(ray_cluster):
+def test_the_engine_gives_the_same_tokens_with_images_prepared_in_processes():
     reqs = [
         Request(
             f"p{i}",
@@ -75,7 +75,7 @@ def test_the_engine_gives_the_same_tokens_with_images_prepared_in_processes(ray_
         Request("bad", prompt_token_ids=(5, 6, 7), images=(ImageInput(data=b"\xff\xd8 broken"),), sampling=SamplingParams(max_tokens=3))
     )
     dep = DeploymentConfig(name="aggregated", aggregated=PoolConfig(instances=1, kv_blocks=128, num_cpus=1, prep_processes=True))
-    with OfflineLLM(MODEL, dep, "ray") as llm:
+    with OfflineLLM(MODEL, dep, "local") as llm:  # the worker in this process, its images in one of their own
         outs = llm.generate(reqs)
         assert [w["image_prep"] for w in llm.core.worker_info()] == ["processes"]
         llm.core.drain_check()
