@@ -2,7 +2,9 @@
 placed over three nodes, object-store transfers between them, and one node removed mid-run.
 
     HF_HUB_OFFLINE=1 python bench/multi_node.py --out multi_node.json [--nodes 3] [--cpus-per-node 4] \
-        [--transfer nccl] [--keep-nodes]
+        [--transfer nccl|object_store|nccl,object_store] [--keep-nodes]
+
+With several transfers, an engine each runs in turn on the same nodes, and the node goes in the last run.
 
 Reports where each worker ran, how the requests ended (finished with a fault-free run's tokens,
 redone, aborted, lost: must be 0) and which instances were lost and replaced after the node went.
@@ -36,7 +38,11 @@ def main() -> None:
     ap.add_argument("--out", default="multi_node.json")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--cpus-per-node", type=int, default=4)
-    ap.add_argument("--transfer", default="object_store", help="object_store, or nccl (gloo process groups on CPU)")
+    ap.add_argument(
+        "--transfer",
+        default="object_store",
+        help="object_store, or nccl (gloo process groups on CPU); several, comma-separated: an engine each in turn on the same nodes",
+    )
     ap.add_argument("--keep-nodes", action="store_true", help="remove no node: transfers between nodes only")
     a = ap.parse_args()
     import ray
@@ -47,11 +53,28 @@ def main() -> None:
     nodes = [cluster.add_node(num_cpus=a.cpus_per_node) for _ in range(a.nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-    reqs, later = _requests("m", 12), _requests("n", 6)
+    transfers = a.transfer.split(",")
+    reports = []
+    try:
+        for k, transfer in enumerate(transfers):  # a node is removed (unless --keep-nodes) in the last run only
+            remove = not a.keep_nodes and k == len(transfers) - 1
+            reports.append(_run(cluster, nodes, transfer, remove, f"r{k}-"))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    report = reports[0] if len(reports) == 1 else {r["transfer"]: r for r in reports}
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+def _run(cluster, nodes, transfer: str, remove: bool, prefix: str) -> dict:
+    import ray
+
+    reqs, later = _requests(prefix + "m", 12), _requests(prefix + "n", 6)
     expected = {r.request_id: list(t) for r, t in zip(reqs + later, reference(reqs + later))}
-    deployment = dataclasses.replace(TWO_OF_EACH, transfer=a.transfer)
+    deployment = dataclasses.replace(TWO_OF_EACH, transfer=transfer)
     core = EngineCore(EngineConfig(MODEL, deployment, "ray", BackendConfig(address=cluster.address, placement="SPREAD")))
-    report: dict = {"nodes": a.nodes, "transfer": a.transfer}
+    report: dict = {"nodes": len(nodes), "transfer": transfer}
     try:
         ids = {n.node_id: f"node{i}" for i, n in enumerate(nodes)}
 
@@ -67,8 +90,8 @@ def main() -> None:
             assert time.time() < deadline, "no first tokens"
             core.step()
         victim = next(n for n in nodes if any(ids[n.node_id] == w for w in where.values()))
-        gone = [] if a.keep_nodes else sorted(iid for iid, w in where.items() if w == ids[victim.node_id])
-        if not a.keep_nodes:
+        gone = sorted(iid for iid, w in where.items() if w == ids[victim.node_id]) if remove else []
+        if remove:
             cluster.remove_node(victim, allow_graceful=False)
         removed = time.time()
         core.run_until_idle(180)
@@ -82,7 +105,7 @@ def main() -> None:
         outs = core.pipeline.outputs
         aborted = {rid: o.abort_reason for rid, o in outs.items() if o.finish_reason == "abort"}
         report.update(
-            removed_node=None if a.keep_nodes else ids[victim.node_id],
+            removed_node=ids[victim.node_id] if remove else None,
             instances_on_it=gone,
             requests=len(expected),
             ended=len(outs),
@@ -100,10 +123,7 @@ def main() -> None:
         report["drained"] = True
     finally:
         core.close()
-        ray.shutdown()
-        cluster.shutdown()
-    Path(a.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
