@@ -350,8 +350,9 @@ class RayExecutor:
                     self.lost.add(iid)
                 self._failed_early.append((iid, batch, BatchFailure(_reason(exc), time.time(), worker_lost=lost)))
                 continue
-            if self.actors.get(iid) is not ranks or iid in self.lost:
-                self._failed_early.append((iid, batch, BatchFailure(f"worker {iid} was lost while its images were prepared", time.time())))
+            if self.actors.get(iid) is not ranks or iid in self.lost:  # as a batch on a dead worker: its requests start over
+                why = f"worker {iid} was lost while its images were prepared"
+                self._failed_early.append((iid, batch, BatchFailure(why, time.time(), worker_lost=True)))
                 continue
             self._execute(iid, batch, arg, ranks)
 
