@@ -111,3 +111,64 @@ def test_the_batches_an_instance_has_out_stay_bounded(monkeypatch, async_schedul
     assert depth == (2 if async_scheduling else 1)
     assert max(p for _, _, p in seen) == depth  # the bound is reached, and kept
     assert max(i for _, i, _ in seen) <= 2 * depth
+
+
+class _ActorDied(Exception):
+    pass
+
+
+class _FakeRay:
+    """What the executor asks of Ray about preparing batches: which replies are in, and each one's outcome."""
+
+    class exceptions:
+        RayActorError = _ActorDied
+
+    def __init__(self):
+        self.outcomes: dict = {}  # reply -> None (done) or the exception it raises
+
+    def wait(self, refs, num_returns, timeout):
+        return [r for r in refs if r in self.outcomes], [r for r in refs if r not in self.outcomes]
+
+    def get(self, refs):
+        for r in refs if isinstance(refs, list) else [refs]:
+            if self.outcomes.get(r) is not None:
+                raise self.outcomes[r]
+
+    def put(self, value):
+        return value
+
+
+class _FakeActor:
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+        self.execute = type("M", (), {"remote": lambda _, arg, ticket: calls.append((name, ticket)) or object()})()
+        self.prepare = type("M", (), {"options": lambda _, **kw: type("R", (), {"remote": lambda _, arg: object()})()})()
+
+
+def test_a_batch_whose_worker_went_while_its_images_were_prepared_fails_as_a_dead_workers():
+    """Ready images join the worker's order with the next ticket; a worker that died while they were prepared, or
+    was replaced meanwhile, fails its batch as a lost worker's (the requests start over) and takes no ticket: the
+    replacement numbers its own batches from 0."""
+    from epd.engine.deadlines import BatchDeadlines
+    from epd.engine.executor import RayExecutor
+    from epd.engine.ordering import Tickets
+    from epd.stages.work import EncodeBatch
+
+    calls: list = []
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.ray, ex.needs_push, ex.lost = _FakeRay(), False, set()
+    ex._inflight, ex._preparing, ex._prepared, ex._failed_early = {}, {}, [], []
+    ex._tickets, ex.deadlines = Tickets(), BatchDeadlines(3.0, 0.0)
+    ex.actors = {"e0": [_FakeActor("e0", calls)], "e1": [_FakeActor("e1", calls)], "e2": [_FakeActor("e2", calls)]}
+    batches = {iid: EncodeBatch([]) for iid in ex.actors}
+    for iid, batch in batches.items():
+        ex.submit(iid, batch)
+    assert not calls and ex.inflight == 3  # nothing queued on a worker while its images are prepared
+    replies = {entry[0]: ref for ref, entry in ex._preparing.items()}
+    ex.ray.outcomes = {replies["e0"]: None, replies["e1"]: _ActorDied("e1 died"), replies["e2"]: None}
+    ex.actors["e2"] = [_FakeActor("e2-new", calls)]  # e2 was replaced while its images were prepared
+    assert [iid for iid, _ in ex.take_prepared()] == ["e0", "e1", "e2"]
+    assert calls == [("e0", 0)]  # only e0's batch is queued, with its worker's next ticket
+    failed = {iid: result for iid, _, result in ex._failed_early}
+    assert set(failed) == {"e1", "e2"} and all(r.worker_lost for r in failed.values())
+    assert ex.lost == {"e1"} and ex._tickets.take("e2") == 0
