@@ -97,7 +97,7 @@ def test_preparing_processes_leave_with_a_worker_killed_outright(tmp_path):
         "if __name__ == '__main__':\n"
         "    procs = ImageProcesses(MODEL, 2)\n"
         "    procs.wait_started()\n"
-        "    print(*procs._pool._processes, flush=True)\n"
+        "    print(*procs._pool._processes, flush=True)\n"  # both started; one may still be importing when killed
         "    time.sleep(600)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]))

@@ -29,10 +29,10 @@ from epd.request import ImageInput
 _child: dict = {}  # in a preparing process: the model family and where images are resized
 
 
-def _start(model: ModelConfig) -> None:
+def _start(model: ModelConfig, parent: int) -> None:
     from epd.models.runtime import load_family
 
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)  # one image a process: the process is the unit of parallelism
     _child["family"] = load_family(model)
     _child["resize_on_device"] = model.image_resize == "device"
@@ -40,7 +40,8 @@ def _start(model: ModelConfig) -> None:
 
 def _exit_with(parent: int, every_s: float = 1.0) -> None:
     """A worker killed outright (a lost or hung worker, a node gone) leaves its preparing processes behind: each
-    one leaves as soon as it finds its parent gone."""
+    one leaves as soon as it finds its parent gone (`parent` as the worker gave it: a process still starting
+    when its worker died finds another parent at once)."""
     while os.getppid() == parent:
         time.sleep(every_s)
     os._exit(0)
@@ -80,7 +81,7 @@ class ImageProcesses:
 
     def _open(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and Ray state
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start, initargs=(self.model,))
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start, initargs=(self.model, os.getpid()))
         # started now (beside a worker's weights loading), not at the first image
         self._started = [self._pool.submit(_ready) for _ in range(self.workers)]
 
