@@ -121,3 +121,24 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has left
     except FileNotFoundError:
         return False
+
+
+def test_the_jpeg_check_reads_two_bytes_and_agrees_with_the_bytes_it_routes(tmp_path):
+    """Which path prepares an image is decided on its first two bytes; the nvJPEG path then takes its whole bytes."""
+    from epd.engine.gpu_decode import is_jpeg, jpeg_bytes
+
+    jpeg, png = _encoded(64, 48, "JPEG", 5), _encoded(64, 48, "PNG", 6)
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    (tmp_path / "b.jpg").write_bytes(png)  # a PNG under a JPEG's name: the bytes decide
+    cases = [
+        (ImageInput(data=jpeg), True),
+        (ImageInput(data=png), False),
+        (ImageInput(path=str(tmp_path / "a.jpg")), True),
+        (ImageInput(path=str(tmp_path / "b.jpg")), False),
+        (ImageInput(path=str(tmp_path / "missing.jpg")), False),
+        (ImageInput(width=32, height=32, seed=1), False),
+        (ImageInput(data=b""), False),
+    ]
+    for image, expected in cases:
+        assert is_jpeg(image) is expected, image
+        assert (jpeg_bytes(image) == jpeg) if expected else jpeg_bytes(image) is None, image

@@ -18,6 +18,22 @@ from epd.request import ImageInput
 log = logging.getLogger(__name__)
 
 
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def is_jpeg(image: ImageInput) -> bool:
+    """Whether the image is a JPEG, from its first two bytes only (where its bytes are read decides on this)."""
+    if image.data is not None:
+        return image.data[:2] == JPEG_MAGIC
+    if image.path is None:
+        return False
+    try:
+        with open(image.path, "rb") as f:
+            return f.read(2) == JPEG_MAGIC
+    except OSError:
+        return False  # the host path reports it
+
+
 def jpeg_bytes(image: ImageInput) -> Optional[bytes]:
     """The image's bytes when it is a JPEG (by its magic number), else None."""
     if image.data is not None:
@@ -30,7 +46,7 @@ def jpeg_bytes(image: ImageInput) -> Optional[bytes]:
             return None  # the host path reports it
     else:
         return None
-    return data if data[:2] == b"\xff\xd8" else None
+    return data if data[:2] == JPEG_MAGIC else None
 
 
 class GpuJpegDecoder:

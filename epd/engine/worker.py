@@ -19,11 +19,11 @@ import torch
 from epd.cache.paged import read_rows, write_rows_many
 from epd.config import ModelConfig, PoolConfig, Role
 from epd.distributed import CommSpec, PairRendezvous, join, leave
-from epd.engine.gpu_decode import GpuJpegDecoder, jpeg_bytes
-from epd.engine.host_prep import ImageProcesses
+from epd.engine.gpu_decode import GpuJpegDecoder, is_jpeg, jpeg_bytes
+from epd.engine.host_prep import ImageProcesses, prepare_image
 from epd.engine.isolation import Failed, describe, isolated
 from epd.engine.ordering import InOrder
-from epd.images import ImageError, load_image
+from epd.images import ImageError
 from epd.models.device_tokens import Fed, PendingTokens
 from epd.models.generate import lm_step
 from epd.models.image_processing import TorchOps, image_tensor
@@ -271,7 +271,7 @@ class Worker:
 
     def _start_one(self, item) -> Future:
         procs = self._image_procs
-        if procs is not None and not isinstance(item.image, FrameStack) and (self._jpeg is None or jpeg_bytes(item.image) is None):
+        if procs is not None and not isinstance(item.image, FrameStack) and (self._jpeg is None or not is_jpeg(item.image)):
             return procs.submit(item.image)
         return self._prep.submit(self._timed_preprocess, item)
 
@@ -388,10 +388,9 @@ class Worker:
                 return self.rt.family.preprocess_frames(frames)
             if self._jpeg is not None and (blob := jpeg_bytes(item.image)) is not None:
                 return blob
-            image = load_image(item.image)
-            if self.model_cfg.image_resize == "device":
-                return image_tensor(image)  # decoded here; resized on the device (`_encode`)
-            return self.rt.family.preprocess(image)
+            on_device = self.model_cfg.image_resize == "device"  # decoded here; resized on the device (`_encode`)
+            pixels = prepare_image(item.image, self.rt.family, on_device)
+            return pixels.pin_memory() if on_device and torch.cuda.is_available() else pixels  # the copy to the GPU is async
         except ImageError as exc:
             return str(exc)
         except Exception as exc:  # this image's failure, not the batch's
