@@ -183,7 +183,7 @@ def _bandwidth(events) -> dict:
 def engine(models: tuple[str, ...] = ("tiny", "llava")) -> dict:
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     gpus = torch.cuda.device_count()
     res: dict = {}
     try:

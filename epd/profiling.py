@@ -36,7 +36,7 @@ def measure(cfg: RunConfig) -> tuple[list[dict], float]:
     pool = PoolConfig(kv_blocks=max(decode_blocks, prefill_blocks) + 8, mm_blocks=4096, mm_block_tokens=64, state_slots=slots)
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         w = Worker("profile", ("encode", "prefill", "decode"), cfg.model, pool, "object_store", threads=int(pool.num_cpus))
         fam, rows = w.rt.family, []

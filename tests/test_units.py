@@ -93,3 +93,25 @@ def test_goodput_interpolates_between_rates():
     assert goodput([(1, 1.0), (2, 0.95), (4, 0.5)], 0.9) == pytest.approx(2 + 2 * (0.05 / 0.45))
     assert goodput([(1, 0.5)], 0.9) is None
     assert goodput([(1, 1.0), (2, 0.99)], 0.9) == 2
+
+
+def test_without_an_address_the_engine_starts_its_own_ray_cluster(monkeypatch):
+    """Asked for no address, Ray joins whatever cluster it finds on the host (a `ray start`, a test's
+    multi-node cluster in another process); the engine asks for a local one, or for the address it is given."""
+    import ray
+
+    from epd.config import BackendConfig
+    from epd.engine.executor import ensure_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    dep = DeploymentConfig()
+    assert ensure_ray(BackendConfig(), [dep])
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= 1
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ensure_ray(BackendConfig(), [dep])
+    assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
+    ensure_ray(BackendConfig(address="auto"), [dep])
+    assert calls[-1]["address"] == "auto"

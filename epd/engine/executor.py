@@ -137,17 +137,20 @@ def _instance_world(host: str, global_ranks: list[int], backend: str) -> CommSpe
 
 
 def ensure_ray(backend: BackendConfig, deployments: list[DeploymentConfig]) -> bool:
-    """Connect to `backend.address`, or start a local cluster with CPUs for the largest of `deployments`
+    """Connect to `backend.address` (or RAY_ADDRESS), or start a local cluster with CPUs for the largest of `deployments`
     (one per worker process, plus the driver). Returns whether this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
-    if backend.address:
-        kwargs: dict[str, Any] = {"address": backend.address}
+    address = backend.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        kwargs: dict[str, Any] = {"address": address}
     else:
         need = max(int(sum(p.pool.num_cpus for p in _processes(d))) for d in deployments) + 1
-        kwargs = {"num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
+        # "local": a cluster of our own, never one that happens to run on this host (a `ray start`, another
+        # process's test cluster), which Ray would join when asked for no address
+        kwargs = {"address": "local", "num_cpus": max(need, backend.num_cpus or 0, os.cpu_count() or 1)}
     # Ray's start-up notices (token set-up, "Started a local Ray instance") stay out of the terminal.
     ray.init(log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR, **kwargs)
     return True
