@@ -60,7 +60,7 @@ for part in $PARTS; do
         --out "$OUT/encode_tower.json" 2>&1 | grep -vi warn | grep -E "spans|tower by size|ms  " | head -40
       ;;
     exact)  # GPU 0: the kernels on CUDA, and the families' greedy tokens against transformers (float32) with them
-      CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_elementwise.py tests/test_device_fed_decode.py 2>&1 | tail -2
+      CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_elementwise.py tests/test_device_fed_decode.py tests/test_decode_kernel.py 2>&1 | tail -2
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/gpu_families.py --out "$OUT/qwen" --parts exact 2>&1 | grep -E "^\{|rror" | cut -c1-600
       ;;
     internvl) experiment internvl_rates 300 +experiment=paper_e2e_4gpu "compare.rates=[2.0,3.0,4.0]" $QUICK ;;

@@ -13,8 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+# Integer arguments Triton would specialise on (a value of 1, or divisible by 16) that change from step to step:
+# the block table's width in an eager step (a mixed step's decodes) and the split buffers' strides (the split
+# count follows the batch). Each new combination compiled a new kernel inside a served step: 0.7-0.85 s on an
+# H200 (`bench/mixed_first.py`). None of them addresses a vector load.
+_VARYING = ["s_tb", "s_mb", "s_mh"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_partial(
     Q,
     K,
@@ -82,7 +88,7 @@ def _decode_partial(
     tl.store(L + b * s_mb + heads * s_mh + split, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_mb", "s_mh"])
 def _merge_splits(Part, M, L, Out, s_pb, s_ph, s_ps, s_mb, s_mh, s_ob, s_oh, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
