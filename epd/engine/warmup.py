@@ -70,10 +70,9 @@ def full_size_requests(family: ModelView, count: int, prompt_tokens: int) -> lis
 
 def staggered(requests: list[Request], first_tokens: int = 32) -> tuple[list[Request], list[Request]]:
     """The wave's halves: the first decodes long enough (`first_tokens`) for the second's prompts to join
-    its decode steps (sent once the first decode step is back). Two requests at least in each: a mixed step
-    of one decode row is not the kernels' general case (Triton compiles integer arguments equal to 1 apart,
-    the likely cause), and on an H200 the first mixed step of 2-3 decode rows and a chunk took 0.6-0.8 s
-    in a run whose warm-up had mixed one row only."""
+    its decode steps (sent once the first decode step is back). Two requests at least in each, so the step
+    has several decode rows, as most served ones do. What a mixed step runs eagerly must still not compile
+    per shape (see `epd.kernels.triton_decode`): no warm-up meets every shape."""
     half = max(2, len(requests) // 2)
     first = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_tokens=first_tokens)) for r in requests[:half]]
     return first, requests[half:]
