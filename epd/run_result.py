@@ -1,5 +1,5 @@
 """What every backend returns for a workload: the engine (Ray or in-process), the simulator, the
-online load generator."""
+online load generator; and the batch records engine and simulator both keep."""
 
 from __future__ import annotations
 
@@ -9,6 +9,28 @@ from typing import Optional
 from epd.lifetime import EventLog
 from epd.metrics import timelines
 from epd.request import RequestOutput
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch as the driver saw it: when it was sent (driver clock) and when its worker ran it."""
+
+    instance: str
+    kind: str  # EncodeBatch | PrefillBatch | DecodeBatch | SwitchBatch
+    submitted: float
+    begin: float
+    end: float
+    host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
+    size: int = 0  # images encoded (encode: cache hits aside), prompts or chunks (prefill), sequences stepped (decode)
+
+
+def batch_size(batch) -> int:
+    """What a batch record counts as its size (see BatchRecord.size); a mixed step: both parts."""
+    if hasattr(batch, "decode") and hasattr(batch, "prefill"):
+        return batch_size(batch.decode) + batch_size(batch.prefill)
+    if hasattr(batch, "items"):  # an encode batch's cache hits run nothing: not counted
+        return sum(1 for it in batch.items if not getattr(it, "cached", False))
+    return len(getattr(batch, "step", ())) + len(getattr(batch, "new", ()))
 
 
 @dataclass
@@ -21,9 +43,9 @@ class RunResult:
     startup_s: Optional[float] = None  # engine start-up to ready (workers built and loaded, warm-up run), outside the measured window
     warmup_s: Optional[float] = None  # the warm-up's part of it
     start_phases: dict[str, float] = field(default_factory=dict)  # the rest of it, as the driver saw it (workers' own phases: workers)
-    batch_stats: dict = field(default_factory=dict)  # engine runs: per batch kind, how many and the workers' time in them
+    batch_stats: dict = field(default_factory=dict)  # per batch kind, how many and the workers' time in them
     server_split: dict = field(default_factory=dict)  # online runs with a local server: TTFT/TPOT inside the engine and outside it
-    batches: list[dict] = field(default_factory=list)  # engine runs: every batch's send, start and end (seconds on the run's clock)
+    batches: list[dict] = field(default_factory=list)  # every batch's send, start and end (seconds on the run's clock)
     _timelines: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def timelines(self) -> dict:
@@ -34,7 +56,7 @@ class RunResult:
 
 
 def batch_rows(batches, origin: float) -> list[dict]:
-    """The engine's batch records on the run's clock (the events' clock): when the driver sent each batch,
+    """Batch records (the engine's or the simulator's) on the run's clock (the events' clock): when the driver sent each batch,
     when its worker began and ended it, how long it waited for its images' host work, and its size."""
     return [
         {
@@ -51,7 +73,7 @@ def batch_rows(batches, origin: float) -> list[dict]:
 
 
 def batch_stats(batches) -> dict:
-    """From an engine's batch records: per kind (EncodeBatch, PrefillBatch, MixedBatch, DecodeBatch...)
+    """From batch records (engine or simulator): per kind (EncodeBatch, PrefillBatch, MixedBatch, DecodeBatch...)
     the count, the seconds workers spent in them and the mean batch in ms; where a run's time went."""
     out: dict = {}
     for b in batches:

@@ -8,7 +8,7 @@ import simpy
 from epd.config import COPIES_ON_SEND, DeploymentConfig
 from epd.models.family import ModelFamily
 from epd.request import Request
-from epd.run_result import RunResult
+from epd.run_result import BatchRecord, RunResult, batch_rows, batch_size, batch_stats
 from epd.stages.instance import Instance
 from epd.stages.pipeline import Pipeline
 from epd.stages.work import (
@@ -69,6 +69,7 @@ class Simulation:
         self._waiting: dict[str, simpy.Event] = {}
         self._prep_free: dict[str, float] = {}  # per instance: when its host cores finish the encode batches sent so far
         self._arrivals_done = False
+        self.batches: list[BatchRecord] = []  # as the engine keeps them: each batch's send, start and end, on the run's clock
 
     def run(self, requests: list[Request]) -> RunResult:
         self.env.process(self._arrivals(sorted(requests, key=lambda r: r.arrival_time)))
@@ -84,7 +85,15 @@ class Simulation:
             raise RuntimeError(f"simulation stalled with requests in flight: {stuck}")
         self.pipe.assert_drained()
         stage_load = list(self.allocation.stage_load) if self.allocation is not None else []
-        return RunResult(self.pipe.events, dict(self.pipe.outputs), [], self.timeseries, stage_load)
+        return RunResult(
+            self.pipe.events,
+            dict(self.pipe.outputs),
+            [],
+            self.timeseries,
+            stage_load,
+            batch_stats=batch_stats(self.batches),
+            batches=batch_rows(self.batches, 0.0),
+        )
 
     # ---- processes ---------------------------------------------------------------------
     def _finished(self) -> bool:
@@ -125,6 +134,7 @@ class Simulation:
         and half in the result coming back. One batch at a time the worker waits out the round trip
         between batches; with async scheduling the next batch is already queued when one ends."""
         half_rpc = self.lat.rpc / 2
+        submitted = self.env.now
         prep_begin, prepared_at = self._prepare(inst, batch)
         if prepared_first(batch):  # its images are prepared before it joins the worker's queue: a round trip to learn so
             yield self.env.timeout(prepared_at - self.env.now + self.lat.rpc)
@@ -134,9 +144,11 @@ class Simulation:
             if self.pipe.depth == 1:
                 yield self.env.timeout(half_rpc)
             yield slot
+            host_wait = max(0.0, prepared_at - self.env.now) if isinstance(batch, EncodeBatch) else 0.0
             result, busy_for = self._run_batch(batch, inst, prepared_at)
             if isinstance(result, EncodeResult) and any(not it.cached for it in batch.items):
                 result.prep_begin = prep_begin  # the encode stage's service began with its images' host work
+            self.batches.append(BatchRecord(inst.id, type(batch).__name__, submitted, *result.span, host_wait, batch_size(batch)))
             yield self.env.timeout(busy_for + self.lat.overhead)
         yield self.env.timeout(half_rpc)
         self._sample_tokens(result)

@@ -9,6 +9,7 @@ import pytest
 from epd.config import BackendConfig, DeploymentConfig, PoolConfig, RunConfig, SearchConfig, SLOConfig, WorkloadConfig
 from epd.experiment import make_requests
 from epd.lifetime import LifetimeEvent as Ev
+from epd.run_result import batch_rows
 from epd.serve.offline import OfflineLLM
 from simulator.backend import SimBackend
 from simulator.latency import ProfiledModel, fit
@@ -49,11 +50,22 @@ def _kinds_by_request(events):
 def test_sim_emits_the_engines_events_in_stage_order(deployment):
     cfg = _cfg(deployment, arrival="offline")
     reqs = make_requests(cfg)
-    sim = _kinds_by_request(SimBackend(cfg).run(reqs).events)
+    simulated = SimBackend(cfg).run(reqs)
+    sim = _kinds_by_request(simulated.events)
     with OfflineLLM(cfg.model, deployment, executor="local") as llm:
         llm.generate(reqs)
         engine = _kinds_by_request(llm.core.pipeline.events)
+        engine_batches = batch_rows(llm.core.batches, llm.core.origin)
     assert sim.keys() == engine.keys()
+    # batch records alike: the same fields, the same kinds on the same instances, every image encoded once
+    assert simulated.batches and {tuple(b) for b in simulated.batches} == {tuple(b) for b in engine_batches}
+    assert {(b["instance"], b["kind"]) for b in simulated.batches} == {(b["instance"], b["kind"]) for b in engine_batches}
+    images = sum(len(r.images) for r in reqs)
+    assert sum(b["size"] for b in simulated.batches if b["kind"] == "encode") == images
+    assert sum(b["size"] for b in engine_batches if b["kind"] == "encode") == images
+    for b in simulated.batches:
+        assert b["submitted"] <= b["begin"] <= b["end"] and b["host_wait"] <= b["end"] - b["begin"] + 1e-9
+    assert simulated.batch_stats["batches_encode"] == sum(1 for b in simulated.batches if b["kind"] == "encode")
     for rid, kinds in sim.items():
         assert set(kinds) == set(engine[rid])
         firsts = [kinds.index(k) for k in STAGE_ORDER if k in kinds]

@@ -7,7 +7,6 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Optional
 
 from epd.config import EngineConfig, Role
@@ -17,34 +16,13 @@ from epd.lifetime import EventLog
 from epd.models.runtime import load_family, resolve_device
 from epd.models.tokenizer import load_tokenizer
 from epd.request import CANCELLED, INVALID, Request
+from epd.run_result import BatchRecord, batch_size
 from epd.stages.admission import check_identity
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
 from epd.transfer import transfer_class
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """One batch as the driver saw it: when it was sent (driver clock) and when its worker ran it."""
-
-    instance: str
-    kind: str  # EncodeBatch | PrefillBatch | DecodeBatch | SwitchBatch
-    submitted: float
-    begin: float
-    end: float
-    host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
-    size: int = 0  # images encoded (encode: cache hits aside), prompts or chunks (prefill), sequences stepped (decode)
-
-
-def batch_size(batch) -> int:
-    """What a batch record counts as its size (see BatchRecord.size); a mixed step: both parts."""
-    if hasattr(batch, "decode") and hasattr(batch, "prefill"):
-        return batch_size(batch.decode) + batch_size(batch.prefill)
-    if hasattr(batch, "items"):  # an encode batch's cache hits run nothing: not counted
-        return sum(1 for it in batch.items if not getattr(it, "cached", False))
-    return len(getattr(batch, "step", ())) + len(getattr(batch, "new", ()))
 
 
 class EngineCore:
