@@ -83,4 +83,36 @@ def batch_stats(batches) -> dict:
     for key in [k for k in out if k.startswith("batches_")]:
         kind = key.removeprefix("batches_")
         out[f"batch_{kind}_mean_ms"] = 1e3 * out[f"busy_{kind}_s"] / out[key]
-    return out
+    return {**out, **turnaround(batches)}
+
+
+def turnaround(batches, window_s: float = 0.05) -> dict:
+    """The driver's part of a batch that waits on the one before (a prefill on its images' encoding, a decode
+    step on its prefill), from batch records: `return` from the worker ending a batch to the driver sending the
+    next one, `send` from that to the worker starting it. Only where the worker sat idle between the two and
+    the next was sent within `window_s` of the end (sent in answer to it); encode batches begin after their
+    images' host work, so they are not counted as the next. The simulator's `rpc` is their sum."""
+    by_instance: dict[str, list] = {}
+    for b in batches:
+        by_instance.setdefault(b.instance, []).append(b)
+    returns, sends = [], []
+    for mine in by_instance.values():
+        mine.sort(key=lambda b: b.begin)
+        for prev, nxt in zip(mine, mine[1:]):
+            answered = prev.end <= nxt.submitted <= prev.end + window_s
+            if answered and not nxt.kind.startswith("Encode") and nxt.begin >= nxt.submitted:
+                returns.append(nxt.submitted - prev.end)
+                sends.append(nxt.begin - nxt.submitted)
+    if not returns:
+        return {}
+    return {
+        "driver_turnarounds": len(returns),
+        "driver_return_p50_ms": 1e3 * _median(returns),
+        "driver_send_p50_ms": 1e3 * _median(sends),
+    }
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2

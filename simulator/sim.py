@@ -132,17 +132,18 @@ class Simulation:
         """One batch on the instance's worker, in dispatch order: the worker's own per-batch cost
         (`overhead`) follows its compute; the driver round trip (`rpc`) is half in sending the batch
         and half in the result coming back. One batch at a time the worker waits out the round trip
-        between batches; with async scheduling the next batch is already queued when one ends."""
+        between batches; with async scheduling the next batch is already queued when one ends, unless it
+        waited on that one (a prefill on its images, a first decode step on its prefill): then the worker
+        waits out the round trip too, as the engine's batch records show (`run_result.turnaround`)."""
         half_rpc = self.lat.rpc / 2
         submitted = self.env.now
         prep_begin, prepared_at = self._prepare(inst, batch)
-        if prepared_first(batch):  # its images are prepared before it joins the worker's queue: a round trip to learn so
-            yield self.env.timeout(prepared_at - self.env.now + self.lat.rpc)
+        if prepared_first(batch):  # its images are prepared before it joins the worker's queue: the driver learns so
+            yield self.env.timeout(prepared_at - self.env.now + half_rpc)  # (then sends it, below)
             self.pipe.prepared(inst, batch)
             self._wake_all()
         with worker.request() as slot:
-            if self.pipe.depth == 1:
-                yield self.env.timeout(half_rpc)
+            yield self.env.timeout(half_rpc)  # sent: behind a running batch this is hidden, to an idle worker it is not
             yield slot
             host_wait = max(0.0, prepared_at - self.env.now) if isinstance(batch, EncodeBatch) else 0.0
             result, busy_for = self._run_batch(batch, inst, prepared_at)

@@ -115,3 +115,26 @@ def test_without_an_address_the_engine_starts_its_own_ray_cluster(monkeypatch):
     assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
     ensure_ray(BackendConfig(address="auto"), [dep])
     assert calls[-1]["address"] == "auto"
+
+
+def test_the_drivers_turnaround_comes_from_batches_sent_in_answer_to_the_one_before():
+    """`return`: a batch's end to the driver sending the next one; `send`: that to the worker starting it;
+    only where the next was sent in answer (soon after the end, the worker idle) and is no encode batch."""
+    from epd.run_result import BatchRecord, batch_stats, turnaround
+
+    ms = 1e-3
+    records = [
+        BatchRecord("a", "EncodeBatch", 0.0, 0.010, 0.020),
+        BatchRecord("a", "PrefillBatch", 0.020 + 4 * ms, 0.020 + 6 * ms, 0.050),  # answered: return 4, send 2
+        BatchRecord("a", "DecodeBatch", 0.050 + 2 * ms, 0.050 + 3 * ms, 0.060),  # answered: return 2, send 1
+        BatchRecord("a", "DecodeBatch", 0.055, 0.060, 0.070),  # queued while the one before ran: not counted
+        BatchRecord("a", "EncodeBatch", 0.071, 0.300, 0.310),  # an encode batch: its begin waits on host work
+        BatchRecord("a", "PrefillBatch", 0.900, 0.901, 0.950),  # sent long after: a new arrival, not an answer
+        BatchRecord("b", "DecodeBatch", 0.0, 0.0, 0.010),
+        BatchRecord("b", "DecodeBatch", 0.010 + 6 * ms, 0.010 + 9 * ms, 0.020),  # another instance: return 6, send 3
+    ]
+    got = turnaround(records)
+    assert got["driver_turnarounds"] == 3
+    assert got["driver_return_p50_ms"] == pytest.approx(4.0) and got["driver_send_p50_ms"] == pytest.approx(2.0)
+    assert batch_stats(records)["driver_turnarounds"] == 3
+    assert turnaround(records[:1]) == {}
