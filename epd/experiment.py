@@ -96,4 +96,6 @@ def format_summary(s: dict) -> str:
         f"  SLO        {s['slo_attainment'] * 100:.1f}% within TTFT {s['slo_ttft']} s and TPOT {s['slo_tpot']} s",
         f"  throughput {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s",
     ]
+    if s.get("kernels_compiled_in_run"):  # a cost of the engine's start, not of serving: the run's latencies carry it
+        lines.append(f"  warning    {s['kernels_compiled_in_run']} kernels compiled inside the run's batches (batches.jsonl: compiled)")
     return "\n".join(lines)

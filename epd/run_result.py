@@ -22,6 +22,7 @@ class BatchRecord:
     end: float
     host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
     size: int = 0  # images encoded (encode: cache hits aside), prompts or chunks (prefill), sequences stepped (decode)
+    compiled: int = 0  # kernels the worker compiled inside the batch (none in a warm engine; the simulator compiles none)
 
 
 def batch_size(batch) -> int:
@@ -57,7 +58,8 @@ class RunResult:
 
 def batch_rows(batches, origin: float) -> list[dict]:
     """Batch records (the engine's or the simulator's) on the run's clock (the events' clock): when the driver sent each batch,
-    when its worker began and ended it, how long it waited for its images' host work, and its size."""
+    when its worker began and ended it, how long it waited for its images' host work, its size, and the kernels
+    compiled inside it."""
     return [
         {
             "instance": b.instance,
@@ -67,6 +69,7 @@ def batch_rows(batches, origin: float) -> list[dict]:
             "end": round(b.end - origin, 6),
             "host_wait": round(b.host_wait, 6),
             "size": b.size,
+            "compiled": b.compiled,
         }
         for b in batches
     ]
@@ -74,8 +77,9 @@ def batch_rows(batches, origin: float) -> list[dict]:
 
 def batch_stats(batches) -> dict:
     """From batch records (engine or simulator): per kind (EncodeBatch, PrefillBatch, MixedBatch, DecodeBatch...)
-    the count, the seconds workers spent in them and the mean batch in ms; where a run's time went."""
-    out: dict = {}
+    the count, the seconds workers spent in them and the mean batch in ms; where a run's time went. And the
+    kernels compiled inside the run's batches: a warm engine compiles none, and each one costs its batch."""
+    out: dict = {"kernels_compiled_in_run": sum(b.compiled for b in batches)}
     for b in batches:
         kind = b.kind.removesuffix("Batch").lower()
         out[f"batches_{kind}"] = out.get(f"batches_{kind}", 0) + 1

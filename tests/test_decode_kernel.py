@@ -30,7 +30,9 @@ def test_paged_decode_equals_the_reference_and_compiles_once_per_split_count(hea
     k_cache = torch.randn(blocks, bs, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     scale = head_dim**-0.5
-    before = _compiled(triton_decode._decode_partial)
+    from epd.kernels.compilations import compiled_so_far
+
+    before, counted_before = _compiled(triton_decode._decode_partial), compiled_so_far()
     for batch in (1, 3, 5, 17):
         for width in (1, 16, 17, 40):
             ctx = [max(1, min(width * bs, 5 + 13 * i + width * 7)) for i in range(batch)]
@@ -46,3 +48,5 @@ def test_paged_decode_equals_the_reference_and_compiles_once_per_split_count(hea
 
     splits = {min(16, triton.next_power_of_2(max(1, 528 // (b * kv_heads)))) for b in (1, 3, 5, 17)}  # the kernel's own rule
     assert _compiled(triton_decode._decode_partial) - before <= len(splits)
+    # what a worker counts around its batches sees them (and the merge kernel's, one per split count too)
+    assert compiled_so_far() - counted_before >= _compiled(triton_decode._decode_partial) - before

@@ -214,7 +214,15 @@ class EngineCore:
             submitted = self._submitted.pop(id(batch), None)
             if not isinstance(result, BatchFailure) and submitted is not None:
                 self.batches.append(
-                    BatchRecord(iid, type(batch).__name__, submitted, *result.span, getattr(result, "host_wait", 0.0), batch_size(batch))
+                    BatchRecord(
+                        iid,
+                        type(batch).__name__,
+                        submitted,
+                        *result.span,
+                        getattr(result, "host_wait", 0.0),
+                        batch_size(batch),
+                        getattr(result, "compiled", 0),
+                    )
                 )
             self.pipeline.complete(self.pipeline.instances[iid], batch, result)
             self._dispatch()  # at once: the worker that just finished may have nothing queued

@@ -24,6 +24,7 @@ from epd.engine.host_prep import ImageProcesses, prepare_image
 from epd.engine.isolation import Failed, describe, isolated
 from epd.engine.ordering import InOrder
 from epd.images import ImageError
+from epd.kernels.compilations import compiled_so_far
 from epd.models.device_tokens import Fed, PendingTokens
 from epd.models.generate import lm_step
 from epd.models.image_processing import TorchOps, image_tensor
@@ -286,14 +287,23 @@ class Worker:
         delivered and unpacked beside the running one; `ticket` (the batch's place in its instance's
         order) makes it start the moment the one before it ends."""
         if ticket is None:
-            result = self._execute(batch)
+            result, compiled = self._counted(batch)
         else:
             with self._batches_in_order.turn(None, ticket):
                 if self.rt.device.type == "cuda":
                     torch.cuda.set_device(self.rt.device)  # the actor's threads each start on device 0
-                result = self._execute(batch)
+                result, compiled = self._counted(batch)
         # A launched decode step: the next batch may launch behind it while this one waits for its tokens.
-        return result.land() if isinstance(result, _Landing) else result
+        result = result.land() if isinstance(result, _Landing) else result
+        if compiled > 0:
+            (result.decode if isinstance(result, MixedResult) else result).compiled = compiled
+        return result
+
+    def _counted(self, batch: Batch) -> tuple[Result, int]:
+        """The batch run, and the kernels compiled meanwhile (in its turn: one batch runs at a time)."""
+        before = compiled_so_far()
+        result = self._execute(batch)
+        return result, compiled_so_far() - before
 
     def _execute(self, batch: Batch) -> Result:
         if isinstance(batch, EncodeBatch):

@@ -143,6 +143,7 @@ class EncodeResult:
     items: list[EncodedItem]
     host_wait: float = 0.0  # seconds of the span spent waiting for its images' host preparation
     prep_begin: Optional[float] = None  # when its images' host preparation began (before the span: the encode stage's service)
+    compiled: int = 0  # kernels the worker compiled while it ran the batch (`kernels.compilations`)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class PrefilledItem:
 class PrefillResult:
     span: Span
     items: list[PrefilledItem]
+    compiled: int = 0
 
 
 @dataclass
@@ -168,6 +170,7 @@ class DecodeResult:
     kv_transfers: dict[str, Span] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # requests that asked for them
     errors: dict[str, str] = field(default_factory=dict)  # requests that failed this step, alone
+    compiled: int = 0  # a mixed step's: here, on its decode part
 
 
 @dataclass
@@ -179,11 +182,16 @@ class MixedResult:
     def span(self) -> Span:
         return self.decode.span
 
+    @property
+    def compiled(self) -> int:
+        return self.decode.compiled
+
 
 @dataclass
 class SwitchResult:
     span: Span
     weights_loaded: dict[str, str] = field(default_factory=dict)  # part -> "host copy" | "built" | "kept"
+    compiled: int = 0
 
 
 Result = Union[EncodeResult, PrefillResult, DecodeResult, MixedResult, SwitchResult]
