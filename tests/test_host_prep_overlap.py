@@ -172,3 +172,68 @@ def test_a_batch_whose_worker_went_while_its_images_were_prepared_fails_as_a_dea
     failed = {iid: result for iid, _, result in ex._failed_early}
     assert set(failed) == {"e1", "e2"} and all(r.worker_lost for r in failed.values())
     assert ex.lost == {"e1"} and ex._tickets.take("e2") == 0
+
+
+def test_an_instances_prepared_batches_join_its_worker_in_the_order_sent():
+    """A later encode batch whose images were ready first (one of encoder-cache hits has none to prepare) waits for
+    the one sent before it, which may be encoding the very images it hits: the worker runs them in the order sent.
+    Meanwhile the executor waits on the earlier batch's reply only, not on the ready one (no busy loop)."""
+    from epd.engine.deadlines import BatchDeadlines
+    from epd.engine.executor import RayExecutor
+    from epd.engine.ordering import Tickets
+    from epd.stages.work import EncodeBatch
+
+    calls: list = []
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.ray, ex.needs_push, ex.lost = _FakeRay(), False, set()
+    ex._inflight, ex._preparing, ex._prepared, ex._failed_early = {}, {}, [], []
+    ex._tickets, ex.deadlines = Tickets(), BatchDeadlines(3.0, 0.0)
+    ex.actors = {"e0": [_FakeActor("e0", calls)], "e1": [_FakeActor("e1", calls)]}
+    first, hits, other = EncodeBatch([]), EncodeBatch([]), EncodeBatch([])
+    ex.submit("e0", first)
+    ex.submit("e0", hits)
+    ex.submit("e1", other)
+    reply = {id(entry[1]): ref for ref, entry in ex._preparing.items()}
+    ex.ray.outcomes = {reply[id(hits)]: None, reply[id(other)]: None}  # the later batch of e0 is ready first
+    assert [b for _, b in ex.take_prepared()] == [other]  # another instance's order is its own
+    assert calls == [("e1", 0)]
+    assert ex._preparing_heads() == [reply[id(first)]]
+    ex.ray.outcomes[reply[id(first)]] = None
+    assert [b for _, b in ex.take_prepared()] == [first, hits]
+    assert calls == [("e1", 0), ("e0", 0), ("e0", 1)]
+    assert not ex._preparing and ex._preparing_heads() == []
+
+
+def test_an_encoder_cache_hit_sent_behind_the_batch_encoding_its_image_reads_the_encoded_image(ray_cluster):
+    """Request A's encode batch holds a 12 MP photo (slow to prepare) and a small picture; request B, sent while A's
+    batch is prepared, has the same small picture: B's batch is all encoder-cache hits, ready at once, and must
+    not run before A's batch has encoded the picture it reads. Both answers equal the runtime's."""
+    small = ImageInput(width=320, height=240, seed=11)
+    a = Request(
+        "a", prompt_token_ids=tuple(range(60, 70)), images=(ImageInput(width=4032, height=3024, seed=12), small),
+        sampling=SamplingParams(max_tokens=6, ignore_eos=True),
+    )  # fmt: skip
+    b = Request("b", prompt_token_ids=tuple(range(80, 86)), images=(small,), sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    dep = DeploymentConfig(
+        name="epd",
+        encode=PoolConfig(num_cpus=1, mm_blocks=256),
+        prefill=PoolConfig(mm_blocks=256),
+        decode=PoolConfig(),
+        async_scheduling=True,
+    )
+    core = EngineCore(EngineConfig(MODEL, dep, "ray", BackendConfig(warmup=False)))
+    try:
+        core.add_request(a)
+        deadline = time.time() + 60
+        while not core.pipeline.instances["encode-0"].preparing:  # A's batch is out, its photo being prepared
+            assert time.time() < deadline, "A's encode batch was not sent"
+            core.step()
+        core.add_request(b)
+        core.run_until_idle(timeout_s=300)
+        outs = {rid: list(core.pipeline.outputs[rid].token_ids) for rid in ("a", "b")}
+        hits = core.pipeline.instances["encode-0"].encoder_cache.hits
+        core.drain_check()
+    finally:
+        core.close()
+    assert hits >= 1  # B's picture came from the cache
+    assert [outs["a"], outs["b"]] == [list(t) for t in reference([a, b])]

@@ -336,12 +336,20 @@ class RayExecutor:
         self.deadlines.submitted(iid, time.time())
 
     def _queue_prepared(self) -> None:
-        """Encode batches whose images are ready join their worker's batch order. One whose worker died
-        or was replaced meanwhile fails here, without a ticket: the replacement counts its own batches."""
+        """Encode batches whose images are ready join their worker's batch order, each instance's in the order
+        they were sent: a later batch whose images were ready first waits for the ones before it (it may read
+        what they encode: an encoder-cache hit on an image a batch before it is still to encode). One whose
+        worker died or was replaced meanwhile fails here, without a ticket: the replacement counts its own."""
         if not self._preparing:
             return
-        refs = list(self._preparing)
-        for ref in self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+        refs = list(self._preparing)  # in the order sent
+        ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        blocked: set[str] = set()  # instances with a batch sent earlier still being prepared
+        for ref in refs:
+            iid = self._preparing[ref][0]
+            if iid in blocked or ref not in ready:
+                blocked.add(iid)
+                continue
             iid, batch, arg, ranks, others = self._preparing.pop(ref)
             self._prepared.append((iid, batch))
             try:
@@ -358,6 +366,13 @@ class RayExecutor:
                 self._failed_early.append((iid, batch, BatchFailure(why, time.time(), worker_lost=True)))
                 continue
             self._execute(iid, batch, arg, ranks)
+
+    def _preparing_heads(self) -> list[Any]:
+        """Per instance, the prepare reply of its earliest batch still being prepared (the one that queues next)."""
+        heads: dict[str, Any] = {}
+        for ref, entry in self._preparing.items():
+            heads.setdefault(entry[0], ref)
+        return list(heads.values())
 
     def take_prepared(self) -> list[tuple[str, Batch]]:
         """Encode batches whose images became ready (or whose worker failed) since the last call."""
@@ -401,7 +416,7 @@ class RayExecutor:
         if out or self._prepared or not (self._inflight or self._preparing):
             timeout = 0.0  # something to hand back already: only what has finished too
         heads = self._heads()
-        waited = heads + list(self._preparing)
+        waited = heads + self._preparing_heads()  # a later batch's ready images wait for the one before it
         if not waited:
             return out
         ready, _ = self.ray.wait(waited, num_returns=1, timeout=timeout)
