@@ -27,7 +27,7 @@ def compiled_so_far() -> int:
     n = 0
     for name in TRITON_MODULES:
         module = sys.modules.get(name)
-        if module is None:
+        if module is None or getattr(module.__spec__, "_initializing", False):  # absent, or still being imported
             continue
         if name not in _found:
             _found[name] = _kernel_caches(module)
