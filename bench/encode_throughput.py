@@ -78,7 +78,9 @@ def matmul_peak(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t0)
 
 
-def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor, dev, procs=None) -> dict:
+def run_path(
+    path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: ThreadPoolExecutor, dev, procs=None, ahead: int = 2
+) -> dict:
     family = rt.family
 
     def host_prep(data: bytes):
@@ -111,14 +113,16 @@ def run_path(path: str, rt: ModelRuntime, jpegs: list[bytes], batch: int, pool: 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     waited = 0.0  # the GPU idle, waiting for the next batch's host work
-    host = ThreadPoolExecutor(1)  # host work of the next batch while the tower runs this one
-    nxt = host.submit(prepare, chunks[0])
+    # the host work of the next `ahead` batches while the tower runs this one, as an E worker prepares up to
+    # its scheduling depth of batches beside the one on the device (one batch ahead kept a batch's images in flight)
+    host = ThreadPoolExecutor(ahead)
+    queued = [host.submit(prepare, c) for c in chunks[:ahead]]
     for i in range(len(chunks)):
         t = time.perf_counter()
-        pixels = nxt.result()
+        pixels = queued.pop(0).result()
         waited += time.perf_counter() - t
-        if i + 1 < len(chunks):
-            nxt = host.submit(prepare, chunks[i + 1])
+        if i + ahead < len(chunks):
+            queued.append(host.submit(prepare, chunks[i + ahead]))
         encode(pixels)
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -224,6 +228,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--ahead", type=int, default=2, help="batches prepared beside the one encoding (the E worker: its scheduling depth)")
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "internvl2-8b"])
     ap.add_argument("--tower-graphs", type=int, default=1, help="1: the tower replayed from CUDA graphs, as the E worker runs it")
     ap.add_argument("--split", action="store_true", help="also time decode, resize and tower apart and fit the simulator's constants")
@@ -252,7 +257,7 @@ def main() -> None:
                 if path == "procs":  # started only now, and timed once every process is up: no start-up beside the other paths
                     procs = ImageProcesses(model_config(name), args.threads)
                     procs.wait_started()
-                r = run_path(path, rt, jpegs, args.batch, pool, dev, procs)
+                r = run_path(path, rt, jpegs, args.batch, pool, dev, procs, args.ahead)
                 if procs is not None:
                     procs.close()
                     procs = None
