@@ -93,6 +93,11 @@ def test_cli_real_engine_with_wandb_offline(tmp_path):
     summary = _check_record(tmp_path / "run", 5)
     assert summary["engine_startup_s"] > 0 and summary["allocation"] == "static"
     assert summary["num_finished"] == 5 and summary["backend"] == "ray"
+    # the run's batch records: on CPU nothing compiles; the driver's turnaround comes from them
+    assert summary["kernels_compiled_in_run"] == 0 and "kernels compiled" not in proc.stdout
+    assert summary["driver_turnarounds"] > 0 and summary["driver_return_p50_ms"] >= 0 and summary["driver_send_p50_ms"] >= 0
+    batches = [json.loads(ln) for ln in (tmp_path / "run" / "batches.jsonl").read_text().splitlines()]
+    assert batches and all(b["compiled"] == 0 for b in batches)
     workers = json.loads((tmp_path / "run" / "workers.json").read_text())
     assert {tuple(w["roles"]) for w in workers} == {("encode",), ("prefill",), ("decode",)}
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -104,6 +109,7 @@ def test_cli_simulator_and_dataset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _check_record(tmp_path / "run", 8)
     assert summary["backend"] == "sim" and summary["deployment"] == "1EP1D" and summary["num_finished"] == 8
+    assert (tmp_path / "run" / "batches.jsonl").read_text() and summary["batches_decode"] > 0  # as the engine keeps them
 
 
 def test_multirun_three_jobs_three_records_three_wandb_runs(tmp_path):
