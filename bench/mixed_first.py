@@ -3,8 +3,9 @@
 After the engine reports ready (its warm-up done), scenarios of D decoding sequences with a new image
 request arriving meanwhile each make the aggregated worker mix the newcomer's prefill into D's decode
 steps. Each scenario runs twice: the first time a kernel or graph meets a shape it has not seen, the
-second time it has. Per scenario: its mixed steps' durations, and what compiled in the worker during
-it (torch.compile graphs; new Triton kernels in the worker's cache directory).
+second time it has. Per scenario: its mixed steps' durations, and the kernels the worker compiled inside its
+batches (the batch records' `compiled`: the project's Triton kernels and torch.compile's graphs). Results
+recorded before this count came from the worker's Triton cache directory and dynamo's graph counter.
 
     python bench/mixed_first.py --decodes 1,2,3,5,16 --out mixed_first.json   # one GPU, the run's deployment
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,26 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.configs import run_config  # noqa: E402
+from epd.metrics import percentile  # noqa: E402
 from epd.request import ImageInput, Request, SamplingParams  # noqa: E402
-
-
-def compiles(worker) -> dict:
-    """On the worker: torch.compile graphs so far and Triton kernels in its cache directory."""
-    import torch._dynamo.utils as du
-
-    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
-    triton_kernels = sum(1 for _ in cache.glob("*/*.json")) if cache.is_dir() else -1
-    return {"dynamo_graphs": int(du.counters["stats"]["unique_graphs"]), "triton_files": triton_kernels}
-
-
-def run_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from epd.composition import register_configs, to_run_config
-
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_run_config(compose("config", overrides=[*overrides, "paths.output_dir=unused"]))
 
 
 def main() -> None:
@@ -56,7 +39,8 @@ def main() -> None:
     t0 = time.time()
     core = EngineCore(EngineConfig(cfg.model, cfg.deployment, "ray", cfg.backend))
     print(f"ready in {time.time() - t0:.1f} s (warm-up {core.warmup_s:.1f} s); warm-up batches {core.warmup_batches}", flush=True)
-    (iid,) = list(core.pipeline.instances)
+    if len(core.pipeline.instances) != 1:
+        raise SystemExit(f"one instance that prefills and decodes is wanted; got {list(core.pipeline.instances)}")
     vocab = min(core.pipeline.text.vocab_size, 30000)
     rows = []
 
@@ -69,7 +53,6 @@ def main() -> None:
         for attempt in ("first", "again"):
             for d in [int(x) for x in args.decodes.split(",")]:
                 core.new_run()
-                before = core.executor.call_one(iid, "probe", compiles)
                 for i in range(d):
                     core.add_request(request(f"{attempt}-{d}-dec{i}", 40 + 7 * i, 1, 60, seed=100 * d + i))
                 while not any(b.kind in ("DecodeBatch", "MixedBatch") for b in core.batches) and core.has_work():
@@ -77,26 +60,21 @@ def main() -> None:
                 for j in range(2):  # prompts of two lengths: chunks of two sizes beside the decodes
                     core.add_request(request(f"{attempt}-{d}-new{j}", 300 + 500 * j, 2, 8, seed=100 * d + 50 + j))
                 core.run_until_idle(300)
-                after = core.executor.call_one(iid, "probe", compiles)
                 mixed = [b for b in core.batches if b.kind == "MixedBatch"]
                 row = {
                     "attempt": attempt,
                     "decoding": d,
                     "mixed_steps_ms": [round((b.end - b.begin) * 1e3, 1) for b in mixed],
                     "mixed_sizes": [b.size for b in mixed],
-                    "decode_p50_ms": _p50([b.end - b.begin for b in core.batches if b.kind == "DecodeBatch"]),
-                    "new_dynamo_graphs": after["dynamo_graphs"] - before["dynamo_graphs"],
-                    "new_triton_files": after["triton_files"] - before["triton_files"],
+                    "mixed_compiled": [b.compiled for b in mixed],
+                    "kernels_compiled": sum(b.compiled for b in core.batches),
+                    "decode_p50_ms": percentile([1e3 * (b.end - b.begin) for b in core.batches if b.kind == "DecodeBatch"], 50),
                 }
                 rows.append(row)
                 print(row, flush=True)
     finally:
         core.close()
     Path(args.out).write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=1))
-
-
-def _p50(xs: list[float]) -> float:
-    return round(sorted(xs)[len(xs) // 2] * 1e3, 2) if xs else float("nan")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from epd.lifetime import EventLog
-from epd.metrics import timelines
+from epd.metrics import percentile, timelines
 from epd.request import RequestOutput
 
 
@@ -23,6 +23,12 @@ class BatchRecord:
     host_wait: float = 0.0  # an encode batch's wait for its images' host preparation (within begin..end)
     size: int = 0  # images encoded (encode: cache hits aside), prompts or chunks (prefill), sequences stepped (decode)
     compiled: int = 0  # kernels the worker compiled inside the batch (none in a warm engine; the simulator compiles none)
+
+    @staticmethod
+    def of(instance: str, batch, submitted: float, result) -> BatchRecord:
+        """The record of `batch` sent at `submitted`, from its result (the engine's worker's or the simulator's)."""
+        host_wait, compiled = getattr(result, "host_wait", 0.0), getattr(result, "compiled", 0)
+        return BatchRecord(instance, type(batch).__name__, submitted, *result.span, host_wait, batch_size(batch), compiled)
 
 
 def batch_size(batch) -> int:
@@ -111,12 +117,6 @@ def turnaround(batches, window_s: float = 0.05) -> dict:
         return {}
     return {
         "driver_turnarounds": len(returns),
-        "driver_return_p50_ms": 1e3 * _median(returns),
-        "driver_send_p50_ms": 1e3 * _median(sends),
+        "driver_return_p50_ms": 1e3 * percentile(returns, 50),
+        "driver_send_p50_ms": 1e3 * percentile(sends, 50),
     }
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2

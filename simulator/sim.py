@@ -8,7 +8,7 @@ import simpy
 from epd.config import COPIES_ON_SEND, DeploymentConfig
 from epd.models.family import ModelFamily
 from epd.request import Request
-from epd.run_result import BatchRecord, RunResult, batch_rows, batch_size, batch_stats
+from epd.run_result import BatchRecord, RunResult, batch_rows, batch_stats
 from epd.stages.instance import Instance
 from epd.stages.pipeline import Pipeline
 from epd.stages.work import (
@@ -145,11 +145,10 @@ class Simulation:
         with worker.request() as slot:
             yield self.env.timeout(half_rpc)  # sent: behind a running batch this is hidden, to an idle worker it is not
             yield slot
-            host_wait = max(0.0, prepared_at - self.env.now) if isinstance(batch, EncodeBatch) else 0.0
             result, busy_for = self._run_batch(batch, inst, prepared_at)
             if isinstance(result, EncodeResult) and any(not it.cached for it in batch.items):
                 result.prep_begin = prep_begin  # the encode stage's service began with its images' host work
-            self.batches.append(BatchRecord(inst.id, type(batch).__name__, submitted, *result.span, host_wait, batch_size(batch)))
+            self.batches.append(BatchRecord.of(inst.id, batch, submitted, result))
             yield self.env.timeout(busy_for + self.lat.overhead)
         yield self.env.timeout(half_rpc)
         self._sample_tokens(result)
@@ -232,9 +231,10 @@ class Simulation:
             sends = sum(self.lat.transfer(it.num_tokens * m.mm_bytes_per_token) * self.send_share for it in batch.items if it.send)
             images, attention = self._images(batch)
             tower = self.lat.encode(EncodeShape(sum(t for _, t in images), attention)) if images else 0.0
-            d = max(0.0, prepared_at - now) + (tower + self.lat.device_prep(images)) * slow + sends
+            wait = max(0.0, prepared_at - now)  # what is left of its images' host preparation
+            d = wait + (tower + self.lat.device_prep(images)) * slow + sends
             items = [EncodedItem(it.request_id, it.image_index, SENT if it.send else None) for it in batch.items]
-            return EncodeResult((now, now + d), items), d
+            return EncodeResult((now, now + d), items, host_wait=wait), d
         if isinstance(batch, PrefillBatch):
             t, spans = self._pulls(batch, now)
             d = self._prefill_time(batch, []) * slow

@@ -16,7 +16,7 @@ from epd.lifetime import EventLog
 from epd.models.runtime import load_family, resolve_device
 from epd.models.tokenizer import load_tokenizer
 from epd.request import CANCELLED, INVALID, Request
-from epd.run_result import BatchRecord, batch_size
+from epd.run_result import BatchRecord
 from epd.stages.admission import check_identity
 from epd.stages.pipeline import OutputCallback, Pipeline
 from epd.stages.work import BatchFailure, SwitchBatch
@@ -213,17 +213,7 @@ class EngineCore:
                 self.executor.refresh_transfers(iid)  # peers learn its new caches before it serves
             submitted = self._submitted.pop(id(batch), None)
             if not isinstance(result, BatchFailure) and submitted is not None:
-                self.batches.append(
-                    BatchRecord(
-                        iid,
-                        type(batch).__name__,
-                        submitted,
-                        *result.span,
-                        getattr(result, "host_wait", 0.0),
-                        batch_size(batch),
-                        getattr(result, "compiled", 0),
-                    )
-                )
+                self.batches.append(BatchRecord.of(iid, batch, submitted, result))
             self.pipeline.complete(self.pipeline.instances[iid], batch, result)
             self._dispatch()  # at once: the worker that just finished may have nothing queued
         now = time.time()
