@@ -145,21 +145,28 @@ class _FakeActor:
         self.prepare = type("M", (), {"options": lambda _, **kw: type("R", (), {"remote": lambda _, arg: object()})()})()
 
 
-def test_a_batch_whose_worker_went_while_its_images_were_prepared_fails_as_a_dead_workers():
-    """Ready images join the worker's order with the next ticket; a worker that died while they were prepared, or
-    was replaced meanwhile, fails its batch as a lost worker's (the requests start over) and takes no ticket: the
-    replacement numbers its own batches from 0."""
+def _executor(instances: list[str], calls: list):
+    """A Ray executor over fake Ray and fake actors (one rank each): `calls` gets every (actor, ticket) executed."""
     from epd.engine.deadlines import BatchDeadlines
     from epd.engine.executor import RayExecutor
     from epd.engine.ordering import Tickets
-    from epd.stages.work import EncodeBatch
 
-    calls: list = []
     ex = RayExecutor.__new__(RayExecutor)
     ex.ray, ex.needs_push, ex.lost = _FakeRay(), False, set()
     ex._inflight, ex._preparing, ex._prepared, ex._failed_early = {}, {}, [], []
     ex._tickets, ex.deadlines = Tickets(), BatchDeadlines(3.0, 0.0)
-    ex.actors = {"e0": [_FakeActor("e0", calls)], "e1": [_FakeActor("e1", calls)], "e2": [_FakeActor("e2", calls)]}
+    ex.actors = {iid: [_FakeActor(iid, calls)] for iid in instances}
+    return ex
+
+
+def test_a_batch_whose_worker_went_while_its_images_were_prepared_fails_as_a_dead_workers():
+    """Ready images join the worker's order with the next ticket; a worker that died while they were prepared, or
+    was replaced meanwhile, fails its batch as a lost worker's (the requests start over) and takes no ticket: the
+    replacement numbers its own batches from 0."""
+    from epd.stages.work import EncodeBatch
+
+    calls: list = []
+    ex = _executor(["e0", "e1", "e2"], calls)
     batches = {iid: EncodeBatch([]) for iid in ex.actors}
     for iid, batch in batches.items():
         ex.submit(iid, batch)
@@ -178,17 +185,10 @@ def test_an_instances_prepared_batches_join_its_worker_in_the_order_sent():
     """A later encode batch whose images were ready first (one of encoder-cache hits has none to prepare) waits for
     the one sent before it, which may be encoding the very images it hits: the worker runs them in the order sent.
     Meanwhile the executor waits on the earlier batch's reply only, not on the ready one (no busy loop)."""
-    from epd.engine.deadlines import BatchDeadlines
-    from epd.engine.executor import RayExecutor
-    from epd.engine.ordering import Tickets
     from epd.stages.work import EncodeBatch
 
     calls: list = []
-    ex = RayExecutor.__new__(RayExecutor)
-    ex.ray, ex.needs_push, ex.lost = _FakeRay(), False, set()
-    ex._inflight, ex._preparing, ex._prepared, ex._failed_early = {}, {}, [], []
-    ex._tickets, ex.deadlines = Tickets(), BatchDeadlines(3.0, 0.0)
-    ex.actors = {"e0": [_FakeActor("e0", calls)], "e1": [_FakeActor("e1", calls)]}
+    ex = _executor(["e0", "e1"], calls)
     first, hits, other = EncodeBatch([]), EncodeBatch([]), EncodeBatch([])
     ex.submit("e0", first)
     ex.submit("e0", hits)
